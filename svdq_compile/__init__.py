@@ -1,0 +1,53 @@
+"""svdq_compile: SVDQuant W4A4 as a torch.compile backend.
+
+    import torch
+    model = torch.compile(model, backend="svdquant", options={"rank": 32})
+
+The backend is registered through the ``torch_dynamo_backends`` entry point, so the
+import above is not even needed. See README.md.
+"""
+from __future__ import annotations
+
+import logging
+
+from . import runtime  # registers the svdq::linear custom op
+from .calibration import LayerStats, calibrate, calibrating, clear_calibration
+from .config import SVDQuantConfig
+from .decompose import sqnr_db
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SVDQuantConfig",
+    "calibrate",
+    "calibrating",
+    "clear_calibration",
+    "LayerStats",
+    "sqnr_db",
+    "svdquant_backend",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def _install_triton() -> None:
+    """Route CUDA tensors to the generated Triton kernels when they can run."""
+    try:
+        from . import codegen
+    except Exception:  # pragma: no cover - codegen is optional at import time
+        return
+    install = getattr(codegen, "install", None)
+    available = getattr(codegen, "available", None)
+    if install is not None and available is not None and available():
+        install()
+
+
+_install_triton()
+
+
+def __getattr__(name: str):
+    if name == "svdquant_backend":
+        from .backend import svdquant_backend
+
+        return svdquant_backend
+    raise AttributeError(name)

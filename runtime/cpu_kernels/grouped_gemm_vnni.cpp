@@ -1,0 +1,216 @@
+// Exact grouped int8 GEMM for x86-64 with AVX512-VNNI.
+//
+//   Y[m, n] = sum_g sa[m, g] * sw[n, g] * I_g[m, n],
+//   I_g     = sum_{k in group g} qa[m, k] * qw[n, k]          (int32, exact)
+//
+// VPDPBUSD multiplies *unsigned* bytes by signed bytes, so activations are
+// biased into u8 with a ^ 0x80 (== a + 128 for int8) and the bias is removed
+// exactly by starting every group's int32 accumulator at -128 * sum_k qw[n, k].
+// Each group's exact int32 partial is converted to fp32 and folded into an fp32
+// accumulator with one FMA: acc = fma(float(I_g), sa[m,g] * sw[n,g], acc), in
+// ascending group order.  |I_g| <= 64 * 128 * 128 < 2^24 for G = 64, so the
+// int32 -> fp32 conversion is exact; for larger groups it is exact while
+// G * 2^14 < 2^24 (G <= 1024), and correctly rounded beyond.
+//
+// Built lazily by svdq_compile/runtime/cpu_gemm.py (torch.utils.cpp_extension.load,
+// is_python_module=False); the ops appear as torch.ops.svdq_cpu_gemm.*.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int NV = 4;         // zmm vectors per micro-tile row
+constexpr int NC = 16 * NV;   // output columns per packed weight panel (64)
+constexpr int MR = 6;         // output rows per micro-tile
+
+// In-place c += dot4(u8 a, s8 b). Inline asm because GCC's intrinsic lowering of
+// the destructive VPDPBUSD copies (and spills) accumulators in a register-tight tile.
+#define SVDQ_DPBUSD(c, a, b) asm("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a), "v"(b))
+
+inline int32_t load_i32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// One micro-tile: R rows x NC columns, groups [g0, g1).
+// A: u8 activations at row m0 (stride lda); sa at row m0 (stride ldsa);
+// B: packed panel [K/4][NC][4]; bias/swt: [ng][Np] already offset by the panel's n0;
+// C: fp32 output at (m0, n0), stride ldc.
+// The accumulators are named scalars (not arrays): GCC spills __m512i arrays.
+#define SVDQ_ROW(r, X) if constexpr (R > r) { X(r) }
+#define SVDQ_ROWS(X) SVDQ_ROW(0, X) SVDQ_ROW(1, X) SVDQ_ROW(2, X) SVDQ_ROW(3, X) SVDQ_ROW(4, X) SVDQ_ROW(5, X)
+template <int R>
+inline void micro_tile(const uint8_t* __restrict A, int64_t lda, const float* __restrict sa, int64_t ldsa,
+                       const int8_t* __restrict B, const int32_t* __restrict bias, const float* __restrict swt,
+                       int64_t Np, float* __restrict C, int64_t ldc, int64_t g0, int64_t g1, int64_t G) {
+  static_assert(R >= 1 && R <= 6 && NV == 4, "micro-tile shape");
+  for (int64_t g = g0; g < g1; ++g) {
+    const __m512i i0 = _mm512_loadu_si512(bias + g * Np);
+    const __m512i i1 = _mm512_loadu_si512(bias + g * Np + 16);
+    const __m512i i2 = _mm512_loadu_si512(bias + g * Np + 32);
+    const __m512i i3 = _mm512_loadu_si512(bias + g * Np + 48);
+    __m512i c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
+    __m512i c30, c31, c32, c33, c40, c41, c42, c43, c50, c51, c52, c53;
+#define SVDQ_INIT(r) c##r##0 = i0; c##r##1 = i1; c##r##2 = i2; c##r##3 = i3;
+    SVDQ_ROWS(SVDQ_INIT)
+    const int8_t* Bg = B + g * G * NC;  // (g * G / 4) k-quads * NC * 4 bytes
+    const uint8_t* Ag = A + g * G;
+    for (int64_t k4 = 0; k4 < G / 4; ++k4) {
+      const int8_t* bk = Bg + k4 * (NC * 4);
+      const __m512i b0 = _mm512_loadu_si512(bk);
+      const __m512i b1 = _mm512_loadu_si512(bk + 64);
+      const __m512i b2 = _mm512_loadu_si512(bk + 128);
+      const __m512i b3 = _mm512_loadu_si512(bk + 192);
+#define SVDQ_DOT(r)                                                          \
+      {                                                                      \
+        const __m512i a = _mm512_set1_epi32(load_i32(Ag + r * lda + 4 * k4)); \
+        SVDQ_DPBUSD(c##r##0, a, b0);                 \
+        SVDQ_DPBUSD(c##r##1, a, b1);                 \
+        SVDQ_DPBUSD(c##r##2, a, b2);                 \
+        SVDQ_DPBUSD(c##r##3, a, b3);                 \
+      }
+      SVDQ_ROWS(SVDQ_DOT)
+    }
+    const __m512 w0 = _mm512_loadu_ps(swt + g * Np);
+    const __m512 w1 = _mm512_loadu_ps(swt + g * Np + 16);
+    const __m512 w2 = _mm512_loadu_ps(swt + g * Np + 32);
+    const __m512 w3 = _mm512_loadu_ps(swt + g * Np + 48);
+#define SVDQ_FOLD1(r, v)                                                                          \
+    {                                                                                             \
+      float* c = C + r * ldc + 16 * v;                                                            \
+      _mm512_storeu_ps(c, _mm512_fmadd_ps(_mm512_cvtepi32_ps(c##r##v), _mm512_mul_ps(s, w##v),    \
+                                          _mm512_loadu_ps(c)));                                   \
+    }
+#define SVDQ_FOLD(r)                                     \
+    {                                                    \
+      const __m512 s = _mm512_set1_ps(sa[r * ldsa + g]); \
+      SVDQ_FOLD1(r, 0) SVDQ_FOLD1(r, 1) SVDQ_FOLD1(r, 2) SVDQ_FOLD1(r, 3) \
+    }
+    SVDQ_ROWS(SVDQ_FOLD)
+#undef SVDQ_INIT
+#undef SVDQ_DOT
+#undef SVDQ_FOLD1
+#undef SVDQ_FOLD
+  }
+}
+#undef SVDQ_ROW
+#undef SVDQ_ROWS
+
+using TileFn = void (*)(const uint8_t*, int64_t, const float*, int64_t, const int8_t*, const int32_t*,
+                        const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
+const TileFn kTiles[MR + 1] = {nullptr,        micro_tile<1>, micro_tile<2>, micro_tile<3>,
+                               micro_tile<4>, micro_tile<5>, micro_tile<6>};
+
+// qw: [N, K] int8, sw: [N, K/G] fp32 ->
+//   Bp: [NB, K/4, NC, 4] int8 (zero-padded columns), bias: [ng, Np] int32, swt: [ng, Np] fp32.
+std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& sw_in, int64_t G) {
+  TORCH_CHECK(qw_in.dim() == 2 && qw_in.scalar_type() == at::kChar, "qw must be [N, K] int8");
+  TORCH_CHECK(G > 0 && G % 4 == 0, "group size must be a positive multiple of 4");
+  const at::Tensor qw = qw_in.contiguous();
+  const at::Tensor sw = sw_in.to(at::kFloat).contiguous();
+  const int64_t N = qw.size(0), K = qw.size(1);
+  TORCH_CHECK(K % G == 0, "K must be a multiple of the group size");
+  const int64_t ng = K / G, NB = (N + NC - 1) / NC, Np = NB * NC, K4 = K / 4;
+  TORCH_CHECK(sw.dim() == 2 && sw.size(0) == N && sw.size(1) == ng, "sw must be [N, K/G]");
+  at::Tensor Bp = at::empty({NB, K4, NC, 4}, qw.options());  // every byte is written below
+  at::Tensor bias = at::empty({ng, Np}, qw.options().dtype(at::kInt));
+  at::Tensor swt = at::zeros({ng, Np}, qw.options().dtype(at::kFloat));
+  swt.narrow(1, 0, N).copy_(sw.t());
+  const int8_t* q = qw.data_ptr<int8_t>();
+  int8_t* bp = Bp.data_ptr<int8_t>();
+  int32_t* bi = bias.data_ptr<int32_t>();
+  TORCH_CHECK(16 * K < (int64_t(1) << 31), "K too large for the packing gather");
+  const __m512i row_off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int32_t>(K)));
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512i m128 = _mm512_set1_epi32(-128);
+  at::parallel_for(0, NB * NV, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t nb = t / NV, v = t % NV, n0 = nb * NC + 16 * v;
+      int8_t* panel = bp + nb * K4 * NC * 4 + 64 * v;
+      const int64_t nvalid = std::max<int64_t>(0, std::min<int64_t>(16, N - n0));
+      const __mmask16 mask = static_cast<__mmask16>((1u << nvalid) - 1u);
+      const int8_t* base = q + std::min<int64_t>(n0, N - 1) * K;  // any valid row when fully masked
+      for (int64_t g = 0; g < ng; ++g) {
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t k4 = g * (G / 4); k4 < (g + 1) * (G / 4); ++k4) {
+          // 4 consecutive k of 16 weight rows -> one VNNI quad per column
+          const __m512i x = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, row_off, base + 4 * k4, 1);
+          _mm512_storeu_si512(panel + k4 * (NC * 4), x);
+          acc = _mm512_dpbusd_epi32(acc, ones, x);  // per-column sum of the 4 weights
+        }
+        _mm512_storeu_si512(bi + g * Np + n0, _mm512_mullo_epi32(acc, m128));
+      }
+    }
+  });
+  return {Bp, bias, swt};
+}
+
+// qa: [M, K] int8, sa: [M, K/G] fp32, packed weight from pack_weight -> [M, N] fp32.
+at::Tensor gemm_packed(const at::Tensor& qa_in, const at::Tensor& sa_in, const at::Tensor& Bp,
+                       const at::Tensor& bias, const at::Tensor& swt, int64_t N, int64_t G) {
+  TORCH_CHECK(qa_in.dim() == 2 && qa_in.scalar_type() == at::kChar, "qa must be [M, K] int8");
+  const at::Tensor qa = qa_in.contiguous();
+  const at::Tensor sa = sa_in.to(at::kFloat).contiguous();
+  const int64_t M = qa.size(0), K = qa.size(1);
+  TORCH_CHECK(G > 0 && G % 4 == 0 && K % G == 0, "bad group size");
+  const int64_t ng = K / G, NB = Bp.size(0), Np = NB * NC;
+  TORCH_CHECK(Bp.size(1) * 4 == K && Bp.size(2) == NC && Bp.size(3) == 4, "packed weight does not match K");
+  TORCH_CHECK(bias.size(0) == ng && bias.size(1) == Np && swt.size(0) == ng && swt.size(1) == Np, "bad packing");
+  TORCH_CHECK(sa.dim() == 2 && sa.size(0) == M && sa.size(1) == ng, "sa must be [M, K/G]");
+  TORCH_CHECK(N <= Np && N > Np - NC, "N does not match the packed weight");
+
+  at::Tensor Au = at::empty({M, K}, qa.options().dtype(at::kByte));
+  at::Tensor C = at::zeros({M, Np}, qa.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return C.narrow(1, 0, N);
+  {
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(qa.data_ptr<int8_t>());
+    uint8_t* dst = Au.data_ptr<uint8_t>();
+    at::parallel_for(0, M * K, 1 << 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dst[i] = src[i] ^ 0x80;
+    });
+  }
+  const uint8_t* A = Au.data_ptr<uint8_t>();
+  const float* S = sa.data_ptr<float>();
+  const int8_t* B = Bp.data_ptr<int8_t>();
+  const int32_t* BI = bias.data_ptr<int32_t>();
+  const float* ST = swt.data_ptr<float>();
+  float* Cp = C.data_ptr<float>();
+  const int64_t K4 = K / 4;
+
+  const int64_t MC = 96;                                  // rows per task (multiple of MR)
+  const int64_t nm = (M + MC - 1) / MC;
+  const int64_t gpb = std::max<int64_t>(1, 256 / G);      // groups per k-block (B block ~16 KiB in L1)
+  at::parallel_for(0, NB * nm, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t nb = t / nm, mc = t % nm;
+      const int64_t n0 = nb * NC, m_lo = mc * MC, m_hi = std::min(M, m_lo + MC);
+      const int8_t* panel = B + nb * K4 * NC * 4;
+      for (int64_t g0 = 0; g0 < ng; g0 += gpb) {
+        const int64_t g1 = std::min(ng, g0 + gpb);
+        for (int64_t m = m_lo; m < m_hi; m += MR) {
+          const int r = static_cast<int>(std::min<int64_t>(MR, m_hi - m));
+          kTiles[r](A + m * K, K, S + m * ng, ng, panel, BI + n0, ST + n0, Np, Cp + m * Np + n0, Np, g0, g1, G);
+        }
+      }
+    }
+  });
+  if (Np == N) return C;
+  return C.narrow(1, 0, N).contiguous();
+}
+
+}  // namespace
+
+// Plain operator registration (no pybind11): much faster to compile than torch/extension.h.
+TORCH_LIBRARY(svdq_cpu_gemm, m) {
+  m.def("pack_weight", &pack_weight);
+  m.def("gemm_packed", &gemm_packed);
+}

@@ -1,0 +1,141 @@
+"""The ``svdquant`` Dynamo backend: ``torch.compile(model, backend="svdquant", options={...})``.
+
+Flow per Dynamo graph: find linear sites -> plan (skip / target / sibling groups) ->
+calibration statistics (explicit :func:`svdq_compile.calibrate`, or recorded on the
+first calls) -> per-group SVDQuant decomposition (cached per weight, so a recompile
+for new shapes does not quantize again) -> graph rewrite to ``svdq::linear`` ->
+Inductor (or eager with ``use_inductor=False``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from .calibration import LayerStats, attach_stats, stats_of
+from .config import SVDQuantConfig
+from svdq_compile.runtime.packed import mode_bits
+from .pipeline import CompileReport, quantize_graph
+
+__all__ = ["svdquant_backend", "last_reports"]
+
+log = logging.getLogger(__name__)
+
+# Reports of the graphs compiled in this process, newest last (for explain()).
+_REPORTS: list[CompileReport] = []
+
+
+def last_reports() -> list[CompileReport]:
+    return list(_REPORTS)
+
+
+class _Recorder(torch.nn.Module):
+    """Identity that feeds what flows through it into a LayerStats."""
+
+    def __init__(self, stats: LayerStats) -> None:
+        super().__init__()
+        self.stats = stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.stats.update(x)
+        return x
+
+
+def _calibration_graph(gm: fx.GraphModule, sites, stats_for) -> fx.GraphModule:
+    """A copy of gm that records the input of every site before running it."""
+    cgm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    by_name = {n.name: n for n in cgm.graph.nodes}
+    for i, site in enumerate(sites):
+        node = by_name[site.node.name]
+        x = node.args[0] if site.kind == "linear" else node.args[1 if site.kind == "addmm" else 0]
+        cgm.add_submodule(f"svdq_recorder_{i}", _Recorder(stats_for(site)))
+        with cgm.graph.inserting_before(node):
+            rec = cgm.graph.call_module(f"svdq_recorder_{i}", (x,))
+        node.replace_input_with(x, rec)
+    cgm.recompile()
+    return cgm
+
+
+class SVDQuantCompiled:
+    """Callable returned to Dynamo: calibrates on the first calls if needed, then runs quantized."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], config: SVDQuantConfig) -> None:
+        from svdq_compile.passes.find_linears import find_linear_sites
+
+        self.config = config
+        self.gm = gm
+        self.example_inputs = list(example_inputs)
+        self.sites = find_linear_sites(gm, example_inputs)
+        self._fn: Optional[Callable] = None
+        self._calib_gm: Optional[fx.GraphModule] = None
+        self._calls = 0
+        self._versions: list[tuple[torch.Tensor, int]] = []
+        missing = [s for s in self.sites if (stats_of(s.weight) is None or stats_of(s.weight).seen == 0)]
+        if missing and config.calibration == "require":
+            names = ", ".join(s.name for s in missing[:5])
+            raise ValueError(
+                f"svdquant: missing calibration for {len(missing)} linear layer(s) ({names}...); "
+                "run svdq_compile.calibrate(model, data) first, or pass options={'calibration': 'auto'}"
+            )
+        if missing and self._needs_activation_stats():
+            log.info("svdquant: no calibration statistics for %d layers; recording the first %d call(s)",
+                     len(missing), config.calib_calls)
+            for i, s in enumerate(missing):
+                attach_stats(s.weight, LayerStats(s.in_features, config.calib_tokens, seed=config.seed + i, name=s.name))
+            self._calib_gm = _calibration_graph(gm, missing, lambda s: stats_of(s.weight))
+        else:
+            self._finalize()
+
+    def _needs_activation_stats(self) -> bool:
+        # Weight-only modes (A16) need no activation statistics.
+        return mode_bits(self.config.mode)[1] != 16 or bool(self.config.mode_overrides)
+
+    def _finalize(self) -> None:
+        t0 = time.perf_counter()
+        qgm, report = quantize_graph(self.gm, self.example_inputs, self.sites, self.config)
+        _REPORTS.append(report)
+        self._versions = [(s.weight, s.weight._version) for s in self.sites]
+        if self.config.use_inductor and report.rewritten:
+            from torch._inductor.compile_fx import compile_fx
+
+            # Inference only: compiling under no_grad makes AOTAutograd build a forward
+            # graph (svdq::linear has no backward; quantized training is out of scope).
+            with torch.no_grad():
+                self._fn = compile_fx(qgm, self.example_inputs)
+        else:
+            self._fn = qgm
+        report.seconds = time.perf_counter() - t0
+        log.info("svdquant: %s", report.summary())
+        self._calib_gm = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._fn is None:
+            self._calls += 1
+            with torch.no_grad():
+                out = self._calib_gm(*args)
+            if self._calls >= self.config.calib_calls:
+                self._finalize()
+            return out
+        for w, v in self._versions:
+            if w._version != v:
+                raise RuntimeError(
+                    "svdquant: a quantized weight was modified after compilation; the compiled "
+                    "model would run stale weights. Re-create it with torch.compile(...) (and "
+                    "torch._dynamo.reset()) after changing weights."
+                )
+        with torch.no_grad():
+            return self._fn(*args)
+
+
+def svdquant_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None, mode: Optional[str] = None
+) -> Callable:
+    """Dynamo backend entry point (registered as ``svdquant``)."""
+    config = SVDQuantConfig.from_options(options)
+    if mode not in (None, "default"):
+        log.info("svdquant: torch.compile mode=%r is ignored (use options)", mode)
+    return SVDQuantCompiled(gm, example_inputs, config)
