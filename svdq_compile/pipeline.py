@@ -83,6 +83,7 @@ def quantize_graph(
     from svdq_compile.passes.find_linears import find_linear_sites
     from svdq_compile.passes.graph_passes import run_graph_passes
     from svdq_compile.passes.plan import plan_sites
+    from svdq_compile.passes.op_nodes import SVDQ_OP
     from svdq_compile.passes.quantize_linears import rewrite_linears
 
     report = CompileReport(sites_found=len(sites))
@@ -118,13 +119,12 @@ def quantize_graph(
             })
             s.weight._svdq_packed = p  # for explain() / save()
             s.weight._svdq_name = s.name
-    res = rewrite_linears(qgm, groups, all_packs, fuse_siblings=config.fuse_siblings)
+    res = rewrite_linears(qgm, groups, all_packs)
     report.rewritten = res.sites_rewritten
-    report.ops_inserted = res.ops_inserted
-    report.fused_groups = res.fused_groups
     report.passes["quantize_linears"] = res.sites_rewritten
-    report.passes["fuse_siblings"] = res.fused_groups
     _dump(qgm, config, "quantized")
     report.passes.update(run_graph_passes(qgm, config))
+    report.fused_groups = report.passes.get("fuse_siblings", 0)
+    report.ops_inserted = sum(1 for n in qgm.graph.nodes if n.op == "call_function" and n.target is SVDQ_OP)
     _dump(qgm, config, "final")
     return qgm, report
