@@ -14,6 +14,10 @@ from . import runtime  # registers the svdq::linear custom op
 from .calibration import LayerStats, calibrate, calibrating, clear_calibration
 from .config import SVDQuantConfig
 from .decompose import sqnr_db
+from .modules import SVDQLinear
+from .quantize_api import quantize, quantized_modules
+from .artifacts import ArtifactError, load, save
+from .explain import explain
 
 __version__ = "0.1.0"
 
@@ -24,6 +28,13 @@ __all__ = [
     "clear_calibration",
     "LayerStats",
     "sqnr_db",
+    "SVDQLinear",
+    "quantize",
+    "quantized_modules",
+    "save",
+    "load",
+    "ArtifactError",
+    "explain",
     "svdquant_backend",
 ]
 

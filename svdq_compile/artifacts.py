@@ -1,0 +1,180 @@
+"""Quantized artifacts: safetensors + JSON manifest, so nobody calibrates twice.
+
+Layout of an artifact directory::
+
+    manifest.json       format version, config, per-layer spec/alpha/beta/rank/shapes,
+                        sha256 of every tensor
+    weights.safetensors "<layer>.qweight", ".wscales", ".smooth", ".lora_down",
+                        ".lora_up", ".bias" (Nunchaku's key names)
+
+Loading never executes code from the files (safetensors + JSON, no pickle). Saving
+writes a temporary directory and renames it into place, so an interrupted save never
+leaves a half-written artifact where a good one was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .modules import SVDQLinear
+from svdq_compile.runtime.packed import LinearSpec, PackedLinear
+
+__all__ = ["save", "load", "ArtifactError", "FORMAT_VERSION", "collect_packed"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+
+class ArtifactError(ValueError):
+    """A quantized artifact is corrupted, of an unknown version, or does not fit the model."""
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def collect_packed(model: nn.Module) -> dict[str, PackedLinear]:
+    """Quantized layers of a model: SVDQLinear modules, or linears the backend quantized."""
+    out: dict[str, PackedLinear] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SVDQLinear):
+            out[name] = m.packed
+        elif isinstance(m, nn.Linear) and getattr(m.weight, "_svdq_packed", None) is not None:
+            out[name] = m.weight._svdq_packed
+    return out
+
+
+def save(model: nn.Module, path: Union[str, os.PathLike], config: Optional[Any] = None) -> Path:
+    """Write the model's quantized layers to the directory ``path`` (atomically)."""
+    from safetensors.torch import save_file
+
+    packed = collect_packed(model)
+    if not packed:
+        raise ValueError("svdq_compile.save: the model has no quantized layers; run quantize() or "
+                         "torch.compile(model, backend='svdquant') and one forward call first")
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    layers = {}
+    for name, p in sorted(packed.items()):
+        entry = {"spec": dict(p.spec.__dict__), "keys": [], "sha256": {}}
+        for key, t in p.tensors().items():
+            full = f"{name}.{key}"
+            tensors[full] = t.detach().cpu().clone()  # siblings share smooth: own copies
+            entry["keys"].append(key)
+            entry["sha256"][key] = _sha256(tensors[full])
+        entry["alpha"] = p.meta.get("alpha")
+        entry["beta"] = p.meta.get("beta")
+        entry["sqnr_db"] = p.meta.get("sqnr_db")
+        layers[name] = entry
+    manifest = {
+        "format": "svdq_compile",
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict() if hasattr(config, "to_dict") else config,
+        "torch_version": torch.__version__,
+        "layers": layers,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "svdq_compile", "format_version": str(FORMAT_VERSION)})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %d quantized layers to %s", len(layers), path)
+    return path
+
+
+def read_artifact(path: Union[str, os.PathLike], verify: bool = True) -> tuple[dict, dict[str, PackedLinear]]:
+    """(manifest, {layer name: PackedLinear}) with every check applied."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    mpath, wpath = path / MANIFEST, path / WEIGHTS
+    if not mpath.is_file() or not wpath.is_file():
+        raise ArtifactError(f"{path} is not an svdq_compile artifact (needs {MANIFEST} and {WEIGHTS})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"corrupted artifact {path}: {MANIFEST} is not valid JSON ({e})") from None
+    if manifest.get("format") != "svdq_compile":
+        raise ArtifactError(f"{path}: not an svdq_compile artifact (format={manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: unknown artifact format version {version!r}; this svdq_compile reads version {FORMAT_VERSION}"
+        )
+    try:
+        tensors = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"corrupted artifact {path}: {WEIGHTS} cannot be read ({e}); it may be truncated") from None
+    out: dict[str, PackedLinear] = {}
+    for name, entry in manifest["layers"].items():
+        try:
+            spec = LinearSpec(**entry["spec"])
+            parts = {k: tensors[f"{name}.{k}"] for k in entry["keys"]}
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"corrupted artifact {path}: layer {name} is incomplete ({e})") from None
+        if verify:
+            for k, t in parts.items():
+                if _sha256(t) != entry["sha256"][k]:
+                    raise ArtifactError(f"corrupted artifact {path}: checksum mismatch for {name}.{k} (tampered or damaged)")
+        try:
+            out[name] = PackedLinear(spec=spec, meta={"alpha": entry.get("alpha"), "beta": entry.get("beta"),
+                                                      "sqnr_db": entry.get("sqnr_db")}, **parts)
+        except ValueError as e:
+            raise ArtifactError(f"corrupted artifact {path}: layer {name}: {e}") from None
+    return manifest, out
+
+
+def load(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
+    """Swap the model's linears for the saved quantized layers (no calibration)."""
+    from .quantize_api import _set_module
+
+    _, packed = read_artifact(path)
+    modules = dict(model.named_modules())
+    missing = [n for n in packed if n not in modules]
+    if missing and strict:
+        raise ArtifactError(f"artifact {path} does not match the model: no module named {missing[0]!r} "
+                            f"({len(missing)} layers missing)")
+    for name, p in packed.items():
+        m = modules.get(name)
+        if m is None:
+            continue
+        if isinstance(m, nn.Linear):
+            shape = (m.out_features, m.in_features)
+            device = m.weight.device
+        elif isinstance(m, SVDQLinear):
+            shape = (m.out_features, m.in_features)
+            device = m.qweight.device
+        else:
+            raise ArtifactError(f"artifact {path} does not match the model: {name} is a {type(m).__name__}, not a Linear")
+        if shape != (p.spec.out_features, p.spec.in_features):
+            raise ArtifactError(
+                f"artifact {path} does not match the model: layer {name} is {list(shape)} in the model "
+                f"but [{p.spec.out_features}, {p.spec.in_features}] in the artifact"
+            )
+        _set_module(model, name, SVDQLinear(p.to(device), name))
+    log.info("loaded %d quantized layers from %s", len(packed), path)
+    return model

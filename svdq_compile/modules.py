@@ -1,0 +1,92 @@
+"""``SVDQLinear``: an nn.Module holding one packed layer (the module-swap front end).
+
+Used by :func:`svdq_compile.quantize` (quantize in place, drop the float weights),
+:func:`svdq_compile.load`, LoRA folding and ONNX export. Its forward is one
+``svdq::linear`` call, so ``torch.compile(..., backend="svdquant")`` still fuses it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from svdq_compile.runtime.ops import linear_from_packed
+from svdq_compile.runtime.packed import LinearSpec, PackedLinear
+
+__all__ = ["SVDQLinear"]
+
+_KEYS = ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias")
+
+
+class SVDQLinear(nn.Module):
+    """Drop-in replacement of ``nn.Linear`` running the SVDQuant quantized linear."""
+
+    def __init__(self, packed: PackedLinear, name: str = "") -> None:
+        super().__init__()
+        self.spec = packed.spec
+        self.name = name
+        self.meta = dict(packed.meta)
+        for k in _KEYS:
+            self.register_buffer(k, getattr(packed, k))
+        self.base_rank = packed.rank  # rank before any LoRA was folded in
+        self.loras: list[str] = []
+
+    @property
+    def in_features(self) -> int:
+        return self.spec.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.out_features
+
+    @property
+    def packed(self) -> PackedLinear:
+        rank = 0 if self.lora_down is None else int(self.lora_down.shape[0])
+        spec = LinearSpec(**{**self.spec.__dict__, "rank": rank})
+        return PackedLinear(spec, self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias,
+                            meta=self.meta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_from_packed(x, self.packed)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in={s.in_features}, out={s.out_features}, mode={s.mode}{'u' if s.act_unsigned else ''}, "
+                f"rank={self.base_rank}, group={s.group_size}, loras={len(self.loras)}")
+
+    # LoRA -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_lora(self, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0, name: str = "lora") -> None:
+        """Add ``scale * up @ down`` (down: [r, K], up: [N, r]) to the layer, no re-quantization.
+
+        The branch reads ``X' = X / lambda``, so ``X dW^T = X' (dW diag(lambda))^T``:
+        the LoRA's down projection is multiplied by lambda and concatenated to the
+        low-rank branch (DESIGN section 5: LoRA without re-quantizing).
+        """
+        k, n = self.spec.in_features, self.spec.out_features
+        if down.dim() != 2 or up.dim() != 2 or down.shape[1] != k or up.shape[0] != n or up.shape[1] != down.shape[0]:
+            raise ValueError(f"LoRA shapes must be down [r, {k}] and up [{n}, r], got "
+                             f"{list(down.shape)} and {list(up.shape)}")
+        dtype = self.lora_down.dtype if self.lora_down is not None else (
+            self.bias.dtype if self.bias is not None else torch.float32)
+        d = down.double()
+        if self.smooth is not None:
+            d = d * self.smooth.double()[None, :]
+        u = up.double() * scale
+        if self.lora_down is None:
+            self.lora_down, self.lora_up = d.to(dtype), u.to(dtype)
+        else:
+            self.lora_down = torch.cat([self.lora_down, d.to(dtype)])
+            self.lora_up = torch.cat([self.lora_up, u.to(dtype)], dim=1)
+        self.loras.append(name)
+
+    @torch.no_grad()
+    def remove_loras(self) -> None:
+        """Drop every folded LoRA (restores the quantized base layer exactly)."""
+        if self.base_rank == 0:
+            self.lora_down = self.lora_up = None
+        elif self.lora_down is not None:
+            self.lora_down = self.lora_down[: self.base_rank].contiguous()
+            self.lora_up = self.lora_up[:, : self.base_rank].contiguous()
+        self.loras = []
