@@ -1,0 +1,1 @@
+"""Subcommands of the ``svdq`` CLI (one module each)."""
