@@ -1,21 +1,132 @@
 """CPU implementation of the quantized linear (the no-GPU path).
 
-Same numerics as :mod:`.reference`, evaluated in fp32 with vectorised torch ops.
-The grouped integer GEMM lives in :mod:`.cpu_gemm` so it can be optimised alone.
+Same numerics as :mod:`.reference`, evaluated in fp32.
+
+Fast path (x86-64 with AVX512-VNNI, the C++ kernels of :mod:`.cpu_gemm` built):
+
+1. the weight-side work (int4 unpack, VNNI re-layout, per-group sums, transposed
+   scales) is done once per weight and cached *on the qweight tensor object* (the
+   op receives the same buffer tensor on every call), validated on every call by the
+   tensor's version counter (in-place writes bump it), its data pointer/shape and an
+   exact comparison of ``wscales`` (a few hundred KiB); inference tensors have no
+   version counter, so for them a private copy of ``qweight`` is compared instead;
+2. one fused C++ pass computes ``X' = X / smooth``, the per-token-group scales and the
+   int activations (bit-identical to :func:`.quantize.quantize_activation`), already
+   biased to uint8 for ``VPDPBUSD``,
+   and the low-rank down projection ``h = X' L2^T`` (rank R) while each row is in L1;
+3. the VNNI grouped GEMM with a fused epilogue ``Y += h L1^T`` then ``Y += bias``;
+   activation/gate/residual follow in place in :func:`.epilogue.finish_output`'s order.
+
+The integer part is exact (bit-identical q/scales, exact int32 group sums); the fp32
+low-rank/bias sums differ from the torch path only by fp32 rounding order.
+
+Fallback (``SVDQ_CPU_GEMM=torch``, no AVX512-VNNI/compiler, group size not a multiple
+of 4, empty input): the original vectorised-torch path.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import cpu_gemm
 from .cpu_gemm import grouped_int_gemm
-from .epilogue import finish_output
+from .epilogue import apply_epilogue, finish_output
 from .quantize import dequantize_groups, quantize_activation
 from .reference import int_weight, smooth_input
 
-__all__ = ["quantized_linear_cpu"]
+__all__ = ["quantized_linear_cpu", "cached_prepared_weight", "CACHE_ATTR"]
+
+CACHE_ATTR = "_svdq_cpu_prep"  # attribute set on the qweight tensor
+
+
+class _CacheEntry(NamedTuple):
+    group_size: int
+    weight_bits: int
+    qversion: Optional[int]  # qweight._version (None for inference tensors)
+    qsnapshot: Optional[torch.Tensor]  # private copy of qweight (inference tensors only)
+    qmeta: tuple  # (data_ptr, shape, stride): extra guards, never the key alone
+    wscales: torch.Tensor  # private copy, compared exactly on every call
+    prep: cpu_gemm.PreparedWeight
+
+
+def _qmeta(qweight: torch.Tensor) -> tuple:
+    return (qweight.data_ptr(), tuple(qweight.shape), qweight.stride())
+
+
+def _entry_valid(e: _CacheEntry, qweight: torch.Tensor, wscales: torch.Tensor, group_size: int, weight_bits: int) -> bool:
+    if e.group_size != group_size or e.weight_bits != weight_bits or e.qmeta != _qmeta(qweight):
+        return False
+    if e.qsnapshot is not None:
+        if not torch.equal(e.qsnapshot, qweight):
+            return False
+    elif qweight.is_inference() or e.qversion != qweight._version:
+        return False
+    return e.wscales.dtype == wscales.dtype and e.wscales.shape == wscales.shape and torch.equal(e.wscales, wscales)
+
+
+def cached_prepared_weight(
+    qweight: torch.Tensor, wscales: torch.Tensor, group_size: int, weight_bits: int
+) -> cpu_gemm.PreparedWeight:
+    """PreparedWeight for (qweight, wscales), cached on ``qweight`` and rebuilt when either
+    changed (in-place writes, ``set_``, new scales). ``prep.packed`` is None when the
+    VNNI kernel cannot take this weight."""
+    e = getattr(qweight, CACHE_ATTR, None)
+    if isinstance(e, _CacheEntry) and _entry_valid(e, qweight, wscales, group_size, weight_bits):
+        return e.prep
+    inference = qweight.is_inference()
+    prep = cpu_gemm.prepare_weight(qweight, wscales, group_size, weight_bits=weight_bits, backend="auto")
+    snap = qweight.clone() if inference else None  # (the qweight -> entry -> qweight cycle is gc-collectable)
+    entry = _CacheEntry(group_size, weight_bits, None if inference else qweight._version, snap, _qmeta(qweight),
+                        wscales.clone(), prep)
+    try:
+        setattr(qweight, CACHE_ATTR, entry)
+    except (AttributeError, RuntimeError):  # exotic tensor subclasses: just don't cache
+        pass
+    return prep
+
+
+def _finish_inplace(
+    y: torch.Tensor, lead: torch.Size, n: int, bias: Optional[torch.Tensor], epilogue: str,
+    gate: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """finish_output on a fresh fp32 [M, N] y, in place where possible (same fp32 ops:
+    in-place add/mul with a lower-precision operand compute in fp32 like ``.to(fp32)``)."""
+    if bias is not None:
+        y.add_(bias)
+    y = apply_epilogue(y, epilogue)
+    yv = y.view(*lead, n)
+    if gate is not None:
+        yv.mul_(gate)
+    if residual is not None:
+        yv.add_(residual)
+    return yv
+
+
+def _fast_path(
+    x2: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, smooth: Optional[torch.Tensor],
+    lora_down: Optional[torch.Tensor], lora_up: Optional[torch.Tensor], group_size: int, weight_bits: int,
+    act_bits: int, act_unsigned: bool, act_shift: float, bias: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
+    """[M, N] fp32 ``X'W^T + (X' L2^T) L1^T + bias``, or None to use the torch path."""
+    if x2.shape[0] == 0 or act_bits == 16 or group_size % 4 or x2.device.type != "cpu":
+        return None
+    if not cpu_gemm.fast_backend_available() or cpu_gemm._backend(None) == "torch":
+        return None
+    prep = cached_prepared_weight(qweight, wscales, group_size, weight_bits)
+    if prep.packed is None:
+        return None
+    # One pass over x: X', its quantization (u8-biased for VPDPBUSD) and h = X' L2^T
+    # (rank R, computed while the rows are in L1: X' is never written out).
+    res = cpu_gemm.quantize_activation_fused(
+        x2, smooth, act_bits, group_size, unsigned=act_unsigned, shift=act_shift, biased=True, lora_down=lora_down
+    )
+    if res is None:
+        return None
+    qa, sa, _, h = res
+    # GEMM with the fused epilogue Y += h L1^T + bias (same order as the reference).
+    return cpu_gemm.gemm_prepared_u8(qa, sa, prep.packed, wscales.shape[0], group_size, h, lora_up, bias)
 
 
 def quantized_linear_cpu(
@@ -38,7 +149,14 @@ def quantized_linear_cpu(
     lead = x.shape[:-1]
     k = x.shape[-1]
     n = wscales.shape[0]
-    xs = smooth_input(x.reshape(-1, k), smooth)  # [M, K] fp32
+    x2 = x.reshape(-1, k)
+    y = _fast_path(x2, qweight, wscales, smooth, lora_down, lora_up, group_size, weight_bits,
+                   act_bits, act_unsigned, act_shift, bias)
+    if y is not None:  # bias already added
+        return _finish_inplace(y, lead, n, None, epilogue, gate, residual).to(x.dtype)
+
+    # torch path (reference numerics in fp32)
+    xs = smooth_input(x2, smooth)  # [M, K] fp32
     qw = int_weight(qweight, weight_bits)  # [N, K] int8
     if act_bits == 16:
         y = F.linear(xs, dequantize_groups(qw, wscales, group_size))

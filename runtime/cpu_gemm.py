@@ -41,13 +41,19 @@ __all__ = [
     "prepare_weight",
     "PreparedWeight",
     "fast_backend_available",
+    "quantize_activation_fused",
+    "gemm_prepared_u8",
 ]
 
 _log = logging.getLogger(__name__)
 
 ENV_BACKEND = "SVDQ_CPU_GEMM"  # "auto" (default), "torch" (force fallback), "vnni" (fail loudly)
 _SRC = Path(__file__).with_name("cpu_kernels") / "grouped_gemm_vnni.cpp"
-_CFLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-fopenmp"]
+_SRC_QUANT = Path(__file__).with_name("cpu_kernels") / "quantize_act.cpp"  # fused activation quantizer
+_SOURCES = (_SRC, _SRC_QUANT)
+# -ffp-contract=off: the quantizer must reproduce torch's separately rounded fp32 ops.
+_CFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl",
+           "-mavx512vnni", "-fopenmp"]
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
 
 _lock = threading.Lock()
@@ -75,8 +81,9 @@ def _why_no_fast_path() -> Optional[str]:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         return f"no C++ compiler ({cxx!r} not on PATH)"
-    if not _SRC.is_file():
-        return f"kernel source missing: {_SRC}"
+    for src in _SOURCES:
+        if not src.is_file():
+            return f"kernel source missing: {src}"
     return None
 
 
@@ -95,7 +102,7 @@ def _load_ops():
 
                 load(
                     name="svdq_cpu_gemm_vnni",
-                    sources=[str(_SRC)],
+                    sources=[str(p) for p in _SOURCES],
                     extra_cflags=_CFLAGS,
                     extra_ldflags=["-fopenmp"],
                     is_python_module=False,
@@ -125,19 +132,29 @@ def _backend(backend: Optional[str]) -> str:
 class PreparedWeight(NamedTuple):
     """A weight ready for :func:`grouped_int_gemm` (``packed`` is None on the torch path)."""
 
-    qw: torch.Tensor  # [N, K] int8 (kept for the fallback)
+    qw: torch.Tensor  # [N, K] int8, or [N, K/2] packed int4 if weight_bits == 4 (for the fallback)
     sw: torch.Tensor  # [N, K // G] fp32
     group_size: int
     packed: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (Bp, -128*sums, sw^T)
+    weight_bits: int = 8
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.qw.shape
+    def int_weight(self) -> torch.Tensor:
+        """[N, K] int8 (unpacks int4 weights; only the fallback needs this)."""
+        if self.weight_bits == 4:
+            from .packing import unpack_int4
+
+            return unpack_int4(self.qw, signed=True)
+        return self.qw
 
 
-def _kernel_ok(qw: torch.Tensor, group_size: int) -> bool:
+def _kernel_ok(qw: torch.Tensor, group_size: int, weight_bits: int = 8) -> bool:
     n, k = qw.shape
+    if weight_bits == 4:
+        k *= 2
     return (
+        weight_bits in (4, 8)
+        and (weight_bits == 8 or k >= 8)
+        and
         qw.device.type == "cpu"
         and qw.dtype == torch.int8
         and group_size > 0
@@ -149,21 +166,32 @@ def _kernel_ok(qw: torch.Tensor, group_size: int) -> bool:
 
 
 def prepare_weight(
-    qw: torch.Tensor, sw: torch.Tensor, group_size: int, *, backend: Optional[str] = None
+    qw: torch.Tensor,
+    sw: torch.Tensor,
+    group_size: int,
+    *,
+    weight_bits: int = 8,
+    backend: Optional[str] = None,
 ) -> PreparedWeight:
-    """qw: [N, K] int8, sw: [N, K//G] -> a reusable :class:`PreparedWeight`."""
+    """qw: [N, K] int8 (``weight_bits=8``, any int8 values) or the [N, K/2] packed int4
+    bytes of :func:`.packing.pack_int4` (``weight_bits=4``, unpacked inside the kernel's
+    packing pass: no [N, K] intermediate), sw: [N, K//G] -> a reusable :class:`PreparedWeight`.
+
+    Packing costs one pass over the weight (~5-10 ms for 3072x3072 on 1-2 cores), so
+    callers that run a layer repeatedly should keep the result.
+    """
     sw = sw.float()
     b = _backend(backend)
     packed = None
-    if b != "torch" and _kernel_ok(qw, group_size):
+    if b != "torch" and _kernel_ok(qw, group_size, weight_bits):
         ops = _load_ops()
         if ops is None and b == "vnni":
             raise RuntimeError(f"VNNI CPU GEMM requested but unavailable: {_unavailable}")
         if ops is not None:
-            packed = tuple(ops.pack_weight(qw, sw, group_size))
+            packed = tuple(ops.pack_weight(qw, sw, group_size, weight_bits == 4))
     elif b == "vnni":
         raise RuntimeError(f"VNNI CPU GEMM cannot take qw {tuple(qw.shape)} {qw.dtype} with G={group_size}")
-    return PreparedWeight(qw, sw, group_size, packed)
+    return PreparedWeight(qw, sw, group_size, packed, weight_bits)
 
 
 def grouped_int_gemm_torch(
@@ -172,8 +200,9 @@ def grouped_int_gemm_torch(
     """Pure-torch fallback: dequantize both operands to fp32 and run one fp32 GEMM."""
     m, k = qa.shape
     n = qw.shape[0]
-    a = (qa.view(m, -1, group_size).float() * sa.float().unsqueeze(-1)).view(m, k)
-    w = (qw.view(n, -1, group_size).float() * sw.float().unsqueeze(-1)).view(n, k)
+    ng = k // group_size
+    a = (qa.reshape(m, ng, group_size).float() * sa.float().unsqueeze(-1)).view(m, k)
+    w = (qw.reshape(n, ng, group_size).float() * sw.float().unsqueeze(-1)).view(n, k)
     return a @ w.t()
 
 
@@ -193,37 +222,94 @@ def grouped_int_gemm(
     "vnni" (raise instead of falling back); default from ``$SVDQ_CPU_GEMM``.
     """
     b = _backend(backend)
+    m, k = qa.shape
     if isinstance(qw, PreparedWeight):
         prep = qw
         if prep.group_size != group_size:
             raise ValueError(f"weight prepared for G={prep.group_size}, called with G={group_size}")
-        qw, sw = prep.qw, prep.sw
-    else:
-        prep = None
-    m, k = qa.shape
+        kw = prep.qw.shape[1] * (2 if prep.weight_bits == 4 else 1)
+        if kw != k:
+            raise ValueError(f"K mismatch: qa {tuple(qa.shape)} vs prepared weight with K={kw}")
+        usable = prep.packed is not None and b != "torch" and m > 0 and qa.dtype == torch.int8
+        if usable and qa.device.type == "cpu":
+            bp, bias, swt = prep.packed
+            return _ops.gemm_packed(qa, sa.float(), bp, bias, swt, prep.qw.shape[0], group_size)
+        if b == "vnni":
+            raise RuntimeError("VNNI CPU GEMM cannot take these inputs (unprepared weight, dtype, device or empty)")
+        return grouped_int_gemm_torch(qa, sa, prep.int_weight(), prep.sw, group_size)
+
     if qw.shape[1] != k:
         raise ValueError(f"K mismatch: qa {tuple(qa.shape)} vs qw {tuple(qw.shape)}")
-    fast = (
-        b != "torch"
-        and m > 0
-        and qa.dtype == torch.int8
-        and qa.device.type == "cpu"
-        and _kernel_ok(qw, group_size)
-    )
-    if fast:
-        if prep is None or prep.packed is None:
-            ops = _load_ops()
-            if ops is not None:
-                packed = ops.pack_weight(qw, sw.float(), group_size)
-            else:
-                packed = None
-        else:
-            ops, packed = _ops, prep.packed
-        if packed is not None:
-            bp, bias, swt = packed
-            return ops.gemm_packed(qa, sa.float(), bp, bias, swt, qw.shape[0], group_size)
-        if b == "vnni":
-            raise RuntimeError(f"VNNI CPU GEMM requested but unavailable: {_unavailable}")
-    elif b == "vnni":
-        raise RuntimeError("VNNI CPU GEMM cannot take these inputs (dtype/device/group size/empty)")
+    fast = b != "torch" and m > 0 and qa.dtype == torch.int8 and qa.device.type == "cpu" and _kernel_ok(qw, group_size)
+    ops = _load_ops() if fast else None
+    if ops is not None:
+        bp, bias, swt = ops.pack_weight(qw, sw.float(), group_size, False)
+        return ops.gemm_packed(qa, sa.float(), bp, bias, swt, qw.shape[0], group_size)
+    if b == "vnni":
+        reason = _unavailable if fast else "dtype/device/group size/empty input"
+        raise RuntimeError(f"VNNI CPU GEMM requested but unusable here: {reason}")
     return grouped_int_gemm_torch(qa, sa, qw, sw, group_size)
+
+
+def quantize_activation_fused(
+    x: torch.Tensor,
+    smooth: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    *,
+    unsigned: bool = False,
+    shift: float = 0.0,
+    emit_xs: bool = False,
+    biased: bool = False,
+    lora_down: Optional[torch.Tensor] = None,
+) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """One-pass C++ equivalent of ``quantize_activation(smooth_input(x, smooth), ...)``.
+
+    x: [M, K] fp32/bf16/fp16 on the CPU -> (q, sa, xs): q [M, K] int8 bit-identical to
+    ``quantize_activation`` (or, with ``biased=True``, uint8 ``q ^ 0x80``: the operand of
+    :func:`gemm_prepared_u8`), sa [M, K//G] fp32 bit-identical, xs = X' = x / smooth in
+    fp32 (only with ``emit_xs``, else None), h = X' @ lora_down^T [M, R] fp32 (only with
+    ``lora_down`` [R, K], else None; fp32 dot products, not bit-matched to torch's matmul).
+    Returns None when the C++ kernels are
+    unavailable or forced off (``SVDQ_CPU_GEMM=torch``); the caller then uses the torch path.
+    """
+    from .quantize import qrange
+
+    qmin, qmax = qrange(bits, unsigned)
+    if _backend(None) == "torch" or x.device.type != "cpu" or x.dim() != 2:
+        return None
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if group_size <= 0 or x.shape[1] % group_size:
+        raise ValueError(f"last dim {x.shape[1]} is not a multiple of the group size {group_size}")
+    ops = _load_ops()
+    if ops is None:
+        return None
+    if lora_down is not None and (lora_down.dim() != 2 or lora_down.shape[1] != x.shape[1] or lora_down.shape[0] == 0):
+        raise ValueError(f"lora_down must be [R, {x.shape[1]}], got {list(lora_down.shape)}")
+    q, sa, xs, h = ops.quantize_act(x, smooth, group_size, qmin, qmax, unsigned, float(shift), emit_xs, biased,
+                                    lora_down)
+    return q, sa, (xs if emit_xs else None), (h if lora_down is not None else None)
+
+
+def gemm_prepared_u8(
+    qa_u8: torch.Tensor,
+    sa: torch.Tensor,
+    packed: tuple,
+    n: int,
+    group_size: int,
+    h: Optional[torch.Tensor] = None,
+    lora_up: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """VNNI GEMM on an already biased activation (uint8 ``qa ^ 0x80`` from
+    :func:`quantize_activation_fused`) and the ``packed`` tuple of a :class:`PreparedWeight`,
+    with an optional fused epilogue ``Y += h @ lora_up^T`` (h [M, R], lora_up [N, R];
+    fp32 FMAs in ascending rank order) then ``Y += bias`` ([N])."""
+    bp, wsum, swt = packed
+    lut = None
+    if h is not None:
+        if lora_up is None or lora_up.dim() != 2 or lora_up.shape != (n, h.shape[1]):
+            raise ValueError(f"lora_up must be [{n}, {h.shape[1]}]")
+        lut = lora_up.t().float().contiguous()  # [R, N]
+    return _ops.gemm_packed_u8(qa_u8, sa, bp, wsum, swt, n, group_size, h, lut, bias)

@@ -8,7 +8,8 @@
 // exactly by starting every group's int32 accumulator at -128 * sum_k qw[n, k].
 // Each group's exact int32 partial is converted to fp32 and folded into an fp32
 // accumulator with one FMA: acc = fma(float(I_g), sa[m,g] * sw[n,g], acc), in
-// ascending group order.  |I_g| <= 64 * 128 * 128 < 2^24 for G = 64, so the
+// ascending group order (group 0 initialises acc = float(I_0) * (sa * sw), which is
+// the same value as fma(., ., 0), so the output needs no zero fill).  |I_g| <= 64 * 128 * 128 < 2^24 for G = 64, so the
 // int32 -> fp32 conversion is exact; for larger groups it is exact while
 // G * 2^14 < 2^24 (G <= 1024), and correctly rounded beyond.
 //
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -86,8 +88,10 @@ inline void micro_tile(const uint8_t* __restrict A, int64_t lda, const float* __
 #define SVDQ_FOLD1(r, v)                                                                          \
     {                                                                                             \
       float* c = C + r * ldc + 16 * v;                                                            \
-      _mm512_storeu_ps(c, _mm512_fmadd_ps(_mm512_cvtepi32_ps(c##r##v), _mm512_mul_ps(s, w##v),    \
-                                          _mm512_loadu_ps(c)));                                   \
+      const __m512 p = _mm512_mul_ps(s, w##v);                                                    \
+      /* g == 0 stores round(I * p) (== fma(I, p, 0)): C needs no zero fill */                    \
+      _mm512_storeu_ps(c, g == 0 ? _mm512_mul_ps(_mm512_cvtepi32_ps(c##r##v), p)                  \
+                                 : _mm512_fmadd_ps(_mm512_cvtepi32_ps(c##r##v), p, _mm512_loadu_ps(c))); \
     }
 #define SVDQ_FOLD(r)                                     \
     {                                                    \
@@ -109,14 +113,62 @@ using TileFn = void (*)(const uint8_t*, int64_t, const float*, int64_t, const in
 const TileFn kTiles[MR + 1] = {nullptr,        micro_tile<1>, micro_tile<2>, micro_tile<3>,
                                micro_tile<4>, micro_tile<5>, micro_tile<6>};
 
+// Epilogue of one task's rows [m_lo, m_hi) x panel columns [n0, n0 + NC):
+//   C += H @ LUT (low-rank up projection, rank R, fp32 FMAs in ascending j), then C += ybias.
+// H: [M, R] fp32, LUT: [R, N] fp32 (lora_up^T), ybias: [N] fp32 or null. Columns >= N
+// (panel padding) are computed on zeros and dropped by the caller.
+inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, int64_t m_hi, int64_t n0, int64_t N,
+                              const float* __restrict H, int64_t R, const float* __restrict LUT,
+                              const float* __restrict yb) {
+  __mmask16 mk[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t rem = N - (n0 + 16 * v);
+    mk[v] = rem >= 16 ? static_cast<__mmask16>(0xFFFF) : rem <= 0 ? 0 : static_cast<__mmask16>((1u << rem) - 1u);
+  }
+  for (int64_t m = m_lo; m < m_hi; m += 2) {
+    const int64_t m1 = std::min(m + 1, m_hi - 1);  // odd tail: recompute row m (same values)
+    float* c0 = C + m * ldc + n0;
+    float* c1 = C + m1 * ldc + n0;
+    __m512 a0 = _mm512_loadu_ps(c0), a1 = _mm512_loadu_ps(c0 + 16), a2 = _mm512_loadu_ps(c0 + 32),
+           a3 = _mm512_loadu_ps(c0 + 48);
+    __m512 b0 = _mm512_loadu_ps(c1), b1 = _mm512_loadu_ps(c1 + 16), b2 = _mm512_loadu_ps(c1 + 32),
+           b3 = _mm512_loadu_ps(c1 + 48);
+    if (H) {
+      const float* h0 = H + m * R;
+      const float* h1 = H + m1 * R;
+      for (int64_t j = 0; j < R; ++j) {
+        const float* l = LUT + j * N + n0;
+        const __m512 l0 = _mm512_maskz_loadu_ps(mk[0], l), l1 = _mm512_maskz_loadu_ps(mk[1], l + 16),
+                     l2 = _mm512_maskz_loadu_ps(mk[2], l + 32), l3 = _mm512_maskz_loadu_ps(mk[3], l + 48);
+        const __m512 x0 = _mm512_set1_ps(h0[j]), x1 = _mm512_set1_ps(h1[j]);
+        a0 = _mm512_fmadd_ps(x0, l0, a0); a1 = _mm512_fmadd_ps(x0, l1, a1);
+        a2 = _mm512_fmadd_ps(x0, l2, a2); a3 = _mm512_fmadd_ps(x0, l3, a3);
+        b0 = _mm512_fmadd_ps(x1, l0, b0); b1 = _mm512_fmadd_ps(x1, l1, b1);
+        b2 = _mm512_fmadd_ps(x1, l2, b2); b3 = _mm512_fmadd_ps(x1, l3, b3);
+      }
+    }
+    if (yb) {
+      const __m512 y0 = _mm512_maskz_loadu_ps(mk[0], yb + n0), y1 = _mm512_maskz_loadu_ps(mk[1], yb + n0 + 16),
+                   y2 = _mm512_maskz_loadu_ps(mk[2], yb + n0 + 32), y3 = _mm512_maskz_loadu_ps(mk[3], yb + n0 + 48);
+      a0 = _mm512_add_ps(a0, y0); a1 = _mm512_add_ps(a1, y1); a2 = _mm512_add_ps(a2, y2); a3 = _mm512_add_ps(a3, y3);
+      b0 = _mm512_add_ps(b0, y0); b1 = _mm512_add_ps(b1, y1); b2 = _mm512_add_ps(b2, y2); b3 = _mm512_add_ps(b3, y3);
+    }
+    _mm512_storeu_ps(c0, a0); _mm512_storeu_ps(c0 + 16, a1); _mm512_storeu_ps(c0 + 32, a2); _mm512_storeu_ps(c0 + 48, a3);
+    _mm512_storeu_ps(c1, b0); _mm512_storeu_ps(c1 + 16, b1); _mm512_storeu_ps(c1 + 32, b2); _mm512_storeu_ps(c1 + 48, b3);
+  }
+}
+
 // qw: [N, K] int8, sw: [N, K/G] fp32 ->
 //   Bp: [NB, K/4, NC, 4] int8 (zero-padded columns), bias: [ng, Np] int32, swt: [ng, Np] fp32.
-std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& sw_in, int64_t G) {
-  TORCH_CHECK(qw_in.dim() == 2 && qw_in.scalar_type() == at::kChar, "qw must be [N, K] int8");
+// int4 = true: qw is [N, K/2] packed int4 bytes (low nibble = even k, signed nibbles).
+std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& sw_in, int64_t G, bool int4) {
+  TORCH_CHECK(qw_in.dim() == 2 && qw_in.scalar_type() == at::kChar, "qw must be [N, K] int8 or [N, K/2] packed int4");
   TORCH_CHECK(G > 0 && G % 4 == 0, "group size must be a positive multiple of 4");
   const at::Tensor qw = qw_in.contiguous();
   const at::Tensor sw = sw_in.to(at::kFloat).contiguous();
-  const int64_t N = qw.size(0), K = qw.size(1);
+  const int64_t N = qw.size(0), K = int4 ? 2 * qw.size(1) : qw.size(1);
+  const int64_t row_bytes = qw.size(1);
+  TORCH_CHECK(!int4 || K >= 8, "packed int4 weights need K >= 8");
   TORCH_CHECK(K % G == 0, "K must be a multiple of the group size");
   const int64_t ng = K / G, NB = (N + NC - 1) / NC, Np = NB * NC, K4 = K / 4;
   TORCH_CHECK(sw.dim() == 2 && sw.size(0) == N && sw.size(1) == ng, "sw must be [N, K/G]");
@@ -129,7 +181,8 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& s
   int32_t* bi = bias.data_ptr<int32_t>();
   TORCH_CHECK(16 * K < (int64_t(1) << 31), "K too large for the packing gather");
   const __m512i row_off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(static_cast<int32_t>(K)));
+                                             _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+  const __m512i c8 = _mm512_set1_epi8(8);
   const __m512i ones = _mm512_set1_epi8(1);
   const __m512i m128 = _mm512_set1_epi32(-128);
   at::parallel_for(0, NB * NV, 1, [&](int64_t t0, int64_t t1) {
@@ -138,12 +191,27 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& s
       int8_t* panel = bp + nb * K4 * NC * 4 + 64 * v;
       const int64_t nvalid = std::max<int64_t>(0, std::min<int64_t>(16, N - n0));
       const __mmask16 mask = static_cast<__mmask16>((1u << nvalid) - 1u);
-      const int8_t* base = q + std::min<int64_t>(n0, N - 1) * K;  // any valid row when fully masked
+      const int8_t* base = q + std::min<int64_t>(n0, N - 1) * row_bytes;  // any valid row when fully masked
       for (int64_t g = 0; g < ng; ++g) {
         __m512i acc = _mm512_setzero_si512();
         for (int64_t k4 = g * (G / 4); k4 < (g + 1) * (G / 4); ++k4) {
           // 4 consecutive k of 16 weight rows -> one VNNI quad per column
-          const __m512i x = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, row_off, base + 4 * k4, 1);
+          __m512i x;
+          if (!int4) {
+            x = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, row_off, base + 4 * k4, 1);
+          } else {
+            // 2 bytes = 4 nibbles per column; read the 4-byte word ending at them (no over-read)
+            __m512i h = k4 == 0 ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, row_off, base, 1)
+                                : _mm512_srli_epi32(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, row_off,
+                                                                                base + 2 * k4 - 2, 1), 16);
+            h = _mm512_and_si512(h, _mm512_set1_epi32(0xFFFF));
+            x = _mm512_or_si512(
+                _mm512_or_si512(_mm512_and_si512(h, _mm512_set1_epi32(0x0000000F)),
+                                _mm512_and_si512(_mm512_slli_epi32(h, 4), _mm512_set1_epi32(0x00000F00))),
+                _mm512_or_si512(_mm512_and_si512(_mm512_slli_epi32(h, 8), _mm512_set1_epi32(0x000F0000)),
+                                _mm512_and_si512(_mm512_slli_epi32(h, 12), _mm512_set1_epi32(0x0F000000))));
+            x = _mm512_sub_epi8(_mm512_xor_si512(x, c8), c8);  // sign-extend each nibble
+          }
           _mm512_storeu_si512(panel + k4 * (NC * 4), x);
           acc = _mm512_dpbusd_epi32(acc, ones, x);  // per-column sum of the 4 weights
         }
@@ -154,10 +222,15 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& s
   return {Bp, bias, swt};
 }
 
-// qa: [M, K] int8, sa: [M, K/G] fp32, packed weight from pack_weight -> [M, N] fp32.
-at::Tensor gemm_packed(const at::Tensor& qa_in, const at::Tensor& sa_in, const at::Tensor& Bp,
-                       const at::Tensor& bias, const at::Tensor& swt, int64_t N, int64_t G) {
-  TORCH_CHECK(qa_in.dim() == 2 && qa_in.scalar_type() == at::kChar, "qa must be [M, K] int8");
+// qa: [M, K] int8 (biased = false) or u8 = qa ^ 0x80 (biased = true, e.g. straight from
+// quantize_act), sa: [M, K/G] fp32, packed weight from pack_weight -> [M, N] fp32.
+at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at::Tensor& Bp,
+                     const at::Tensor& bias, const at::Tensor& swt, int64_t N, int64_t G, bool biased,
+                     const std::optional<at::Tensor>& h_in = std::nullopt,
+                     const std::optional<at::Tensor>& lut_in = std::nullopt,
+                     const std::optional<at::Tensor>& ybias_in = std::nullopt) {
+  TORCH_CHECK(qa_in.dim() == 2 && qa_in.scalar_type() == (biased ? at::kByte : at::kChar),
+              biased ? "qa must be [M, K] uint8 (int8 ^ 0x80)" : "qa must be [M, K] int8");
   const at::Tensor qa = qa_in.contiguous();
   const at::Tensor sa = sa_in.to(at::kFloat).contiguous();
   const int64_t M = qa.size(0), K = qa.size(1);
@@ -168,16 +241,32 @@ at::Tensor gemm_packed(const at::Tensor& qa_in, const at::Tensor& sa_in, const a
   TORCH_CHECK(sa.dim() == 2 && sa.size(0) == M && sa.size(1) == ng, "sa must be [M, K/G]");
   TORCH_CHECK(N <= Np && N > Np - NC, "N does not match the packed weight");
 
-  at::Tensor Au = at::empty({M, K}, qa.options().dtype(at::kByte));
-  at::Tensor C = at::zeros({M, Np}, qa.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return C.narrow(1, 0, N);
-  {
+  at::Tensor C = at::empty({M, Np}, qa.options().dtype(at::kFloat));  // fully written (group 0 stores)
+  if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, qa.options().dtype(at::kFloat));
+  at::Tensor Au = biased ? qa : at::empty({M, K}, qa.options().dtype(at::kByte));
+  if (!biased) {
     const uint8_t* src = reinterpret_cast<const uint8_t*>(qa.data_ptr<int8_t>());
     uint8_t* dst = Au.data_ptr<uint8_t>();
     at::parallel_for(0, M * K, 1 << 16, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) dst[i] = src[i] ^ 0x80;
     });
   }
+  at::Tensor h, lut, yb;
+  if (h_in.has_value() && h_in->defined()) {
+    TORCH_CHECK(lut_in.has_value() && lut_in->defined(), "low-rank h needs lut");
+    h = h_in->to(at::kFloat).contiguous();
+    lut = lut_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(h.dim() == 2 && h.size(0) == M && lut.dim() == 2 && lut.size(0) == h.size(1) && lut.size(1) == N,
+                "low-rank operands must be h [M, R], lut [R, N]");
+  }
+  if (ybias_in.has_value() && ybias_in->defined()) {
+    yb = ybias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(yb.numel() == N, "bias must have N elements");
+  }
+  const float* HP = h.defined() && h.size(1) > 0 ? h.data_ptr<float>() : nullptr;
+  const int64_t R = h.defined() ? h.size(1) : 0;
+  const float* LUTP = HP ? lut.data_ptr<float>() : nullptr;
+  const float* YB = yb.defined() ? yb.data_ptr<float>() : nullptr;
   const uint8_t* A = Au.data_ptr<uint8_t>();
   const float* S = sa.data_ptr<float>();
   const int8_t* B = Bp.data_ptr<int8_t>();
@@ -201,10 +290,23 @@ at::Tensor gemm_packed(const at::Tensor& qa_in, const at::Tensor& sa_in, const a
           kTiles[r](A + m * K, K, S + m * ng, ng, panel, BI + n0, ST + n0, Np, Cp + m * Np + n0, Np, g0, g1, G);
         }
       }
+      if (HP || YB) lowrank_bias_rows(Cp, Np, m_lo, m_hi, n0, N, HP, R, LUTP, YB);
     }
   });
   if (Np == N) return C;
   return C.narrow(1, 0, N).contiguous();
+}
+
+at::Tensor gemm_packed(const at::Tensor& qa, const at::Tensor& sa, const at::Tensor& Bp, const at::Tensor& bias,
+                       const at::Tensor& swt, int64_t N, int64_t G) {
+  return gemm_core(qa, sa, Bp, bias, swt, N, G, false);
+}
+
+// Biased u8 activations, plus the fused epilogue Y += h @ lut (low-rank) + ybias.
+at::Tensor gemm_packed_u8(const at::Tensor& qa_u8, const at::Tensor& sa, const at::Tensor& Bp, const at::Tensor& bias,
+                          const at::Tensor& swt, int64_t N, int64_t G, const std::optional<at::Tensor>& h,
+                          const std::optional<at::Tensor>& lut, const std::optional<at::Tensor>& ybias) {
+  return gemm_core(qa_u8, sa, Bp, bias, swt, N, G, true, h, lut, ybias);
 }
 
 }  // namespace
@@ -213,4 +315,6 @@ at::Tensor gemm_packed(const at::Tensor& qa_in, const at::Tensor& sa_in, const a
 TORCH_LIBRARY(svdq_cpu_gemm, m) {
   m.def("pack_weight", &pack_weight);
   m.def("gemm_packed", &gemm_packed);
+  m.def("gemm_packed_u8(Tensor qa_u8, Tensor sa, Tensor Bp, Tensor bias, Tensor swt, int N, int G, "
+        "Tensor? h=None, Tensor? lut=None, Tensor? ybias=None) -> Tensor", &gemm_packed_u8);
 }

@@ -1,0 +1,179 @@
+"""CPU benchmark: quantized_linear_cpu (W4A4, rank-32 low-rank branch, G=64) vs fp32 F.linear.
+
+Usage: python benchmarks/bench_cpu_linear.py [--quick] [--repeats N] [--out PATH]
+
+Times are medians over repeats after a warm-up (the first call also builds the C++
+kernel if needed; that is reported separately as ``first_call_ms``). Also reports the
+grouped GEMM alone (VNNI kernel and the torch fallback) and the weight-bytes ratio
+(fp32 weight bytes / packed bytes: int4 qweight + fp16 scales + fp32 low-rank + fp32 smooth).
+
+"W4A4 ms" is the whole layer (smoothing, W4A4 GEMM, rank-32 low-rank branch, bias)
+through ``quantized_linear_cpu``: fused C++ quantizer (+ low-rank down projection),
+cached prepared weight, VNNI GEMM with the low-rank-up/bias epilogue. "torch path" is
+the same call with ``SVDQ_CPU_GEMM=torch`` (the pure-torch fallback). fp32 and W4A4 are
+timed interleaved in the same loop (the machine may be shared: compare the ratio).
+
+Columns after "|" (ms): fused_q = the fused quantizer (quantize_activation_fused incl.
+h = X' L2^T); gemm/prep = the VNNI GEMM with a PreparedWeight (int8 activations);
+quant_act = the torch quantize_activation; prep_i4 = prepare_weight from the packed
+int4 bytes (what the weight cache saves per call).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from svdq_compile.runtime import cpu_gemm
+from svdq_compile.runtime.cpu import quantized_linear_cpu
+from svdq_compile.runtime.packing import pack_int4
+from svdq_compile.runtime.quantize import quantize_activation, quantize_weight
+
+G, RANK = 64, 32
+
+
+def _median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def _interleaved_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Time several callables round-robin (so load changes on a shared machine hit all of them)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    ts = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: dict(median=statistics.median(v), min=min(v)) for name, v in ts.items()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _make_layer(n: int, k: int, gen: torch.Generator):
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    smooth = torch.rand(k, generator=gen) + 0.5
+    lora_down = torch.randn(RANK, k, generator=gen) / k**0.5
+    lora_up = torch.randn(n, RANK, generator=gen) / RANK**0.5
+    qw, wscales = quantize_weight(w * smooth, 4, G)  # [N, K] int8, [N, K/G] fp16
+    qweight = pack_int4(qw)  # [N, K/2] int8
+    packed_bytes = sum(t.numel() * t.element_size() for t in (qweight, wscales, lora_down, lora_up, smooth))
+    return w, dict(qweight=qweight, wscales=wscales, smooth=smooth, lora_down=lora_down, lora_up=lora_up), packed_bytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="M in {256} only, 3 repeats")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_linear.json"))
+    args = ap.parse_args()
+    ms = [256] if args.quick else [256, 1024, 4096]
+    repeats = args.repeats or (3 if args.quick else 7)
+    k = n = 3072
+    gen = torch.Generator().manual_seed(0)
+    w, layer, packed_bytes = _make_layer(n, k, gen)
+    fp32_bytes = w.numel() * 4
+    weight_ratio = fp32_bytes / packed_bytes
+
+    t0 = time.perf_counter()
+    fast = cpu_gemm.fast_backend_available()  # builds / loads the kernel once
+    build_s = time.perf_counter() - t0
+
+    bias = torch.randn(n, generator=gen) * 0.1
+
+    def qlinear(x):
+        return quantized_linear_cpu(
+            x, layer["qweight"], layer["wscales"], layer["smooth"], layer["lora_down"], layer["lora_up"],
+            bias, None, None, G, 4, 4, False, 0.0, "none",
+        )
+
+    def qlinear_torch(x):
+        old = os.environ.get(cpu_gemm.ENV_BACKEND)
+        os.environ[cpu_gemm.ENV_BACKEND] = "torch"
+        try:
+            return qlinear(x)
+        finally:
+            if old is None:
+                del os.environ[cpu_gemm.ENV_BACKEND]
+            else:
+                os.environ[cpu_gemm.ENV_BACKEND] = old
+
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, generator=gen)
+        t_first = time.perf_counter()
+        qlinear(x)  # first call: packs the weight (then cached on the qweight tensor)
+        first_ms = (time.perf_counter() - t_first) * 1e3
+        t = _interleaved_ms({"fp32": lambda: F.linear(x, w, bias), "w4a4": lambda: qlinear(x)}, repeats)
+        fp, q = t["fp32"]["median"], t["w4a4"]["median"]
+        torch_path = _median_ms(lambda: qlinear_torch(x), max(1, repeats // 3), warmup=0)
+        # components
+        sw = layer["wscales"].float()
+        fused_q = _median_ms(lambda: cpu_gemm.quantize_activation_fused(
+            x, layer["smooth"], 4, G, biased=True, lora_down=layer["lora_down"]), repeats)
+        xs = x / layer["smooth"]
+        qa, sa = quantize_activation(xs, 4, G)
+        prep = cpu_gemm.prepare_weight(layer["qweight"], sw, G, weight_bits=4)
+        gemm_prep = _median_ms(lambda: cpu_gemm.grouped_int_gemm(qa, sa, prep, None, G), repeats)
+        prep4 = _median_ms(lambda: cpu_gemm.prepare_weight(layer["qweight"], sw, G, weight_bits=4), repeats)
+        quant_act = _median_ms(lambda: quantize_activation(xs, 4, G), max(1, repeats // 3))
+        rows.append(dict(
+            M=m, K=k, N=n, fp32_linear_ms=fp, quantized_linear_ms=q, speedup=fp / q,
+            fp32_linear_min_ms=t["fp32"]["min"], quantized_linear_min_ms=t["w4a4"]["min"],
+            speedup_of_mins=t["fp32"]["min"] / t["w4a4"]["min"], first_call_ms=first_ms,
+            torch_path_ms=torch_path, fused_quantizer_ms=fused_q, gemm_prepared_ms=gemm_prep,
+            quantize_activation_ms=quant_act, prepare_from_int4_ms=prep4, weight_bytes_ratio=weight_ratio,
+        ))
+
+    print(f"backend: {'vnni' if fast else 'torch fallback'} (kernel load/build {build_s:.1f} s); "
+          f"threads={torch.get_num_threads()}; median of {repeats}")
+    hdr = (f"{'M':>5} {'fp32 ms':>9} {'W4A4 ms':>9} {'ratio':>6} {'ratio/min':>9} {'torch path':>10} {'wbytes':>7} | "
+           f"{'fused_q':>7} {'gemm/prep':>9} {'quant_act':>9} {'prep_i4':>7}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['M']:>5} {r['fp32_linear_ms']:>9.1f} {r['quantized_linear_ms']:>9.1f} {r['speedup']:>6.2f} "
+              f"{r['speedup_of_mins']:>9.2f} {r['torch_path_ms']:>10.1f} {r['weight_bytes_ratio']:>6.2f}x | "
+              f"{r['fused_quantizer_ms']:>7.1f} {r['gemm_prepared_ms']:>9.1f} {r['quantize_activation_ms']:>9.1f} "
+              f"{r['prepare_from_int4_ms']:>7.1f}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = dict(
+        cpu=_cpu_model(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+        python=platform.python_version(), date=_dt.datetime.now().isoformat(timespec="seconds"),
+        backend="vnni" if fast else "torch", kernel_load_s=build_s, repeats=repeats, quick=args.quick,
+        group_size=G, rank=RANK, load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None,
+    )
+    out.write_text(json.dumps(dict(machine=info, results=rows), indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+// Fused dynamic per-token-group activation quantizer (AVX512), bit-identical to
+// svdq_compile/runtime/quantize.py::quantize_activation applied to
+// runtime/reference.py::smooth_input(x, smooth):
+//
+//   x'    = float(x) / smooth                          (fp32 true division; no smooth: float(x))
+//   v     = x' + shift                                 (fp32 add, only when shift != 0)
+//   amax  = max_k |v|            (signed)  |  max_k max(v, 0)   (unsigned)
+//   scale = amax / qmax  (fp32 true division); scale = 1 where !(scale > 0)
+//   q     = clamp(floor(v / scale + 0.5), qmin, qmax)  (fp32 true division, then fp32 add)
+//
+// Every step is one correctly rounded IEEE fp32 operation in the same order as the
+// torch code (no FMA contraction, no reciprocal multiply), so q and scale are equal
+// bit for bit, inf/NaN included (a NaN in a group gives scale 1 and q = 0 for the NaN).
+//
+// Outputs: q [M, K] (int8, or u8 = q ^ 0x80 when `biased`, the operand layout of the
+// VNNI GEMM), scale [M, K/G] fp32, and optionally x' [M, K] fp32 (for the low-rank
+// branch) -- all in one pass over x.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline __m512 load16(const T* p, __mmask16 m);
+
+template <>
+inline __m512 load16<float>(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+template <>
+inline __m512 load16<at::BFloat16>(const at::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // exact
+}
+template <>
+inline __m512 load16<at::Half>(const at::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));  // exact
+}
+
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// h[i][j] = sum_k xr[i][k] * ld[j][k] for up to 4 rows (fp32 FMAs, 16 lanes, then a
+// lane reduction): the low-rank down projection X' L2^T fused into the quantizer
+// while the rows are in L1.  Unused row / rank slots alias the last valid one.
+inline void lora_down_rows(const float* const* xr, int rb, const float* __restrict ld, int64_t R, int64_t K,
+                           float* __restrict h) {
+  const float* x0 = xr[0];
+  const float* x1 = xr[std::min(1, rb - 1)];
+  const float* x2 = xr[std::min(2, rb - 1)];
+  const float* x3 = xr[std::min(3, rb - 1)];
+  const int64_t kmain = K - K % 16;
+  const __mmask16 mt = tail_mask(K - kmain);
+  for (int64_t j0 = 0; j0 < R; j0 += 4) {
+    const float* w[4];
+    for (int t = 0; t < 4; ++t) w[t] = ld + std::min<int64_t>(j0 + t, R - 1) * K;
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+#define SVDQ_LD_STEP(LOADX, LOADW)                                                   \
+    {                                                                                \
+      const __m512 w0 = LOADW(w[0]), w1 = LOADW(w[1]), w2 = LOADW(w[2]), w3 = LOADW(w[3]); \
+      __m512 x = LOADX(x0);                                                          \
+      a00 = _mm512_fmadd_ps(x, w0, a00); a01 = _mm512_fmadd_ps(x, w1, a01);         \
+      a02 = _mm512_fmadd_ps(x, w2, a02); a03 = _mm512_fmadd_ps(x, w3, a03);         \
+      x = LOADX(x1);                                                                 \
+      a10 = _mm512_fmadd_ps(x, w0, a10); a11 = _mm512_fmadd_ps(x, w1, a11);         \
+      a12 = _mm512_fmadd_ps(x, w2, a12); a13 = _mm512_fmadd_ps(x, w3, a13);         \
+      x = LOADX(x2);                                                                 \
+      a20 = _mm512_fmadd_ps(x, w0, a20); a21 = _mm512_fmadd_ps(x, w1, a21);         \
+      a22 = _mm512_fmadd_ps(x, w2, a22); a23 = _mm512_fmadd_ps(x, w3, a23);         \
+      x = LOADX(x3);                                                                 \
+      a30 = _mm512_fmadd_ps(x, w0, a30); a31 = _mm512_fmadd_ps(x, w1, a31);         \
+      a32 = _mm512_fmadd_ps(x, w2, a32); a33 = _mm512_fmadd_ps(x, w3, a33);         \
+    }
+    for (int64_t k = 0; k < kmain; k += 16) {
+#define SVDQ_LFULL(p) _mm512_loadu_ps((p) + k)
+      SVDQ_LD_STEP(SVDQ_LFULL, SVDQ_LFULL)
+#undef SVDQ_LFULL
+    }
+    if (kmain < K) {
+      const int64_t k = kmain;
+#define SVDQ_LTAIL(p) _mm512_maskz_loadu_ps(mt, (p) + k)
+      SVDQ_LD_STEP(SVDQ_LTAIL, SVDQ_LTAIL)
+#undef SVDQ_LTAIL
+    }
+#undef SVDQ_LD_STEP
+    const __m512 acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+    for (int i = 0; i < rb; ++i)
+      for (int t = 0; t < 4 && j0 + t < R; ++t) h[i * R + j0 + t] = _mm512_reduce_add_ps(acc[i][t]);
+  }
+}
+
+template <typename T>
+void quantize_rows(const T* __restrict X, const float* __restrict smooth, int64_t M, int64_t K, int64_t G,
+                   float qmin, float qmax, bool is_unsigned, float shift, bool has_shift, bool biased,
+                   int8_t* __restrict Q, float* __restrict S, float* __restrict XS,
+                   const float* __restrict LD, int64_t R, float* __restrict H) {
+  const int64_t ng = K / G;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    constexpr int RB = 4;  // rows per block (the low-rank dot reuses each L2^T load 4x)
+    std::vector<float> scratch(XS ? 0 : RB * K);
+    const float* rows[RB];
+    int rb = 0;
+    const __m512 vshift = _mm512_set1_ps(shift);
+    const __m512 vhalf = _mm512_set1_ps(0.5f);
+    const __m512 vqmin = _mm512_set1_ps(qmin);
+    const __m512 vqmax = _mm512_set1_ps(qmax);
+    const __m512 vzero = _mm512_setzero_ps();
+    const __m128i vbias = _mm_set1_epi8(static_cast<char>(biased ? 0x80 : 0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* x = X + r * K;
+      float* v = XS ? XS + r * K : scratch.data() + rb * K;
+      // pass 1: x' = float(x) / smooth
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = tail_mask(K - k);
+        __m512 a = load16<T>(x + k, m);
+        if (smooth) a = _mm512_div_ps(a, _mm512_maskz_loadu_ps(m, smooth + k));
+        _mm512_mask_storeu_ps(v + k, m, a);
+      }
+      int8_t* q = Q + r * K;
+      float* s = S + r * ng;
+      for (int64_t g = 0; g < ng; ++g) {
+        const float* vg = v + g * G;
+        // pass 2: group absmax
+        __m512 amax = vzero;
+        __mmask16 nan = 0;
+        for (int64_t j = 0; j < G; j += 16) {
+          const __mmask16 m = tail_mask(G - j);
+          __m512 a = _mm512_maskz_loadu_ps(m, vg + j);
+          if (has_shift) a = _mm512_add_ps(a, vshift);
+          nan |= _mm512_mask_cmp_ps_mask(m, a, a, _CMP_UNORD_Q);
+          a = is_unsigned ? _mm512_max_ps(a, vzero) : _mm512_abs_ps(a);
+          amax = _mm512_mask_max_ps(amax, m, amax, a);
+        }
+        float sc = _mm512_reduce_max_ps(amax) / qmax;
+        if (nan || !(sc > 0.0f)) sc = 1.0f;  // torch: amax propagates NaN, NaN > 0 is false
+        s[g] = sc;
+        const __m512 vs = _mm512_set1_ps(sc);
+        // pass 3: q = clamp(floor(v / scale + 0.5))
+        for (int64_t j = 0; j < G; j += 16) {
+          const __mmask16 m = tail_mask(G - j);
+          __m512 a = _mm512_maskz_loadu_ps(m, vg + j);
+          if (has_shift) a = _mm512_add_ps(a, vshift);
+          a = _mm512_add_ps(_mm512_div_ps(a, vs), vhalf);
+          a = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+          // operand order keeps NaN (max/min return the 2nd operand on NaN) like torch.clamp;
+          // NaN then converts to 0x80000000 -> int8 0, as torch's float -> int8 cast does
+          a = _mm512_min_ps(vqmax, _mm512_max_ps(vqmin, a));
+          const __m128i b = _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)), vbias);
+          _mm_mask_storeu_epi8(q + g * G + j, m, b);
+        }
+      }
+      rows[rb++] = v;
+      if (LD && (rb == RB || r + 1 == r1)) {
+        lora_down_rows(rows, rb, LD, R, K, H + (r + 1 - rb) * R);
+        rb = 0;
+      } else if (!LD) {
+        rb = 0;
+      }
+    }
+  });
+}
+
+// x: [M, K] fp32/bf16/fp16; smooth: [K] (any float dtype, converted to fp32 like
+// smooth.float()) -> [q, scale, x' (empty unless emit_xs)].
+std::vector<at::Tensor> quantize_act(const at::Tensor& x_in, const std::optional<at::Tensor>& smooth_in, int64_t G,
+                                     int64_t qmin, int64_t qmax, bool is_unsigned, double shift, bool emit_xs,
+                                     bool biased, const std::optional<at::Tensor>& lora_down_in) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
+  TORCH_CHECK(x_in.device().is_cpu(), "x must be on the CPU");
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x must be float32, bfloat16 or float16");
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  TORCH_CHECK(G > 0 && K % G == 0, "K must be a multiple of the group size");
+  TORCH_CHECK(qmax > 0 && qmin < qmax && qmin >= -128 && qmax <= 127, "bad integer grid");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor smooth;
+  if (smooth_in.has_value() && smooth_in->defined()) {
+    smooth = smooth_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(smooth.numel() == K, "smooth must have K elements");
+  }
+  at::Tensor ld;
+  if (lora_down_in.has_value() && lora_down_in->defined()) {
+    ld = lora_down_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(ld.dim() == 2 && ld.size(1) == K && ld.size(0) > 0, "lora_down must be [R, K]");
+  }
+  const int64_t R = ld.defined() ? ld.size(0) : 0;
+  at::Tensor h = at::empty({M, R}, x.options().dtype(at::kFloat));
+  at::Tensor q = at::empty({M, K}, x.options().dtype(biased ? at::kByte : at::kChar));
+  at::Tensor s = at::empty({M, K / G}, x.options().dtype(at::kFloat));
+  at::Tensor xs = emit_xs ? at::empty({M, K}, x.options().dtype(at::kFloat)) : at::Tensor();
+  if (M == 0 || K == 0) return {q, s, emit_xs ? xs : at::empty({0}, s.options()), h.zero_()};
+  const float* sm = smooth.defined() ? smooth.data_ptr<float>() : nullptr;
+  const float fshift = static_cast<float>(shift);
+  int8_t* qp = reinterpret_cast<int8_t*>(q.data_ptr());
+  float* sp = s.data_ptr<float>();
+  float* xp = emit_xs ? xs.data_ptr<float>() : nullptr;
+  const float fqmin = static_cast<float>(qmin), fqmax = static_cast<float>(qmax);
+  const bool has_shift = shift != 0.0;
+  const float* ldp = ld.defined() ? ld.data_ptr<float>() : nullptr;
+  float* hp = h.data_ptr<float>();
+  if (dt == at::kFloat) {
+    quantize_rows(x.data_ptr<float>(), sm, M, K, G, fqmin, fqmax, is_unsigned, fshift, has_shift, biased, qp, sp, xp, ldp, R, hp);
+  } else if (dt == at::kBFloat16) {
+    quantize_rows(x.data_ptr<at::BFloat16>(), sm, M, K, G, fqmin, fqmax, is_unsigned, fshift, has_shift, biased, qp,
+                  sp, xp, ldp, R, hp);
+  } else {
+    quantize_rows(x.data_ptr<at::Half>(), sm, M, K, G, fqmin, fqmax, is_unsigned, fshift, has_shift, biased, qp, sp,
+                  xp, ldp, R, hp);
+  }
+  return {q, s, emit_xs ? xs : at::empty({0}, s.options()), h};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(svdq_cpu_gemm, m) {
+  m.def(
+      "quantize_act(Tensor x, Tensor? smooth, int G, int qmin, int qmax, bool is_unsigned, float shift, "
+      "bool emit_xs, bool biased, Tensor? lora_down=None) -> Tensor[]",
+      &quantize_act);
+}

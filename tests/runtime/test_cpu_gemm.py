@@ -1,0 +1,191 @@
+"""Exactness of the CPU grouped integer GEMM (VNNI kernel and torch fallback).
+
+Oracle: the formula evaluated in float64 (every product and 64-term sum is exact there).
+The first test that needs the VNNI kernel builds it (~20-60 s cold, cached afterwards in
+the torch extensions dir); on CPUs without AVX512-VNNI those tests are skipped.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+
+from svdq_compile.runtime import cpu_gemm
+from svdq_compile.runtime.cpu_gemm import grouped_int_gemm, prepare_weight
+
+RANGES = {  # activation ranges: signed int4, unsigned int4, int8
+    "s4": (-8, 7),
+    "u4": (0, 15),
+    "s8": (-128, 127),
+}
+
+
+def _oracle(qa, sa, qw, sw, g):
+    m, k = qa.shape
+    n = qw.shape[0]
+    i = torch.einsum(
+        "mgk,ngk->mng", qa.double().view(m, -1, g), qw.double().view(n, -1, g)
+    )  # exact integer partials per group
+    return (i * sa.double().unsqueeze(1) * sw.double().unsqueeze(0)).sum(-1)
+
+
+def _data(m, n, k, g, act, w_int8=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = RANGES[act]
+    qa = torch.randint(lo, hi + 1, (m, k), generator=gen).to(torch.int8)
+    wlo, whi = (-128, 127) if w_int8 else (-8, 7)
+    qw = torch.randint(wlo, whi + 1, (n, k), generator=gen).to(torch.int8)
+    # scales spanning a few decades, like real absmax/qmax values
+    sa = torch.exp(torch.randn(m, k // g, generator=gen)).float() * 0.01
+    sw = (torch.exp(torch.randn(n, k // g, generator=gen)) * 0.1).half().float()  # fp16-stored
+    return qa, sa, qw, sw
+
+
+def _check(y, qa, sa, qw, sw, g, elem_tol=None):
+    """Frobenius-relative error < 1e-6, and every element within ``elem_tol`` of the
+    absolute-value sum (the magnitude fp32 rounding errors scale with)."""
+    if elem_tol is None:  # kernel bound: one rounding per group fold + the scale product
+        elem_tol = max(1e-6, (qa.shape[1] // g + 2) * 2.0**-24)
+    ref = _oracle(qa, sa, qw, sw, g)
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    if ref.numel() == 0:
+        return
+    err = y.double() - ref
+    rel = err.norm() / ref.norm().clamp_min(1e-300)
+    assert rel < 1e-6, f"relative Frobenius error {rel:.3g}"
+    absref = _oracle(qa.double().abs(), sa.abs(), qw.double().abs(), sw.abs(), g)
+    worst = (err.abs() / absref.clamp_min(1e-300)).max()
+    assert worst <= elem_tol, f"max elementwise error / |terms| = {worst:.3g}"
+
+
+# The kernel's error per element is <= (K/G + 1) fp32 roundings of |terms| (< 1e-6 here);
+# the fp32-GEMM fallback accumulates over K, so it gets a K-proportional allowance.
+_TOL = {"vnni": None, "torch": 2e-5}
+
+
+needs_vnni = pytest.mark.skipif(
+    not cpu_gemm.fast_backend_available(), reason="AVX512-VNNI kernel unavailable on this machine"
+)
+
+SHAPES = list(itertools.product((1, 17, 130), (5, 96, 200), (64, 192, 512)))
+
+
+@pytest.mark.parametrize("backend", ["vnni", "torch"])
+@pytest.mark.parametrize("act", list(RANGES))
+def test_exact_odd_shapes(backend, act):
+    if backend == "vnni" and not cpu_gemm.fast_backend_available():
+        pytest.skip("AVX512-VNNI kernel unavailable")
+    for i, (m, n, k) in enumerate(SHAPES):
+        qa, sa, qw, sw = _data(m, n, k, 64, act, w_int8=(act == "s8"), seed=i)
+        y = grouped_int_gemm(qa, sa, qw, sw, 64, backend=backend)
+        _check(y, qa, sa, qw, sw, 64, _TOL[backend])
+
+
+@needs_vnni
+@pytest.mark.parametrize("g", [16, 32, 128, 256])
+def test_other_group_sizes(g):
+    qa, sa, qw, sw = _data(33, 70, 512, g, "s8", w_int8=True, seed=g)
+    _check(grouped_int_gemm(qa, sa, qw, sw, g, backend="vnni"), qa, sa, qw, sw, g)
+
+
+@needs_vnni
+def test_extreme_values_no_overflow():
+    # all-extreme operands: largest int32 partials (64 * 128 * 128) and worst bias correction
+    m, n, k, g = 7, 33, 256, 64
+    for a_val, w_val in [(-128, -128), (127, -128), (-128, 127), (127, 127), (-8, -8), (15, -8)]:
+        qa = torch.full((m, k), a_val, dtype=torch.int8)
+        qw = torch.full((n, k), w_val, dtype=torch.int8)
+        sa = torch.rand(m, k // g) + 0.5
+        sw = torch.rand(n, k // g) + 0.5
+        _check(grouped_int_gemm(qa, sa, qw, sw, g, backend="vnni"), qa, sa, qw, sw, g)
+
+
+@needs_vnni
+def test_prepared_weight_matches_raw_and_reuses():
+    qa, sa, qw, sw = _data(130, 200, 192, 64, "u4", seed=3)
+    prep = prepare_weight(qw, sw, 64)
+    assert prep.packed is not None
+    y_raw = grouped_int_gemm(qa, sa, qw, sw, 64)
+    y_prep = grouped_int_gemm(qa, sa, prep, None, 64)
+    assert torch.equal(y_raw, y_prep)  # same kernel, same order: bitwise equal
+    qa2, sa2, _, _ = _data(17, 200, 192, 64, "s4", seed=4)
+    _check(grouped_int_gemm(qa2, sa2, prep, None, 64), qa2, sa2, qw, sw, 64)
+    with pytest.raises(ValueError):
+        grouped_int_gemm(qa, sa, prep, None, 32)
+
+
+@needs_vnni
+def test_noncontiguous_inputs_and_thread_counts():
+    qa, sa, qw, sw = _data(40, 96, 192, 64, "s4", seed=5)
+    qa_nc = qa.t().contiguous().t()  # non-contiguous view with identical values
+    assert not qa_nc.is_contiguous()
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(grouped_int_gemm(qa_nc, sa, qw, sw.half(), 64, backend="vnni"))
+    finally:
+        torch.set_num_threads(old)
+    _check(outs[0], qa, sa, qw, sw, 64)
+    assert torch.equal(outs[0], outs[1])  # deterministic: no cross-thread reductions
+
+
+def test_env_var_forces_fallback(monkeypatch):
+    qa, sa, qw, sw = _data(17, 96, 192, 64, "s4", seed=6)
+    monkeypatch.setenv(cpu_gemm.ENV_BACKEND, "torch")
+    prep = prepare_weight(qw, sw, 64)
+    assert prep.packed is None
+    y = grouped_int_gemm(qa, sa, prep, None, 64)
+    assert torch.equal(y, cpu_gemm.grouped_int_gemm_torch(qa, sa, qw, sw, 64))
+    _check(y, qa, sa, qw, sw, 64, _TOL["torch"])
+
+
+def test_odd_cases_fall_back():
+    # group size not a multiple of 4 and empty tensors take the torch path in "auto"
+    qa, sa, qw, sw = _data(9, 10, 36, 6, "s4", seed=7)
+    _check(grouped_int_gemm(qa, sa, qw, sw, 6), qa, sa, qw, sw, 6, _TOL["torch"])
+    with pytest.raises(RuntimeError):
+        grouped_int_gemm(qa, sa, qw, sw, 6, backend="vnni")
+    qa, sa, qw, sw = _data(0, 10, 64, 64, "s4")
+    assert grouped_int_gemm(qa, sa, qw, sw, 64).shape == (0, 10)
+    with pytest.raises(ValueError):
+        grouped_int_gemm(qa, sa, qw, sw, 64, backend="bogus")
+
+
+def test_unavailable_kernel_logs_once_and_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_gemm, "_ops", None)
+    monkeypatch.setattr(cpu_gemm, "_unavailable", None)
+    monkeypatch.setattr(cpu_gemm, "_why_no_fast_path", lambda: "simulated: no compiler")
+    qa, sa, qw, sw = _data(17, 96, 192, 64, "s4", seed=8)
+    with caplog.at_level(logging.WARNING, logger=cpu_gemm.__name__):
+        y1 = grouped_int_gemm(qa, sa, qw, sw, 64)
+        y2 = grouped_int_gemm(qa, sa, qw, sw, 64)
+    assert torch.equal(y1, y2)
+    _check(y1, qa, sa, qw, sw, 64, _TOL["torch"])
+    assert sum("simulated: no compiler" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(RuntimeError):
+        grouped_int_gemm(qa, sa, qw, sw, 64, backend="vnni")
+
+
+@pytest.mark.parametrize("backend", ["vnni", "torch"])
+def test_prepare_from_packed_int4(backend):
+    if backend == "vnni" and not cpu_gemm.fast_backend_available():
+        pytest.skip("AVX512-VNNI kernel unavailable")
+    from svdq_compile.runtime.packing import pack_int4
+
+    for i, (m, n, k) in enumerate([(17, 5, 64), (130, 200, 192), (1, 96, 512), (9, 70, 16)]):
+        g = 16 if k == 16 else 64
+        qa, sa, qw, sw = _data(m, n, k, g, "s4", seed=20 + i)
+        qw[0, :] = -8  # extreme nibbles
+        qw[-1, :] = 7
+        prep4 = prepare_weight(pack_int4(qw), sw, g, weight_bits=4, backend=backend)
+        prep8 = prepare_weight(qw, sw, g, backend=backend)
+        assert (prep4.packed is not None) == (backend == "vnni")
+        y4 = grouped_int_gemm(qa, sa, prep4, None, g)
+        assert torch.equal(y4, grouped_int_gemm(qa, sa, prep8, None, g))
+        if backend == "vnni":
+            assert all(torch.equal(a, b) for a, b in zip(prep4.packed, prep8.packed))
+        _check(y4, qa, sa, qw, sw, g, _TOL[backend])
