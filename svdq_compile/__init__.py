@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from . import runtime  # registers the svdq::linear custom op
-from .calibration import LayerStats, calibrate, calibrating, clear_calibration
+from .calibration import LayerStats, calibrate, calibrating, clear_calibration, stats_of
 from .config import SVDQuantConfig
 from .decompose import sqnr_db
 from .modules import SVDQLinear
@@ -27,6 +27,7 @@ __all__ = [
     "calibrating",
     "clear_calibration",
     "LayerStats",
+    "stats_of",
     "sqnr_db",
     "SVDQLinear",
     "quantize",

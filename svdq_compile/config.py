@@ -7,7 +7,15 @@ from typing import Any, Mapping, Optional
 
 from svdq_compile.runtime.packed import MODES
 
-__all__ = ["SVDQuantConfig"]
+__all__ = ["SVDQuantConfig", "DEFAULT_SKIP", "DEFAULT_MODE_OVERRIDES"]
+
+# Kept in 16 bits by default (DESIGN section 1 step 6): embedders and the final
+# projection/modulation, where errors are not averaged over many later layers.
+# Top-level "proj_out" is the last projection; FLUX single blocks' "...blocks.N.proj_out"
+# do not match these patterns and are quantized.
+DEFAULT_SKIP = ("*embed*", "proj_out", "*transformer.proj_out", "*norm_out*", "*conv_in*", "*conv_out*")
+# AdaLN modulation linears run on one vector per sample (M = batch): weight-only 4 bit.
+DEFAULT_MODE_OVERRIDES = (("*norm*.linear", "w4a16"),)
 
 
 @dataclass(frozen=True)
@@ -28,9 +36,11 @@ class SVDQuantConfig:
         refine_iters: low-rank refinement rounds ``L = SVD_r(W' - Q(W' - L))`` (stops early
             when the error stops improving).
         unsigned_after_act: quantize inputs produced by ReLU/GELU as unsigned INT4.
-        skip: fnmatch patterns of layer names kept in floating point.
+        skip: fnmatch patterns of layer names kept in floating point (default
+            :data:`DEFAULT_SKIP`: embedders, final projection; ``()`` quantizes everything).
         rank_overrides: ``{pattern: rank}`` per-layer rank.
-        mode_overrides: ``{pattern: mode}`` per-layer mode (e.g. AdaLN linears as ``w4a16``).
+        mode_overrides: ``{pattern: mode}`` per-layer mode (default
+            :data:`DEFAULT_MODE_OVERRIDES`: AdaLN modulation linears as ``w4a16``).
         min_features: layers with fewer input or output features stay in floating point.
         calib_tokens: tokens kept per layer by the streaming calibration (reservoir sample).
         calib_calls: forward calls recorded by auto-calibration when no explicit
@@ -56,9 +66,9 @@ class SVDQuantConfig:
     search_rows: int = 1024
     refine_iters: int = 2
     unsigned_after_act: bool = True
-    skip: tuple[str, ...] = ()
+    skip: tuple[str, ...] = DEFAULT_SKIP
     rank_overrides: tuple[tuple[str, int], ...] = ()
-    mode_overrides: tuple[tuple[str, str], ...] = ()
+    mode_overrides: tuple[tuple[str, str], ...] = DEFAULT_MODE_OVERRIDES
     min_features: int = 64
     calib_tokens: int = 2048
     calib_calls: int = 1

@@ -1,0 +1,171 @@
+"""Ablation of SVDQuant's parts (issue 5): naive W4A4 / smoothing only / low-rank only /
+SVDQuant / SVDQuant + refinement, and a rank sweep, on
+
+- synthetic layers with real-model-like statistics (a few activation channels ~30x
+  larger, heavy-tailed tokens; weights with a decaying spectrum and outlier columns),
+- the demo model (FLUX-architecture digits generator): image PSNR vs fp32 samples and
+  classifier accuracy.
+
+The demo model's layers are 128 wide, so rank 32 is a quarter of a layer (in FLUX it is
+~1% of 3072): the rank sweep includes rank 2-4, proportional to FLUX, so the numbers do
+not flatter the method (DESIGN section 6).
+
+    python -m benchmarks.bench_ablation [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+from svdq_compile import SVDQuantConfig
+from svdq_compile.calibration import LayerStats
+from svdq_compile.decompose import LayerTarget, quantized_output, sqnr_db
+from svdq_compile.search import quantize_group
+
+from .common import machine_info, write_json, RESULTS
+
+VARIANTS = {
+    "naive W4A4": dict(smooth=False, rank=0, refine_iters=0),
+    "smoothing only": dict(rank=0, refine_iters=0),
+    "low-rank only": dict(smooth=False, refine_iters=0),
+    "SVDQuant": dict(refine_iters=0),
+    "SVDQuant + refinement": dict(refine_iters=3),
+}
+RANKS = (0, 2, 4, 8, 16, 32, 64)
+
+
+def synthetic_layer(k: int, n: int, tokens: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g) * torch.rand(tokens, 1, generator=g).mul(2).exp()  # heavy-ish tails
+    out_ch = torch.randperm(k, generator=g)[: max(1, k // 100)]
+    x[:, out_ch] *= 30.0  # 1% of channels x30 (measured pattern in DiT activations)
+    u = torch.linalg.qr(torch.randn(n, n, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(k, k, generator=g))[0]
+    m = min(n, k)
+    s = torch.logspace(0, -2, m) * 3.0  # decaying spectrum, like trained weights
+    w = (u[:, :m] * s) @ v[:, :m].t() / math.sqrt(k) + torch.randn(n, k, generator=g) * 0.01
+    w[:, torch.randperm(k, generator=g)[:4]] *= 8.0  # a few weight outlier columns
+    return x, w
+
+
+def run_synthetic(quick: bool) -> list[dict]:
+    shapes = [(512, 512), (512, 2048)] if quick else [(1024, 1024), (1024, 4096), (4096, 1024)]
+    rows = []
+    for i, (k, n) in enumerate(shapes):
+        x, w = synthetic_layer(k, n, 1024, seed=i)
+        st = LayerStats(k, 1024)
+        st.update(x)
+        ref = x.double() @ w.double().t()
+        def run(opts, rank=32):
+            cfg = SVDQuantConfig(**{"rank": rank, **opts, "search_grid": 10 if quick else 20})
+            t = LayerTarget(rank=cfg.rank, refine_iters=cfg.refine_iters)
+            p = quantize_group([w], [None], st, t, cfg)[0]
+            return sqnr_db(ref, quantized_output(p, x))
+        for name, opts in VARIANTS.items():
+            rows.append({"model": f"synthetic {n}x{k}", "variant": name, "rank": opts.get("rank", 32),
+                         "sqnr_db": run(opts)})
+        for r in RANKS:
+            rows.append({"model": f"synthetic {n}x{k}", "variant": f"SVDQuant rank {r}", "rank": r,
+                         "sqnr_db": run({"refine_iters": 0}, rank=r)})
+    return rows
+
+
+def run_demo(quick: bool) -> list[dict]:
+    from svdq_compile.demo.model import load_pretrained
+    from svdq_compile.demo.sampler import sample
+    from svdq_compile.demo.classifier import accuracy
+    from svdq_compile.quantize_api import quantize
+
+    n, steps = (20, 10) if quick else (100, 20)
+    labels = torch.arange(n) % 10
+    base = load_pretrained()
+    ref = sample(base, labels, steps=steps, guidance=1.5, seed=0, progress=False)
+    calib_labels = torch.arange(16) % 10
+
+    def calib_items(model):
+        # The model's inputs along real sampling trajectories (every step, both CFG branches).
+        items = []
+        def fn(x, t, y):
+            items.append((x.clone(), t.clone(), y.clone()))
+            return model(x, t, y)
+        sample(fn, calib_labels, steps=steps, guidance=1.5, seed=1, progress=False)
+        return items
+
+    items = calib_items(base)
+    rows = []
+    def evaluate(name, opts, rank):
+        model = load_pretrained()
+        cfg = SVDQuantConfig(**{"rank": rank, **opts, "search_grid": 8 if quick else 20})
+        t0 = time.perf_counter()
+        quantize(model, list(items[0]), items, cfg, progress=False)
+        secs = time.perf_counter() - t0
+        imgs = sample(model, labels, steps=steps, guidance=1.5, seed=0, progress=False)
+        mse = (imgs.clamp(-1, 1) - ref.clamp(-1, 1)).pow(2).mean().item()
+        psnr = 10 * math.log10(4.0 / max(mse, 1e-12))  # peak-to-peak range 2 -> peak^2 = 4
+        rows.append({"model": "demo (digits FLUX)", "variant": name, "rank": rank, "psnr_db": psnr,
+                     "accuracy": accuracy(imgs, labels), "quantize_s": secs})
+    for name, opts in VARIANTS.items():
+        for rank in (32, 4):
+            if opts.get("rank") == 0 and rank == 4:
+                continue
+            evaluate(name, opts, opts.get("rank", rank))
+    for r in RANKS:
+        evaluate(f"SVDQuant rank {r}", {"refine_iters": 0}, r)
+    rows.append({"model": "demo (digits FLUX)", "variant": "fp32", "rank": None, "psnr_db": math.inf,
+                 "accuracy": accuracy(ref, labels)})
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| model | variant | rank | output SQNR dB | image PSNR dB | accuracy |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        f = lambda k, fmt: fmt.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['variant']} | {r['rank'] if r['rank'] is not None else '-'} | "
+                     f"{f('sqnr_db', '{:.2f}')} | {f('psnr_db', '{:.2f}')} | {f('accuracy', '{:.3f}')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model in sorted({r["model"] for r in rows}):
+        sweep = [r for r in rows if r["model"] == model and r["variant"].startswith("SVDQuant rank")]
+        key = "sqnr_db" if "synthetic" in model else "psnr_db"
+        ax = axes[0] if key == "sqnr_db" else axes[1]
+        ax.plot([r["rank"] for r in sweep], [r[key] for r in sweep], marker="o", label=model)
+    axes[0].set(title="synthetic layers: output SQNR vs rank", xlabel="rank", ylabel="dB")
+    axes[1].set(title="demo model: image PSNR vs fp32, vs rank", xlabel="rank", ylabel="dB")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-demo", action="store_true")
+    args = ap.parse_args(argv)
+    rows = run_synthetic(args.quick)
+    if not args.skip_demo:
+        rows += run_demo(args.quick)
+    md = to_markdown(rows)
+    print(md)
+    write_json("ablation.json", {"machine": machine_info(), "quick": args.quick, "rows": rows})
+    (RESULTS / "ablation.md").write_text(md + "\n")
+    plot(rows, RESULTS / "ablation.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
