@@ -227,7 +227,7 @@ def load_pretrained(
             raw = dict(raw)
             raw["axes_dims_rope"] = tuple(raw["axes_dims_rope"])
             cfg = DemoConfig(**raw)
-    model = DigitFlow(cfg)
+    model = build_model(cfg)  # seeded + RNG-isolated; the init is overwritten below anyway
     state = load_file(str(path))
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
