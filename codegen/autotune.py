@@ -1,0 +1,204 @@
+"""Launch configs for the prologue and GEMM kernels, and picking the fastest one.
+
+Configs are keyed by (kernel spec, M bucket, N, K, GPU name). M is bucketed to the next
+power of two because the token count changes between calls (dynamic shapes) and
+re-tuning for each value would cost seconds per step; N and K are fixed per layer.
+
+The lists are deliberately short (tuning compiles every candidate once). The GPU
+lists target Hopper (H100/H200): 128x128 tiles with 8 warps (128x256 with 16) and 3-4
+pipeline stages for the INT8 ``tl.dot`` (wgmma), smaller tiles for few tokens. Under
+``TRITON_INTERPRET=1`` tiny blocks keep the CPU interpreter fast and exercise the
+boundary masks on small test shapes.
+
+Set ``SVDQ_AUTOTUNE=0`` to skip benchmarking and take the first (heuristic) candidate.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence, TypeVar, Union
+
+import torch
+
+from .cache import make_key, tune_cache
+from .launch import interpreting
+from .spec import KernelSpec
+
+__all__ = [
+    "GemmConfig",
+    "PrologueConfig",
+    "m_bucket",
+    "gemm_candidates",
+    "prologue_candidates",
+    "choose_config",
+    "device_name",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape of the GEMM kernel. One K step is always one quantization group."""
+
+    block_m: int
+    block_n: int
+    group_m: int  # programs along M sharing a W panel in L2 (grouped launch order)
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class PrologueConfig:
+    """Rows per program of the prologue kernel (each program walks all of K)."""
+
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+Config = TypeVar("Config", GemmConfig, PrologueConfig)
+
+
+def m_bucket(m: int) -> int:
+    """Next power of two of M, clamped to [16, 16384] (the tuning key for the token count)."""
+    return min(16384, max(16, 1 << max(0, int(m) - 1).bit_length()))
+
+
+# ------------------------------------------------------------------ candidate lists
+_INTERP_GEMM = [GemmConfig(32, 32, 2, 1, 1)]
+_INTERP_PROLOGUE = [PrologueConfig(32, 1, 1)]
+
+_GPU_GEMM_SMALL_M = [  # M <= 64: few tokens (modulation linears, small batches)
+    GemmConfig(64, 64, 1, 4, 4),
+    GemmConfig(64, 128, 1, 4, 4),
+    GemmConfig(16, 128, 1, 4, 4),
+]
+# Register budget: besides the fp32 accumulator, each K step holds the group's int32
+# partial product tile, so a tile needs ~2 x BLOCK_M x BLOCK_N / threads registers for
+# those two alone; 128x256 therefore gets 16 warps (64 + 64 per thread) instead of 8.
+_GPU_GEMM_LARGE_M = [  # image tokens: FLUX has 4096 + 512 per image
+    GemmConfig(128, 128, 8, 8, 4),
+    GemmConfig(128, 256, 8, 16, 3),
+    GemmConfig(64, 128, 8, 4, 4),
+    GemmConfig(128, 64, 8, 4, 4),
+]
+_GPU_PROLOGUE = [
+    PrologueConfig(16, 4, 3),
+    PrologueConfig(32, 4, 3),
+    PrologueConfig(64, 8, 3),
+]
+
+
+def gemm_candidates(m: int, n: int, k: int) -> list[GemmConfig]:
+    """Configs to try for an [M, K] x [N, K]^T GEMM (first = heuristic default)."""
+    if interpreting():
+        return list(_INTERP_GEMM)
+    return list(_GPU_GEMM_SMALL_M if m <= 64 else _GPU_GEMM_LARGE_M)
+
+
+def prologue_candidates(m: int, k: int) -> list[PrologueConfig]:
+    """Configs to try for the prologue over an [M, K] input (first = heuristic default)."""
+    if interpreting():
+        return list(_INTERP_PROLOGUE)
+    if m <= 64:
+        return [PrologueConfig(16, 4, 3)]  # one or a few programs: nothing to tune
+    return list(_GPU_PROLOGUE)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index).replace(" ", "_")
+
+
+def device_name(device: torch.device) -> str:
+    """GPU model name (configs are tuned per chip); cached: this runs on every call."""
+    if device.type == "cuda":
+        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+    return device.type
+
+
+def _tuning_enabled() -> bool:
+    return os.environ.get("SVDQ_AUTOTUNE", "1") != "0" and not interpreting()
+
+
+def choose_config(
+    kind: str,
+    spec: KernelSpec,
+    m: Union[int, torch.SymInt],
+    n: int,
+    k: int,
+    candidates: Sequence[Config],
+    bench: Optional[Callable[[Config], None]],
+    device: torch.device,
+) -> Config:
+    """Return the fastest candidate for this (spec, shape), benchmarking once per key.
+
+    ``bench(cfg)`` launches the kernel once with ``cfg`` on real tensors; pass None while
+    tracing (fake tensors / symbolic M), where only cached or default configs are used.
+    A candidate that fails to compile or launch (e.g. out of shared memory) is skipped.
+    """
+    if len(candidates) == 1 or not isinstance(m, int):
+        return candidates[0]
+    # Fast path: a decision already made in this process (no string keys, no I/O).
+    memo_key = (kind, spec, m_bucket(m), int(n), int(k), device, _tuning_enabled())
+    cfg = _MEMO.get(memo_key)
+    if cfg is not None:
+        return cfg
+    cfg = _choose_uncached(kind, spec, m, n, k, candidates, bench, device)
+    if bench is not None or not _tuning_enabled():
+        _MEMO[memo_key] = cfg  # final; without bench a later real call may still tune
+    return cfg
+
+
+# (kind, spec, M bucket, N, K, device) -> config chosen in this process.
+_MEMO: dict = {}
+
+
+def _choose_uncached(
+    kind: str,
+    spec: KernelSpec,
+    m: int,
+    n: int,
+    k: int,
+    candidates: Sequence[Config],
+    bench: Optional[Callable[[Config], None]],
+    device: torch.device,
+) -> Config:
+    cls = type(candidates[0])
+    key = make_key(kind, spec.key(), m_bucket(m), int(n), int(k), device_name(device))
+    cache = tune_cache()
+    hit = cache.get(key)
+    if hit is not None:
+        try:
+            cfg = cls(**hit)
+            if cfg in candidates or not _tuning_enabled():
+                return cfg
+        except TypeError:
+            pass  # stale entry from an older config layout: re-tune
+    if bench is None or not _tuning_enabled():
+        return candidates[0]
+
+    from triton.testing import do_bench
+
+    best, best_ms = candidates[0], math.inf
+    timings = []
+    for cfg in candidates:
+        try:
+            bench(cfg)  # compile + first launch outside the timed region
+            ms = do_bench(lambda: bench(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception as e:  # noqa: BLE001 - a failing candidate must not kill the call
+            log.debug("svdq autotune: %s %s failed: %s", kind, cfg, e)
+            ms = math.inf
+        timings.append((cfg, ms))
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if not math.isfinite(best_ms):
+        raise RuntimeError(f"svdq autotune: every {kind} config failed for {key}")
+    log.info("svdq autotune %s: %s (%.4f ms)", key, best, best_ms)
+    log.debug("svdq autotune %s timings: %s", key, timings)
+    cache.put(key, asdict(best))
+    return best

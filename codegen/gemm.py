@@ -1,0 +1,314 @@
+"""GEMM kernel: grouped integer GEMM with per-group rescale and a fused epilogue.
+
+``Y = act(sum_g sa[:, g] sw[:, g]^T * (QA_g @ QW_g^T) + H @ lora_up^T + bias) * gate + residual``
+
+One K step is one quantization group (64 columns): the int8 ``tl.dot`` of the group
+is exact in int32, then rescaled once by ``sa[m, g] * sw[n, g]`` into an fp32
+accumulator. Hopper has no INT4 tensor cores, so 4-bit operands are loaded packed
+(half the bytes) and sign-extended in registers into two int8 operands: the even K
+indices (low nibbles) and the odd ones (high nibbles). ``A_even @ W_even^T +
+A_odd @ W_odd^T`` is the full group product because A and W pair K indices the same
+way, so no interleaving is needed. 8-bit operands are used as they are.
+
+Rescale cost matters as much as the MMA here (a group of 64 is only 2 wgmma K steps),
+so the int32 -> fp32 conversion uses the exact "magic number" trick (an integer add
+and a bitcast instead of the slower ``cvt``), and the scale multiply is two FMAs.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import GemmConfig, choose_config, gemm_candidates
+from .epilogue import apply_activation
+from .launch import interpreting, launch
+from .spec import KernelSpec
+
+__all__ = ["gemm_kernel", "run_gemm", "broadcast_operand"]
+
+# 0x4B400000 is the fp32 bit pattern of 1.5 * 2**23. For |p| < 2**22, the integer
+# 0x4B400000 + p is the bit pattern of the fp32 value 1.5 * 2**23 + p (the ulp there is
+# 1), so bitcast(p + MAGIC_I) - MAGIC_F == float(p) exactly. Group partial sums are at
+# most 64 * 128 * 128 = 2**20 in magnitude, well inside the range.
+_MAGIC_I = 0x4B400000
+_MAGIC_F = 12582912.0
+
+
+@triton.jit
+def gemm_kernel(
+    qa_ptr,  # [M, K/2] int8 packed (A_BITS=4) or [M, K] int8
+    sa_ptr,  # [M, K/G] fp32, any strides (the prologue writes it group-major)
+    qw_ptr,  # [N, K/2] int8 packed (W_BITS=4) or [N, K] int8
+    sw_ptr,  # [N, K/G] fp16 (any float)
+    h_ptr,  # [M, R] fp32 low-rank activations (HAS_LORA)
+    lu_ptr,  # lora_up [N, R] float (HAS_LORA)
+    bias_ptr,  # [N] float (HAS_BIAS)
+    gate_ptr,  # broadcastable to [M, N], addressed as [B, T, N] (HAS_GATE)
+    res_ptr,  # broadcastable to [M, N], addressed as [B, T, N] (HAS_RES)
+    y_ptr,  # [M, N] output dtype, row-major
+    M,
+    N,
+    K,
+    R,
+    stride_qam,
+    stride_sam,
+    stride_sag,
+    stride_qwn,
+    stride_swn,
+    stride_hm,
+    stride_lun,
+    stride_lur,
+    gate_t,  # rows per "batch" of the gate view: row m -> (m // gate_t, m % gate_t)
+    stride_gb,
+    stride_gt,
+    stride_gn,
+    res_t,
+    stride_rb,
+    stride_rt,
+    stride_rn,
+    stride_ym,
+    W_BITS: tl.constexpr,
+    A_BITS: tl.constexpr,
+    A_UNSIGNED: tl.constexpr,
+    GROUP: tl.constexpr,
+    A_BYTES: tl.constexpr,  # bytes of A per row per group: GROUP/2 (4-bit) or GROUP
+    W_BYTES: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    R_PAD: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    MAGIC_I: tl.constexpr,
+    MAGIC_F: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped launch order (Triton matmul tutorial): GROUP_M row blocks share each
+    # weight panel while it is hot in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    # Wrap out-of-range rows/cols onto valid ones so the main-loop loads need no mask
+    # (unmasked loads pipeline better); the final store is masked.
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    offs_ka = tl.arange(0, A_BYTES)
+    offs_kw = tl.arange(0, W_BYTES)
+    a_ptrs = qa_ptr + rm[:, None] * stride_qam + offs_ka[None, :]  # [BM, A_BYTES]
+    w_ptrs = qw_ptr + rn[None, :] * stride_qwn + offs_kw[:, None]  # [W_BYTES, BN] (W^T tile)
+    # Scales are read at the unwrapped rows with a mask: with the prologue's group-major
+    # layout (stride_sam == 1) this is one contiguous, vectorisable load per group.
+    sa_ptrs = sa_ptr + offs_m.to(tl.int64) * stride_sam  # [BM]
+    mask_m = offs_m < M
+    sw_ptrs = sw_ptr + rn * stride_swn  # [BN]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, K // GROUP):
+        a = tl.load(a_ptrs)  # [BM, A_BYTES] int8
+        w = tl.load(w_ptrs)  # [W_BYTES, BN] int8
+        if W_BITS == 4:
+            # Sign-extend the nibbles in int32 (explicit width: the result of int8
+            # shifts by a literal differs between Triton releases), then narrow.
+            w32 = w.to(tl.int32)
+            w_lo = ((w32 << 28) >> 28).to(tl.int8)  # even K indices, [-8, 7]
+            w_hi = (w32 >> 4).to(tl.int8)  # odd K indices, [-8, 7]
+            if A_BITS == 4:
+                a32 = a.to(tl.int32)
+                if A_UNSIGNED:
+                    a_lo = (a32 & 0xF).to(tl.int8)  # [0, 15]
+                    a_hi = ((a32 >> 4) & 0xF).to(tl.int8)
+                else:
+                    a_lo = ((a32 << 28) >> 28).to(tl.int8)
+                    a_hi = (a32 >> 4).to(tl.int8)
+            else:
+                # 8-bit A with 4-bit W: split A's group into its even/odd K indices.
+                a_lo, a_hi = tl.split(tl.reshape(a, (BLOCK_M, GROUP // 2, 2)))
+            part = tl.dot(a_lo, w_lo)  # [BM, BN] int32, exact
+            part = tl.dot(a_hi, w_hi, part)
+        else:
+            part = tl.dot(a, w)  # W8A8: [BM, G] x [G, BN] -> int32, exact
+
+        sa = tl.load(sa_ptrs + g * stride_sag, mask=mask_m, other=1.0)  # [BM] fp32
+        sw = tl.load(sw_ptrs + g).to(tl.float32)  # [BN]
+        pf = (part + MAGIC_I).to(tl.float32, bitcast=True)  # 1.5*2^23 + part, exact
+        sw_b = tl.broadcast_to(sw[None, :], (BLOCK_M, BLOCK_N))
+        # One rounding: fma(1.5*2^23 + p, sw, -1.5*2^23*sw) = round(p * sw). The product
+        # 1.5*2^23*sw is exact in fp32 (sw has an 11-bit fp16 mantissa).
+        inner = tl.math.fma(pf, sw_b, -(MAGIC_F * sw_b))
+        acc = tl.math.fma(inner, tl.broadcast_to(sa[:, None], (BLOCK_M, BLOCK_N)), acc)
+        a_ptrs += A_BYTES
+        w_ptrs += W_BYTES
+
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        rmask = offs_r < R
+        hh = tl.load(h_ptr + rm[:, None] * stride_hm + offs_r[None, :], mask=rmask[None, :], other=0.0)
+        lu = tl.load(  # lora_up^T tile: [R_PAD, BN]
+            lu_ptr + rn[None, :] * stride_lun + offs_r[:, None] * stride_lur,
+            mask=rmask[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        acc = tl.dot(hh, lu, acc, input_precision=LORA_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + rn).to(tl.float32)  # [BN]
+        acc = acc + b[None, :]
+    acc = apply_activation(acc, ACT)
+    if HAS_GATE:
+        g_off = (rm // gate_t) * stride_gb + (rm % gate_t) * stride_gt
+        gt = tl.load(gate_ptr + g_off[:, None] + rn[None, :] * stride_gn).to(tl.float32)
+        acc = acc * gt
+    if HAS_RES:
+        r_off = (rm // res_t) * stride_rb + (rm % res_t) * stride_rt
+        rs = tl.load(res_ptr + r_off[:, None] + rn[None, :] * stride_rn).to(tl.float32)
+        acc = acc + rs
+
+    if ROUND_BF16:
+        # Triton's CPU interpreter truncates fp32 -> bf16; round to nearest even by hand
+        # (GPU conversions already do) so interpreter results equal torch's bit for bit.
+        bits = acc.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536 == 0xFFFF0000
+        acc = tl.where(acc == acc, bits.to(tl.float32, bitcast=True), acc)  # keep NaNs
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def broadcast_operand(
+    t: torch.Tensor, lead: tuple[int, ...], n: int
+) -> tuple[torch.Tensor, int, int, int, int]:
+    """View a gate/residual broadcastable to ``(*lead, n)`` as rows ``m -> (m // T, m % T)``.
+
+    Returns ``(tensor, T, stride_b, stride_t, stride_n)`` such that element ``[m, j]`` of
+    the flattened ``[M, n]`` operand is at ``b * stride_b + t * stride_t + j * stride_n``.
+    Broadcast dims keep stride 0, so e.g. a ``[B, 1, N]`` gate for ``[B, T, K]`` input is
+    read in place. Only layouts that need more than two row strides are copied.
+    """
+    e = t.expand(*lead, n)
+    m = 1
+    for d in lead:
+        m *= d
+    try:
+        v = e.view(m, n)
+        return v, max(m, 1), 0, v.stride(0), v.stride(1)
+    except RuntimeError:
+        pass
+    tdim = lead[-1]
+    try:
+        v = e.view(m // tdim, tdim, n)
+        return v, tdim, v.stride(0), v.stride(1), v.stride(2)
+    except RuntimeError:
+        v = e.reshape(m, n).contiguous()
+        return v, max(m, 1), 0, v.stride(0), v.stride(1)
+
+
+@functools.lru_cache(maxsize=None)
+def _constexprs(spec: KernelSpec) -> dict:
+    """Compile-time parameters of the GEMM for ``spec`` (one Triton binary each)."""
+    g = spec.group_size
+    return dict(
+        W_BITS=spec.weight_bits,
+        A_BITS=spec.act_bits,
+        A_UNSIGNED=spec.act_unsigned,
+        GROUP=g,
+        A_BYTES=g // 2 if spec.act_bits == 4 else g,
+        W_BYTES=g // 2 if spec.weight_bits == 4 else g,
+        HAS_LORA=spec.has_lora,
+        R_PAD=spec.rank_pad,
+        LORA_PRECISION=spec.lora_precision,
+        HAS_BIAS=spec.has_bias,
+        ACT=spec.act_code,
+        HAS_GATE=spec.has_gate,
+        HAS_RES=spec.has_residual,
+        MAGIC_I=_MAGIC_I,
+        MAGIC_F=_MAGIC_F,
+        ROUND_BF16=spec.out_dtype == torch.bfloat16 and interpreting(),
+    )
+
+
+def run_gemm(
+    qa: torch.Tensor,
+    sa: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    h: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    spec: KernelSpec,
+    lead: tuple[int, ...],
+    *,
+    wrap: bool = False,
+    tune: bool = True,
+    config: Optional[GemmConfig] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """qa: [M, K/2|K] int8, sa: [M, K/G], qweight: [N, K/2|K] int8, wscales: [N, K/G] -> y [M, N].
+
+    ``gate``/``residual`` must broadcast to ``(*lead, N)`` with ``prod(lead) == M``.
+    Inputs are assumed validated (see :mod:`.linear`); last dims must be contiguous.
+    """
+    m = qa.shape[0]
+    n, groups = wscales.shape
+    k = groups * spec.group_size
+    dev = qa.device
+    y = out if out is not None else torch.empty((m, n), dtype=spec.out_dtype, device=dev)
+    if m == 0 or n == 0:
+        return y
+    r = spec.rank
+    dummy = wscales  # read-only placeholder for absent operands (never dereferenced)
+    h_arg = h if spec.has_lora else dummy
+    lu_arg = lora_up if spec.has_lora else dummy
+    if gate is not None:
+        gate_v, gate_t, sgb, sgt, sgn = broadcast_operand(gate, lead, n)
+    else:
+        gate_v, gate_t, sgb, sgt, sgn = dummy, 1, 0, 0, 0
+    if residual is not None:
+        res_v, res_t, srb, srt, srn = broadcast_operand(residual, lead, n)
+    else:
+        res_v, res_t, srb, srt, srn = dummy, 1, 0, 0, 0
+    const = _constexprs(spec)
+
+    def run(cfg: GemmConfig) -> None:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        args = (
+            qa, sa, qweight, wscales, h_arg, lu_arg,
+            bias if bias is not None else dummy, gate_v, res_v, y,
+            m, n, k, r,
+            qa.stride(0), sa.stride(0), sa.stride(1), qweight.stride(0), wscales.stride(0),
+            h.stride(0) if spec.has_lora else 0,
+            lora_up.stride(0) if spec.has_lora else 0,
+            lora_up.stride(1) if spec.has_lora else 0,
+            gate_t, sgb, sgt, sgn,
+            res_t, srb, srt, srn,
+            y.stride(0),
+        )
+        kwargs = dict(
+            const, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        launch(gemm_kernel, grid, args, kwargs, wrap=wrap, device=dev)
+
+    if config is None:
+        config = choose_config(
+            "gemm", spec, m, n, k, gemm_candidates(m if isinstance(m, int) else 4096, n, k),
+            run if tune else None, dev,
+        )
+    run(config)
+    return y

@@ -1,0 +1,61 @@
+"""Unfused baseline: quantize kernel, rank-0 GEMM, then the low-rank branch and epilogue in torch.
+
+This is what running SVDQuant without the two fusions costs: the low-rank branch
+re-reads X (two small GEMMs in X's dtype) and the output Y is written, re-read and
+re-written in 16 bits for the add and each epilogue op. Used by benchmarks to measure
+what fusion buys; numerically it is the same method (not bit-identical: the low-rank
+branch and epilogue run in X's dtype).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.epilogue import finish_output
+from .gemm import run_gemm
+from .linear import make_spec
+from .prologue import run_prologue
+
+__all__ = ["unfused_quantized_linear"]
+
+
+def unfused_quantized_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    smooth: Optional[torch.Tensor],
+    lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
+    group_size: int,
+    weight_bits: int,
+    act_bits: int,
+    act_unsigned: bool,
+    act_shift: float,
+    epilogue: str,
+) -> torch.Tensor:
+    """Same signature and math as ``quantized_linear_triton``, without the fusions."""
+    lead = tuple(x.shape[:-1])
+    k = x.shape[-1]
+    n = wscales.shape[0]
+    x2d = x.reshape(-1, k)  # [M, K]
+    full = make_spec(
+        x, smooth, lora_down, bias, residual, gate, group_size, weight_bits, act_bits,
+        act_unsigned, epilogue, "ieee",
+    )
+    # Prologue without the down projection, GEMM without any epilogue op.
+    spec = replace(full, rank=0, epilogue="none", has_bias=False, has_gate=False, has_residual=False)
+    qa, sa, _ = run_prologue(x2d, smooth, None, spec, act_shift)
+    y = run_gemm(qa, sa, qweight, wscales, None, None, None, None, None, spec, lead)  # [M, N] x.dtype
+    if lora_down is not None:
+        xs = x2d if smooth is None else x2d / smooth.to(x.dtype)  # second read of X
+        y = y + F.linear(F.linear(xs, lora_down.to(x.dtype)), lora_up.to(x.dtype))
+    res2 = None if residual is None else residual.expand(*lead, n).reshape(-1, n)
+    gate2 = None if gate is None else gate.expand(*lead, n).reshape(-1, n)
+    y = finish_output(y, bias, epilogue, gate2, res2)
+    return y.reshape(*lead, n)
