@@ -57,6 +57,25 @@ def _install_triton() -> None:
 _install_triton()
 
 
+def _register_backend() -> None:
+    """Register ``svdquant`` with Dynamo when the entry point is absent (source checkout)."""
+    import torch._dynamo
+
+    try:
+        torch._dynamo.lookup_backend("svdquant")
+    except Exception:  # not installed through pip: register by hand
+
+        def svdquant(gm, example_inputs, **kwargs):
+            from .backend import svdquant_backend
+
+            return svdquant_backend(gm, example_inputs, **kwargs)
+
+        torch._dynamo.register_backend(svdquant, name="svdquant")
+
+
+_register_backend()
+
+
 def __getattr__(name: str):
     if name == "svdquant_backend":
         from .backend import svdquant_backend

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one prepared GPU session (device time is scarce): install, GPU tests, kernel and
+# block benchmarks. Everything lands in $OUT (fetched back) with per-step time limits,
+# so one slow step cannot eat the others' budget.
+#   usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/svdq_gpu_out}
+mkdir -p "$OUT"
+T0=$(date +%s)
+step() { echo; echo "=== $1 (t=$(( $(date +%s) - T0 ))s)"; }
+
+step "install"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { echo "editable install failed:"; tail -5 "$OUT/install.log"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 - <<'PY' | tee "$OUT/versions.json"
+import json, datetime, torch, triton
+print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "cuda": torch.version.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds")}))
+PY
+
+step "GPU tests (tests/codegen)"
+timeout ${TEST_S:-170} python3 -m pytest tests/codegen -q -p no:cacheprovider -rfE --junitxml="$OUT/gpu_tests.xml" \
+  >"$OUT/gpu_tests.txt" 2>&1
+echo "pytest exit $?"; tail -25 "$OUT/gpu_tests.txt"
+
+step "kernel benchmark"
+timeout ${KERNEL_S:-190} python3 benchmarks/bench_kernels.py --out "$OUT" --budget-s ${KERNEL_BUDGET_S:-150} \
+  >"$OUT/kernels.txt" 2>&1
+echo "bench_kernels exit $?"; tail -30 "$OUT/kernels.txt"
+
+step "block + linear + memory suites"
+if [ -f benchmarks/__main__.py ]; then
+  timeout ${SUITE_S:-170} python3 -m benchmarks --suite ${SUITES:-block,memory} --device cuda --out "$OUT" \
+    >"$OUT/suites.txt" 2>&1
+  echo "suites exit $?"; tail -30 "$OUT/suites.txt"
+fi
+step "done"
+ls -la "$OUT"
