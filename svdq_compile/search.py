@@ -34,7 +34,9 @@ def _shift_for(stats: LayerStats, lam: Optional[torch.Tensor], target: LayerTarg
     """Unsigned inputs: shift so the smallest calibrated value of X' maps to 0."""
     if not target.act_unsigned:
         return 0.0
-    mn = stats.minimum if lam is None else stats.minimum / lam
+    mn = stats.minimum.to(lam.device) if lam is not None else stats.minimum
+    if lam is not None:
+        mn = mn / lam
     lo = float(mn.min()) if torch.isfinite(mn).any() else 0.0
     return max(0.0, -lo)
 
@@ -82,18 +84,20 @@ def quantize_group(
         return packs
 
     gen = torch.Generator().manual_seed(config.seed)
+    dev = weights[0].device  # statistics live on the CPU; the search runs where the weights are
     xs_all = stats.sample
     if xs_all.shape[0] > config.search_tokens:
         idx = torch.randperm(xs_all.shape[0], generator=gen)[: config.search_tokens]
         xs = xs_all[idx]
     else:
         xs = xs_all
+    xs = xs.to(dev)
     # Evaluate candidates on a random subset of output rows: the objective is a sum over
     # output channels, so a subset estimates it at a fraction of the SVD/GEMM cost.
     search_ws, search_bs = [], []
     for w, b in zip(weights, biases):
         if w.shape[0] > config.search_rows:
-            rows = torch.randperm(w.shape[0], generator=gen)[: config.search_rows].sort().values
+            rows = torch.randperm(w.shape[0], generator=gen)[: config.search_rows].sort().values.to(dev)
             search_ws.append(w[rows])
             search_bs.append(None if b is None else b[rows])
         else:
@@ -111,7 +115,7 @@ def quantize_group(
     search_target = replace(target, refine_iters=0)
     best = (math.inf, None, None)
     for alpha, beta in cands:
-        lam = smoothing_factors(stats.absmax, w_absmax, alpha, beta)
+        lam = smoothing_factors(stats.absmax.to(dev), w_absmax, alpha, beta)
         shift = _shift_for(stats, lam, target)
         err, _ = _evaluate(search_ws, search_bs, lam, search_target, shift, xs, refs, config.seed)
         if err < best[0]:
@@ -128,7 +132,7 @@ def quantize_group(
 def _annotate(packs, weights, biases, stats, config, xs) -> None:
     """Record each layer's output SQNR on calibration tokens (for explain())."""
     if xs is None:
-        xs = stats.sample[: config.search_tokens]
+        xs = stats.sample[: config.search_tokens].to(weights[0].device)
     if xs.shape[0] == 0:
         return
     for p, w, b in zip(packs, weights, biases):
