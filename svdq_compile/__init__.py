@@ -18,6 +18,7 @@ from .modules import SVDQLinear
 from .quantize_api import quantize, quantized_modules
 from .artifacts import ArtifactError, load, save
 from .explain import explain
+from .export import export_onnx, export_tensorrt
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,8 @@ __all__ = [
     "load",
     "ArtifactError",
     "explain",
+    "export_onnx",
+    "export_tensorrt",
     "svdquant_backend",
 ]
 

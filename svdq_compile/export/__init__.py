@@ -1,0 +1,19 @@
+"""Export of quantized models: ONNX (ONNX Runtime, TensorRT's ONNX parser) and TensorRT engines.
+
+* :func:`export_onnx` - standard ONNX (opset >= 21): INT4 weights as blocked
+  ``DequantizeLinear`` initializers, dynamic per-token-group INT4 activation
+  quantization as plain float ops, the low-rank branch as float ``MatMul``.
+  Needs the ``[onnx]`` extra (onnx, onnxscript; onnxruntime to run the file).
+* :func:`export_tensorrt` - Torch-TensorRT engine with a generated plugin for the
+  quantized linear; needs the ``[tensorrt]`` extra and a CUDA GPU.
+
+onnx / onnxscript / tensorrt are imported only when a function is called.
+See docs/export.md.
+"""
+from __future__ import annotations
+
+from .onnx_export import OnnxExport, export_onnx, onnx_op_types, ort_session, quantized_weight_bytes
+from .tensorrt_export import TensorRTUnavailableError, export_tensorrt
+
+__all__ = ["export_onnx", "OnnxExport", "ort_session", "onnx_op_types", "quantized_weight_bytes",
+           "export_tensorrt", "TensorRTUnavailableError"]

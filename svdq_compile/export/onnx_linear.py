@@ -1,0 +1,246 @@
+"""Step 2 of the ONNX export: expand ``svdq.export::QuantLinear`` into standard ONNX ops.
+
+One quantized linear becomes (all math in float32, as the reference and the CPU op)::
+
+    xs = Cast(x) / smooth                               # X' (smoothing), [..., K]
+    g  = Reshape(xs + shift, [0, .., 0, K/G, G])        # per-token groups of G
+    s  = ReduceMax(Abs(g) | Relu(g), axes=[-1]) / qmax  # scale = absmax / qmax
+    s  = Where(s > 0, s, 1)                             # all-zero group -> 1
+    q  = Clip(Floor(g / s + 0.5), qmin, qmax)           # floor(v/s + 0.5), clamp
+    a  = Reshape(q * s, [0, .., 0, K])                  # dequantized activations
+    W  = DequantizeLinear(W_int4 [K, N], scale [K/G, N], axis=0, block_size=G)
+    y  = a @ W + (xs @ lora_down^T) @ lora_up^T + bias  # low-rank branch reads X'
+    y  = epilogue(y) * gate + residual                  # MatMul broadcasts: y is [..., N]
+
+(An input of unknown rank is flattened to ``[-1, K]`` first and reshaped back after.)
+
+The residual weight is stored as an INT4 (INT8 for 8-bit modes) initializer, transposed
+to ``[K, N]`` so the ``DequantizeLinear`` output feeds ``MatMul`` directly (the weight-only
+pattern TensorRT fuses). ONNX packs INT4 two per byte, low nibble first: the same byte
+order as :func:`svdq_compile.runtime.packing.pack_int4`. Weight scales are stored as
+float32 (the fp16 values, converted exactly) so that ``q * scale`` is exact, as in the
+reference; with fp16 scales ``DequantizeLinear`` would round every product to fp16.
+
+Activation quantization uses plain float ops (``DequantizeLinear``-free), because ONNX's
+``QuantizeLinear`` rounds half-to-even and TensorRT does not accept INT4 activations;
+the ops above reproduce ``floor(v / s + 0.5)`` exactly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from svdq_compile.runtime.packing import pack_int4, unpack_int4
+from svdq_compile.runtime.quantize import qrange
+
+from .onnx_placeholder import ATTRIBUTES, INPUT_NAMES, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
+
+__all__ = ["expand_quantized_linears", "MIN_OPSET"]
+
+MIN_OPSET = 21  # DequantizeLinear with INT4 inputs and block_size
+_F32 = ir.DataType.FLOAT
+_PREFIX = "svdq_export"
+
+
+class _Builder:
+    """Records named nodes and initializers for one graph (a thin layer over ``ir.tape.Tape``)."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.tape = ir.tape.Tape()
+        self._consts: dict[tuple, ir.Value] = {}
+        self.scope = ""
+        self._count = 0
+
+    def op(self, op_type: str, inputs: list, attributes: Optional[dict] = None, name: str = "") -> ir.Value:
+        self._count += 1
+        out = self.tape.op(op_type, inputs, attributes=attributes,
+                           name=f"{self.scope}/{op_type}_{self._count}")
+        out.name = f"{self.scope}/{name or op_type.lower()}_{self._count}"
+        return out
+
+    def initializer(self, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+        if name in self.graph.initializers:
+            raise ValueError(f"svdq export: initializer name {name!r} is already used in the graph")
+        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                         const_value=tensor)
+        self.graph.register_initializer(value)
+        return value
+
+    def const(self, array: np.ndarray) -> ir.Value:
+        """A small shared constant (shapes, axes, scalars), one initializer per distinct value."""
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            name = f"{_PREFIX}/const_{len(self._consts)}"
+            while name in self.graph.initializers:
+                name += "_"
+            self._consts[key] = self.initializer(name, ir.Tensor(array, name=name))
+        return self._consts[key]
+
+    def f32(self, value: float) -> ir.Value:
+        return self.const(np.array(value, dtype=np.float32))
+
+    def i64(self, values: list[int]) -> ir.Value:
+        return self.const(np.array(values, dtype=np.int64))
+
+    def to_f32(self, v: ir.Value) -> ir.Value:
+        return v if v.dtype == _F32 else self.op("Cast", [v], {"to": _F32}, "f32")
+
+
+def _const_array(v: Optional[ir.Value], what: str, layer: str) -> np.ndarray:
+    if v is None or v.const_value is None:
+        raise ValueError(
+            f"svdq export: {what} of quantized layer {layer!r} is not a constant initializer of the exported "
+            "graph; export the model with its quantized buffers as constants (export_params=True)"
+        )
+    return v.const_value.numpy()
+
+
+def _weight_tensor(qweight: np.ndarray, weight_bits: int, name: str) -> ir.TensorProtocol:
+    """[N, K//2] packed int4 (or [N, K] int8) -> INT4/INT8 tensor of logical shape [K, N]."""
+    q = torch.from_numpy(np.ascontiguousarray(qweight)).view(torch.int8)
+    if weight_bits == 8:
+        return ir.Tensor(np.ascontiguousarray(q.t().numpy()), dtype=ir.DataType.INT8, name=name)
+    qt = unpack_int4(q, signed=True).t().contiguous()  # [K, N] int8 in [-8, 7]
+    k, n = qt.shape
+    flat = qt.reshape(-1)  # ONNX packs the flattened tensor: element i -> byte i // 2, low nibble first
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    packed = pack_int4(flat).view(torch.uint8).numpy()
+    return ir.PackedTensor(packed, ir.DataType.INT4, shape=ir.Shape([k, n]), name=name)
+
+
+def _transposed(v: ir.Value, name: str) -> ir.TensorProtocol:
+    """A constant [a, b] tensor as a new [b, a] tensor of the same dtype."""
+    arr = np.ascontiguousarray(v.const_value.numpy().T)
+    return ir.Tensor(arr, dtype=v.const_value.dtype, name=name)
+
+
+def _layer_name(qweight: ir.Value, index: int) -> str:
+    name = qweight.name or f"linear_{index}"
+    return name[: -len(".qweight")] if name.endswith(".qweight") else name
+
+
+def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced: set) -> None:
+    ins = dict(zip(INPUT_NAMES, list(node.inputs) + [None] * (len(INPUT_NAMES) - len(node.inputs))))
+    attrs = {a: node.attributes[a].value for a in ATTRIBUTES}
+    group, wbits, abits = int(attrs["group_size"]), int(attrs["weight_bits"]), int(attrs["act_bits"])
+    unsigned, shift, epilogue = bool(attrs["act_unsigned"]), float(attrs["act_shift"]), str(attrs["epilogue"])
+    qweight, wscales = ins["qweight"], ins["wscales"]
+    layer = _layer_name(qweight, index)
+    b.scope = f"{layer}#{index}" if qweight in weights else layer
+
+    # Weights: one set of new initializers per original qweight (a module called twice shares them).
+    if qweight not in weights:
+        ws = _const_array(wscales, "wscales", layer)
+        n, groups = ws.shape
+        k = groups * group
+        w = b.initializer(f"{layer}.qweight_{'int4' if wbits == 4 else 'int8'}_kn",
+                          _weight_tensor(_const_array(qweight, "qweight", layer), wbits, f"{layer}.w"))
+        scale_arr = np.ascontiguousarray(ws.astype(np.float32).T)  # exact fp16 -> fp32, [K/G, N]
+        scale = b.initializer(f"{layer}.wscales_f32_kn", ir.Tensor(scale_arr, name=f"{layer}.wscales_f32_kn"))
+        down = up = None
+        if ins["lora_down"] is not None:
+            _const_array(ins["lora_down"], "lora_down", layer)
+            _const_array(ins["lora_up"], "lora_up", layer)
+            down = b.initializer(f"{layer}.lora_down_t", _transposed(ins["lora_down"], f"{layer}.lora_down_t"))
+            up = b.initializer(f"{layer}.lora_up_t", _transposed(ins["lora_up"], f"{layer}.lora_up_t"))
+            replaced.update({ins["lora_down"], ins["lora_up"]})
+        replaced.update({qweight, wscales})
+        weights[qweight] = (n, k, w, scale, down, up)
+    n, k, w, scale, down, up = weights[qweight]
+
+    x = ins["x"]
+    x_dtype = x.dtype or node.outputs[0].dtype or _F32
+    rank = len(x.shape) if x.shape is not None else None
+    if rank is not None:
+        # Known rank: MatMul broadcasts over the leading dims and Reshape copies them (0 = keep
+        # the input's dim), so no Shape/Slice/Concat is needed for dynamic batch/token axes.
+        keep, xf = [0] * (rank - 1), b.to_f32(x)
+    else:
+        keep, xf = [-1], b.op("Reshape", [b.to_f32(x), b.i64([-1, k])], name="x2d")
+    xs = xf if ins["smooth"] is None else b.op("Div", [xf, b.to_f32(ins["smooth"])], name="x_smoothed")
+    if abits == 16:
+        a = xs
+    else:
+        qmin, qmax = qrange(abits, unsigned)
+        xa = b.op("Add", [xs, b.f32(shift)], name="x_shifted") if shift else xs
+        g = b.op("Reshape", [xa, b.i64(keep + [k // group, group])], name="x_groups")
+        mag = b.op("Relu" if unsigned else "Abs", [g])
+        absmax = b.op("ReduceMax", [mag, b.i64([-1])], {"keepdims": 1}, "absmax")
+        s = b.op("Div", [absmax, b.f32(float(qmax))], name="act_scale_raw")
+        s = b.op("Where", [b.op("Greater", [s, b.f32(0.0)]), s, b.f32(1.0)], name="act_scale")
+        v = b.op("Add", [b.op("Div", [g, s]), b.f32(0.5)])
+        q = b.op("Clip", [b.op("Floor", [v]), b.f32(float(qmin)), b.f32(float(qmax))], name="act_int")
+        a = b.op("Reshape", [b.op("Mul", [q, s]), b.i64(keep + [k])], name="act_dequant")
+    w_dq = b.op("DequantizeLinear", [w, scale], {"axis": 0, "block_size": group}, "weight")
+    y = b.op("MatMul", [a, w_dq], name="y_int")
+    if down is not None:
+        h = b.op("MatMul", [xs, b.to_f32(down)], name="lowrank_down")
+        y = b.op("Add", [y, b.op("MatMul", [h, b.to_f32(up)], name="lowrank_up")], name="y_lowrank")
+    if ins["bias"] is not None:
+        y = b.op("Add", [y, b.to_f32(ins["bias"])], name="y_bias")
+    if epilogue == "gelu":
+        y = b.op("Gelu", [y])
+    elif epilogue == "gelu_tanh":
+        y = b.op("Gelu", [y], {"approximate": "tanh"})
+    elif epilogue == "silu":
+        y = b.op("Mul", [y, b.op("Sigmoid", [y])], name="silu")
+    elif epilogue == "relu":
+        y = b.op("Relu", [y])
+    elif epilogue != "none":
+        raise ValueError(f"svdq export: unknown epilogue {epilogue!r} in layer {layer!r}")
+    if rank is None:
+        lead = b.op("Slice", [b.op("Shape", [x]), b.i64([0]), b.i64([-1]), b.i64([0])], name="lead_shape")
+        y = b.op("Reshape", [y, b.op("Concat", [lead, b.i64([n])], {"axis": 0}, "out_shape")], name="y")
+    if ins["gate"] is not None:
+        y = b.op("Mul", [y, b.to_f32(ins["gate"])], name="y_gated")
+    if ins["residual"] is not None:
+        y = b.op("Add", [y, b.to_f32(ins["residual"])], name="y_residual")
+    if x_dtype != _F32:
+        y = b.op("Cast", [y], {"to": x_dtype}, "y_cast")
+
+    # Splice: new nodes before the placeholder, then rewire its consumers and drop it.
+    b.graph.insert_before(node, list(b.tape.nodes))
+    b.tape = ir.tape.Tape()
+    old = node.outputs[0]
+    y.type, y.shape = old.type, old.shape
+    name = old.name
+    old.replace_all_uses_with(y, replace_graph_outputs=True)
+    b.graph.remove(node, safe=True)
+    y.name = name
+
+
+def _placeholders(graph: ir.Graph) -> list[ir.Node]:
+    return [n for n in graph if n.domain == PLACEHOLDER_DOMAIN and n.op_type == PLACEHOLDER_OP]
+
+
+def expand_quantized_linears(model: ir.Model) -> int:
+    """Replace every placeholder of ``model`` (in place); returns how many were expanded."""
+    opset = model.opset_imports.get("", 0)
+    if opset < MIN_OPSET:
+        raise ValueError(f"svdq export needs ONNX opset >= {MIN_OPSET} (INT4 DequantizeLinear with block_size), "
+                         f"the model has opset {opset}")
+    graph = model.graph
+    builder = _Builder(graph)
+    weights: dict = {}
+    replaced: set = set()
+    nodes = _placeholders(graph)
+    for i, node in enumerate(nodes):
+        _expand_one(builder, node, i, weights, replaced)
+    # A placeholder left inside a subgraph (If/Loop body) or a local function is not supported.
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.domain == PLACEHOLDER_DOMAIN:
+            raise ValueError("svdq export: a quantized linear inside a control-flow subgraph cannot be exported")
+    for fn in model.functions.values():
+        if any(n.domain == PLACEHOLDER_DOMAIN for n in fn):
+            raise ValueError("svdq export: a quantized linear inside an ONNX local function cannot be exported")
+    # The original int8/fp16 buffers are superseded by the INT4 [K, N] copies.
+    for v in replaced:
+        if not v.uses() and not v.is_graph_output() and v.name in graph.initializers:
+            del graph.initializers[v.name]
+    model.opset_imports.pop(PLACEHOLDER_DOMAIN, None)
+    return len(nodes)
