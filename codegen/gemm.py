@@ -140,10 +140,11 @@ def gemm_kernel(
             else:
                 # 8-bit A with 4-bit W: split A's group into its even/odd K indices.
                 a_lo, a_hi = tl.split(tl.reshape(a, (BLOCK_M, GROUP // 2, 2)))
-            part = tl.dot(a_lo, w_lo)  # [BM, BN] int32, exact
-            part = tl.dot(a_hi, w_hi, part)
+            # out_dtype spelled out: Triton 3.6 asserts acc dtype == out_dtype (default fp32).
+            part = tl.dot(a_lo, w_lo, out_dtype=tl.int32)  # [BM, BN] int32, exact
+            part = tl.dot(a_hi, w_hi, part, out_dtype=tl.int32)
         else:
-            part = tl.dot(a, w)  # W8A8: [BM, G] x [G, BN] -> int32, exact
+            part = tl.dot(a, w, out_dtype=tl.int32)  # W8A8: [BM, G] x [G, BN] -> int32, exact
 
         sa = tl.load(sa_ptrs + g * stride_sag, mask=mask_m, other=1.0)  # [BM] fp32
         sw = tl.load(sw_ptrs + g).to(tl.float32)  # [BN]

@@ -60,7 +60,9 @@ def _check_groups(x: torch.Tensor, group_size: int) -> None:
 def _scale_from_absmax(absmax: torch.Tensor, bits: int, unsigned: bool) -> torch.Tensor:
     qmin, qmax = qrange(bits, unsigned)
     # Symmetric: the divisor is qmax (7 for int4) so +-absmax both map inside the grid.
-    scale = absmax / float(qmax)
+    # Tensor / tensor: PyTorch's CUDA kernel turns division by a Python scalar into a
+    # multiplication by its (inexact) reciprocal; the kernels divide exactly.
+    scale = absmax / torch.full_like(absmax, float(qmax))
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
