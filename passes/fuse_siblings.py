@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from .concat import concat_packed
-from .op_nodes import ARG, insert_op, is_svdq, packed_of
+from .op_nodes import ARG, GraphTensors, drop_unused_buffers, insert_op, is_svdq, packed_of
 
 __all__ = ["fuse_siblings"]
 
@@ -28,8 +29,13 @@ def _key(gm: fx.GraphModule, node: fx.Node):
     return (a[ARG["x"]],) + tuple(a[ARG[k]] for k in _SCALARS)
 
 
-def fuse_siblings(gm: fx.GraphModule) -> int:
-    """Returns the number of fused groups (each of >= 2 ops)."""
+def fuse_siblings(gm: fx.GraphModule, tensors: Optional[GraphTensors] = None) -> int:
+    """Returns the number of fused groups (each of >= 2 ops).
+
+    The ops' tensors may be buffers or placeholders (``tensors`` resolves the latter);
+    the fused op always gets new buffers (the concatenated weights).
+    """
+    tensors = tensors or GraphTensors(gm)
     groups: dict = defaultdict(list)
     for node in gm.graph.nodes:
         if is_svdq(node):
@@ -40,14 +46,15 @@ def fuse_siblings(gm: fx.GraphModule) -> int:
     for nodes in groups.values():
         if len(nodes) < 2:
             continue
-        packs = [packed_of(gm, n) for n in nodes]
+        packs = [packed_of(gm, n, tensors) for n in nodes]
         s0 = packs[0].smooth
         # Only ops sharing one lambda can share the quantized activation.
         same = [n for n, p in zip(nodes, packs)
-                if (p.smooth is None and s0 is None) or (p.smooth is not None and s0 is not None and torch.equal(p.smooth, s0))]
+                if (p.smooth is None and s0 is None)
+                or (p.smooth is not None and s0 is not None and torch.equal(p.smooth, s0))]
         if len(same) < 2:
             continue
-        packs = [packed_of(gm, n) for n in same]
+        packs = [packed_of(gm, n, tensors) for n in same]
         first = same[0]  # graph order: the first sibling comes first
         with gm.graph.inserting_before(first):
             op = insert_op(gm, first.args[ARG["x"]], concat_packed(packs), f"fused_{first.name}")
@@ -59,16 +66,8 @@ def fuse_siblings(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(n)
         fused += 1
     if fused:
-        _drop_unused_buffers(gm)
+        drop_unused_buffers(gm)
         gm.graph.lint()
         gm.recompile()
     return fused
 
-
-def _drop_unused_buffers(gm: fx.GraphModule) -> None:
-    """Remove get_attr nodes (and their buffers) no op uses any more."""
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-            if node.target in gm._buffers:
-                del gm._buffers[node.target]

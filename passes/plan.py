@@ -39,7 +39,14 @@ class SiteGroup:
     names: list[str] = field(default_factory=list)
 
 
+_DROPOUT = {F.dropout, torch.dropout, torch.ops.aten.dropout.default}
+
+
 def nonneg_producer(x: fx.Node) -> bool:
+    # Look through dropout (identity in inference; diffusers' FeedForward puts one
+    # between the GELU and the down projection).
+    while x.op == "call_function" and x.target in _DROPOUT and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
     return x.op == "call_function" and x.target in _NONNEG
 
 

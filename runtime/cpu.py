@@ -129,6 +129,23 @@ def _fast_path(
     return cpu_gemm.gemm_prepared_u8(qa, sa, prep.packed, wscales.shape[0], group_size, h, lora_up, bias)
 
 
+# Packed byte -> (even, odd) signed nibble values: one gather replaces the shifts,
+# masks, sign fixes and interleave of unpack_int4 (weight-only layers dequantize per call).
+_NIBBLE_LUT = torch.tensor(
+    [[((b & 15) ^ 8) - 8, (((b >> 4) & 15) ^ 8) - 8] for b in range(256)], dtype=torch.float32
+)
+
+
+def dequantize_weight(qweight: torch.Tensor, wscales: torch.Tensor, group_size: int, weight_bits: int) -> torch.Tensor:
+    """[N, K/2] packed int4 (or [N, K] int8) + [N, K/G] scales -> [N, K] fp32 weight."""
+    if weight_bits != 4:
+        return dequantize_groups(qweight, wscales, group_size)
+    n = qweight.shape[0]
+    lut = _NIBBLE_LUT.to(qweight.device)
+    vals = lut[qweight.view(torch.uint8).int()]  # [N, K/2, 2] fp32: even, odd
+    return (vals.view(n, -1, group_size) * wscales.float().unsqueeze(-1)).view(n, -1)
+
+
 def quantized_linear_cpu(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -157,10 +174,10 @@ def quantized_linear_cpu(
 
     # torch path (reference numerics in fp32)
     xs = smooth_input(x2, smooth)  # [M, K] fp32
-    qw = int_weight(qweight, weight_bits)  # [N, K] int8
     if act_bits == 16:
-        y = F.linear(xs, dequantize_groups(qw, wscales, group_size))
+        y = F.linear(xs, dequantize_weight(qweight, wscales, group_size, weight_bits))
     else:
+        qw = int_weight(qweight, weight_bits)  # [N, K] int8
         qa, sa = quantize_activation(xs, act_bits, group_size, unsigned=act_unsigned, shift=act_shift)
         y = grouped_int_gemm(qa, sa, qw, wscales.float(), group_size)  # [M, N] fp32
     if lora_down is not None:

@@ -61,19 +61,24 @@ _install_triton()
 
 
 def _register_backend() -> None:
-    """Register ``svdquant`` with Dynamo when the entry point is absent (source checkout)."""
+    """Register ``svdquant`` with Dynamo when the package's entry point is absent.
+
+    With a pip install, Dynamo finds the backend through the ``torch_dynamo_backends``
+    entry point (and may be importing us right now to load it): registering it here too
+    would be a duplicate. From a plain source checkout there is no entry point.
+    """
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "svdquant" for ep in entry_points(group="torch_dynamo_backends")):
+        return
     import torch._dynamo
 
-    try:
-        torch._dynamo.lookup_backend("svdquant")
-    except Exception:  # not installed through pip: register by hand
+    def svdquant(gm, example_inputs, **kwargs):
+        from .backend import svdquant_backend
 
-        def svdquant(gm, example_inputs, **kwargs):
-            from .backend import svdquant_backend
+        return svdquant_backend(gm, example_inputs, **kwargs)
 
-            return svdquant_backend(gm, example_inputs, **kwargs)
-
-        torch._dynamo.register_backend(svdquant, name="svdquant")
+    torch._dynamo.register_backend(svdquant, name="svdquant")
 
 
 _register_backend()

@@ -99,7 +99,8 @@ class SVDQuantCompiled:
         qgm, report = quantize_graph(self.gm, self.example_inputs, self.sites, self.config)
         _REPORTS.append(report)
         self._versions = [(s.weight, s.weight._version) for s in self.sites]
-        if self.config.use_inductor and report.rewritten:
+        # ops_inserted also counts svdq ops of already-quantized models (quantize()/load()).
+        if self.config.use_inductor and (report.rewritten or report.ops_inserted):
             from torch._inductor.compile_fx import compile_fx
 
             # Inference only: compiling under no_grad makes AOTAutograd build a forward

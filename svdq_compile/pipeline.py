@@ -20,8 +20,9 @@ __all__ = ["CompileReport", "quantize_graph", "packed_for"]
 
 log = logging.getLogger(__name__)
 
-# (weight ids, target, config) -> (weights' versions, packs). Entries die with the weights.
-_PACK_CACHE: dict[tuple, tuple[tuple[int, ...], list[PackedLinear]]] = {}
+# (weight ids, target, config) -> (weakrefs to the weights, their versions, packs).
+# The weakrefs guard against a new tensor reusing a freed tensor's id.
+_PACK_CACHE: dict[tuple, tuple[tuple, tuple[int, ...], list[PackedLinear]]] = {}
 
 
 @dataclass
@@ -55,10 +56,10 @@ def packed_for(weights: Sequence[torch.Tensor], biases, stats, target, config: S
     key = (tuple(id(w) for w in weights), target, config.cache_key())
     versions = tuple(w._version for w in weights)
     hit = _PACK_CACHE.get(key)
-    if hit is not None and hit[0] == versions:
-        return hit[1]
+    if hit is not None and all(r() is w for r, w in zip(hit[0], weights)) and hit[1] == versions:
+        return hit[2]
     packs = quantize_group(weights, biases, stats, target, config)
-    _PACK_CACHE[key] = (versions, packs)
+    _PACK_CACHE[key] = (tuple(weakref.ref(w) for w in weights), versions, packs)
     for w in weights:
         weakref.finalize(w, _drop_entry, key)
     return packs
@@ -83,7 +84,7 @@ def quantize_graph(
     from svdq_compile.passes.find_linears import find_linear_sites
     from svdq_compile.passes.graph_passes import run_graph_passes
     from svdq_compile.passes.plan import plan_sites
-    from svdq_compile.passes.op_nodes import SVDQ_OP
+    from svdq_compile.passes.op_nodes import SVDQ_OP, is_svdq
     from svdq_compile.passes.quantize_linears import rewrite_linears
 
     report = CompileReport(sites_found=len(sites))
@@ -94,7 +95,14 @@ def quantize_graph(
     report.skipped = skipped
     if not groups:
         report.passes["quantize_linears"] = 0
-        return gm, report
+        if not any(is_svdq(n) for n in qgm.graph.nodes):
+            return gm, report
+        # Already-quantized ops (SVDQLinear modules from quantize()/load()): still fuse them.
+        report.passes.update(run_graph_passes(qgm, config, example_inputs, lambda g, tag: _dump(g, config, tag)))
+        report.fused_groups = report.passes.get("fuse_siblings", 0)
+        report.ops_inserted = sum(1 for n in qgm.graph.nodes if is_svdq(n))
+        _dump(qgm, config, "final")
+        return qgm, report
     all_packs = []
     bar = tqdm(groups, desc="svdq quantize", leave=False, disable=len(groups) < 8)
     for g in bar:
@@ -123,7 +131,7 @@ def quantize_graph(
     report.rewritten = res.sites_rewritten
     report.passes["quantize_linears"] = res.sites_rewritten
     _dump(qgm, config, "quantized")
-    report.passes.update(run_graph_passes(qgm, config))
+    report.passes.update(run_graph_passes(qgm, config, example_inputs, lambda g, tag: _dump(g, config, tag)))
     report.fused_groups = report.passes.get("fuse_siblings", 0)
     report.ops_inserted = sum(1 for n in qgm.graph.nodes if n.op == "call_function" and n.target is SVDQ_OP)
     _dump(qgm, config, "final")

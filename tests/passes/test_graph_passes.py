@@ -1,0 +1,93 @@
+"""The ordered pass pipeline: counts in the report, untouched graphs, per-pass dumps."""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import svdq_compile
+from passes_helpers import UNIT, Spy, outlier_input, quantized_graph, svdq_ops
+from svdq_compile.backend import last_reports
+from svdq_compile.passes.fuse_siblings import fuse_siblings
+from svdq_compile.passes.graph_passes import PASSES, run_graph_passes
+from svdq_compile.passes.op_nodes import GraphTensors
+
+
+class TwoInputs(nn.Module):
+    """Two linears on two graph inputs, results concatenated: no pass has anything to do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.q = nn.Linear(128, 128), nn.Linear(128, 128)
+
+    def forward(self, x, z):
+        return torch.cat([self.p(x), self.q(z)], dim=-1)
+
+
+class PreNormMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(128)
+        self.fc1, self.fc2 = nn.Linear(128, 256), nn.Linear(256, 128)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def _args():
+    return outlier_input((2, 16, 128)), outlier_input((2, 16, 128), seed=1)
+
+
+def test_no_match_graph_is_untouched_by_every_pass():
+    gm, ex = quantized_graph(TwoInputs(), _args())
+    before = str(gm.graph)
+    tensors = GraphTensors(gm, ex)
+    for name, _, fn in PASSES:
+        assert fn(gm, tensors) == 0, name
+        assert str(gm.graph) == before, name
+    cfg = svdq_compile.SVDQuantConfig.from_options(UNIT)
+    assert run_graph_passes(gm, cfg, ex) == {"fold_smoothing": 0, "fuse_siblings": 0, "fuse_epilogue": 0}
+    assert str(gm.graph) == before
+
+
+def test_fuse_siblings_needs_one_input():
+    gm, ex = quantized_graph(TwoInputs(), _args())
+    before = str(gm.graph)
+    assert fuse_siblings(gm, GraphTensors(gm, ex)) == 0 and str(gm.graph) == before
+
+
+def test_report_explain_and_dumps(tmp_path, monkeypatch):
+    import svdq_compile.backend as backend
+
+    monkeypatch.setattr(backend, "_REPORTS", [])  # explain() sums the reports of this process
+    m = PreNormMLP()
+    x = outlier_input((2, 16, 128))
+    svdq_compile.calibrate(m, [x], progress=False)
+    out = tmp_path / "graphs"
+    with torch.no_grad():
+        torch.compile(m, backend=Spy(dict(UNIT, dump_graphs=str(out))))(x)
+    r = last_reports()[-1]
+    assert r.passes == {"quantize_linears": 2, "fold_smoothing": 1, "fuse_siblings": 0, "fuse_epilogue": 2}
+    text = svdq_compile.explain(m)
+    assert "fold_smoothing=1, fuse_siblings=0, fuse_epilogue=2" in text
+    files = sorted(os.listdir(out))
+    assert [f[4:] for f in files] == ["input.txt", "quantized.txt", "after_fold_smoothing.txt",
+                                      "after_fuse_siblings.txt", "after_fuse_epilogue.txt", "final.txt"]
+    g = {f[4:-4]: (out / f).read_text() for f in files}
+    assert g["quantized"] != g["after_fold_smoothing"]  # the norm got weight/lambda
+    assert g["after_fold_smoothing"] == g["after_fuse_siblings"]  # nothing to fuse: untouched
+    assert "target=torch._C._nn.gelu" in g["after_fuse_siblings"]
+    assert "target=torch._C._nn.gelu" not in g["after_fuse_epilogue"]
+    assert g["after_fuse_epilogue"] == g["final"]
+
+
+def test_passes_off_leaves_quantized_graph():
+    m = PreNormMLP()
+    x = outlier_input((2, 16, 128))
+    svdq_compile.calibrate(m, [x], progress=False)
+    spy = Spy(dict(UNIT, fold_smoothing=False, fuse_siblings=False, fuse_epilogue=False))
+    with torch.no_grad():
+        torch.compile(m, backend=spy)(x)
+    assert last_reports()[-1].passes == {"quantize_linears": 2, "fold_smoothing": 0, "fuse_siblings": 0,
+                                         "fuse_epilogue": 0}
+    assert len(svdq_ops(spy.gm)) == 2
