@@ -68,6 +68,8 @@ def _clean_module_path(path: str) -> str:
     path = re.sub(r"^L\['[^']*'\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    # Dynamo spells some module accesses through the instance/module dicts.
+    path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.)", "", path)
     return path.strip(".") or "linear"
 
 

@@ -19,6 +19,7 @@ from .quantize_api import quantize, quantized_modules
 from .artifacts import ArtifactError, load, save
 from .explain import explain
 from .export import export_onnx, export_tensorrt
+from .pipelines import PIPELINE_SKIP, load_pipeline, pipeline_config, quantize_pipeline, save_pipeline
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,11 @@ __all__ = [
     "explain",
     "export_onnx",
     "export_tensorrt",
+    "quantize_pipeline",
+    "save_pipeline",
+    "load_pipeline",
+    "pipeline_config",
+    "PIPELINE_SKIP",
     "svdquant_backend",
 ]
 

@@ -12,6 +12,9 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-inductor", action="store_true", help="run the rewritten graph eagerly")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: this model's ops are tiny, and extra threads "
+                        "only add synchronisation cost)")
     p.set_defaults(func=run)
 
 
@@ -20,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     from svdq_compile.demo.run import DemoOptions, run_demo
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(max(1, args.threads))
     opts = DemoOptions(samples_per_class=args.samples_per_class, steps=args.steps, guidance=args.guidance,
                        seed=args.seed, use_inductor=not args.no_inductor)
     m = run_demo(args.out, opts)
