@@ -112,7 +112,7 @@ def find_linear_sites(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list
             if wt.target is torch.ops.aten.permute.default and list(wt.args[1]) != [1, 0]:
                 continue
             w_node = wt.args[0]
-            kind = node.target.__name__
+            kind = "addmm" if node.target is torch.ops.aten.addmm.default else "mm"
         else:
             continue
         w = node_tensor(gm, w_node, example_inputs)
