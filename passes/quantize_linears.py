@@ -32,14 +32,21 @@ def rewrite_linears(
     res = RewriteResult()
     for group, gpacks in zip(groups, packs):
         for site, p in zip(group.sites, gpacks):
+            # Read the input from the live node: when it was another linear site rewritten
+            # earlier, replace_all_uses_with already pointed this node at its replacement.
+            x = site.node.args[1] if site.kind == "addmm" else site.node.args[0]
             with gm.graph.inserting_before(site.node):
-                op = insert_op(gm, group.x, p, site.name)
+                op = insert_op(gm, x, p, site.name)
             site.node.replace_all_uses_with(op)
+            wt = site.node.args[2] if site.kind == "addmm" else site.node.args[1]
             gm.graph.erase_node(site.node)
+            # Drop the transpose that fed an aten.mm/addmm site if nothing else reads it. No
+            # graph-wide DCE: FX counts in-place methods (h.relu_()) as dead code.
+            if site.kind != "linear" and isinstance(wt, fx.Node) and not wt.users and wt.op == "call_function":
+                gm.graph.erase_node(wt)
             res.node_of_site[site.name] = op
             res.sites_rewritten += 1
     if res.sites_rewritten:
-        gm.graph.eliminate_dead_code()  # transposes that fed aten.mm sites
         gm.graph.lint()
         gm.recompile()
     return res

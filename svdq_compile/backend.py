@@ -74,6 +74,13 @@ class SVDQuantCompiled:
         self._calib_gm: Optional[fx.GraphModule] = None
         self._calls = 0
         self._versions: list[tuple[torch.Tensor, int]] = []
+        # Dynamo shares one graph between instances of the same module class and passes
+        # each instance's parameters as inputs: quantized weights are baked into the graph,
+        # so every distinct set of weight inputs gets its own quantized variant.
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self._widx = [placeholders.index(s.weight_node) for s in self.sites if s.weight_node.op == "placeholder"]
+        self._key: tuple = ()
+        self._variants: dict[tuple, tuple[Callable, list]] = {}
         missing = [s for s in self.sites if (stats_of(s.weight) is None or stats_of(s.weight).seen == 0)]
         if missing and config.calibration == "require":
             names = ", ".join(s.name for s in missing[:5])
@@ -94,11 +101,23 @@ class SVDQuantCompiled:
         # Weight-only modes (A16) need no activation statistics.
         return mode_bits(self.config.mode)[1] != 16 or bool(self.config.mode_overrides)
 
-    def _finalize(self) -> None:
+    def _weight_key(self, inputs: Sequence[Any]) -> tuple:
+        return tuple(id(inputs[i]) for i in self._widx)
+
+    def _finalize(self, inputs: Optional[Sequence[Any]] = None) -> None:
+        from svdq_compile.passes.find_linears import find_linear_sites
+
         t0 = time.perf_counter()
-        qgm, report = quantize_graph(self.gm, self.example_inputs, self.sites, self.config)
+        inputs = list(self.example_inputs if inputs is None else inputs)
+        sites = find_linear_sites(self.gm, inputs)
+        if self.config.calibration == "require":
+            missing = [s.name for s in sites if stats_of(s.weight) is None or stats_of(s.weight).seen == 0]
+            if missing:
+                raise ValueError(f"svdquant: missing calibration for {len(missing)} linear layer(s) "
+                                 f"({', '.join(missing[:5])}...) of another instance of this model")
+        qgm, report = quantize_graph(self.gm, inputs, sites, self.config)
         _REPORTS.append(report)
-        self._versions = [(s.weight, s.weight._version) for s in self.sites]
+        self._versions = [(s.weight, s.weight._version) for s in sites]
         # ops_inserted also counts svdq ops of already-quantized models (quantize()/load()).
         if self.config.use_inductor and (report.rewritten or report.ops_inserted):
             from torch._inductor.compile_fx import compile_fx
@@ -106,9 +125,11 @@ class SVDQuantCompiled:
             # Inference only: compiling under no_grad makes AOTAutograd build a forward
             # graph (svdq::linear has no backward; quantized training is out of scope).
             with torch.no_grad():
-                self._fn = compile_fx(qgm, self.example_inputs)
+                self._fn = compile_fx(qgm, inputs)
         else:
             self._fn = qgm
+        self._key = self._weight_key(inputs)
+        self._variants[self._key] = (self._fn, self._versions)
         report.seconds = time.perf_counter() - t0
         log.info("svdquant: %s", report.summary())
         self._calib_gm = None
@@ -121,6 +142,14 @@ class SVDQuantCompiled:
             if self._calls >= self.config.calib_calls:
                 self._finalize()
             return out
+        key = self._weight_key(args)
+        if key != self._key:  # another instance of the same module class
+            if key in self._variants:
+                self._key = key
+                self._fn, self._versions = self._variants[key]
+            else:
+                log.info("svdquant: new set of weights for a shared graph; quantizing them")
+                self._finalize(args)
         for w, v in self._versions:
             if w._version != v:
                 raise RuntimeError(
