@@ -56,6 +56,22 @@ def collect_packed(model: nn.Module) -> dict[str, PackedLinear]:
     return out
 
 
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move the fully written directory ``tmp`` to ``path``, replacing what was there.
+
+    Each step is a rename, so ``path`` always holds either the old or the new complete
+    directory, never a half-written one.
+    """
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
 def save(model: nn.Module, path: Union[str, os.PathLike], config: Optional[Any] = None) -> Path:
     """Write the model's quantized layers to the directory ``path`` (atomically)."""
     from safetensors.torch import save_file
@@ -90,14 +106,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], config: Optional[Any] 
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "svdq_compile", "format_version": str(FORMAT_VERSION)})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .artifacts import ArtifactError, read_artifact
+from .artifacts import ArtifactError, read_artifact, replace_dir
 from .artifacts import save as save_artifact
 from .calibration import _NAME_ATTR, calibrating, clear_calibration
 from .config import SVDQuantConfig
@@ -292,14 +292,7 @@ def save_pipeline(pipe: Any, path: Union[str, os.PathLike]) -> Path:
             "config": config.to_dict() if config is not None else None,
         }
         (tmp / PIPELINE_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
