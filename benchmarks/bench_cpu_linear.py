@@ -37,18 +37,16 @@ from svdq_compile.runtime.cpu import quantized_linear_cpu
 from svdq_compile.runtime.packing import pack_int4
 from svdq_compile.runtime.quantize import quantize_activation, quantize_weight
 
+try:  # python -m benchmarks.bench_cpu_linear
+    from .common import median_time
+except ImportError:  # python benchmarks/bench_cpu_linear.py
+    from common import median_time
+
 G, RANK = 64, 32
 
 
 def _median_ms(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return median_time(fn, repeats=repeats, warmup=warmup)[0] * 1e3
 
 
 def _interleaved_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
