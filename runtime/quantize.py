@@ -80,7 +80,15 @@ def quantize_groups(
         absmax = xg.clamp_min(0).amax(dim=-1)
     else:
         absmax = xg.abs().amax(dim=-1)
-    scale = _scale_from_absmax(absmax, bits, unsigned).to(scale_dtype)
+    scale32 = _scale_from_absmax(absmax, bits, unsigned)
+    if scale_dtype != torch.float32:
+        top = torch.finfo(scale_dtype).max
+        if bool((scale32 > top).any()):
+            raise ValueError(
+                f"group absmax {float(absmax.max()):.3g} exceeds the {scale_dtype} scale range "
+                f"(max {top * qmax:.3g} for {bits}-bit groups); cannot store these weights"
+            )
+    scale = scale32.to(scale_dtype)
     s = scale.float().unsqueeze(-1)
     if scale_dtype != torch.float32:
         # A scale that underflowed to 0 in 16 bits would divide by zero.

@@ -117,9 +117,16 @@ def quantize_group(
     for alpha, beta in cands:
         lam = smoothing_factors(stats.absmax.to(dev), w_absmax, alpha, beta)
         shift = _shift_for(stats, lam, target)
-        err, _ = _evaluate(search_ws, search_bs, lam, search_target, shift, xs, refs, config.seed)
+        try:
+            err, _ = _evaluate(search_ws, search_bs, lam, search_target, shift, xs, refs, config.seed)
+        except ValueError as e:  # e.g. W * lambda out of the fp16 scale range: not a candidate
+            log.debug("smoothing candidate (%s, %s) skipped: %s", alpha, beta, e)
+            continue
         if err < best[0]:
             best = (err, (alpha, beta), lam)
+    if best[1] is None:
+        raise ValueError("svdquant: no smoothing candidate could be quantized for a layer group "
+                         "(weights out of the fp16 scale range?)")
     _, (alpha, beta), lam = best
     shift = _shift_for(stats, lam, target)
     packs = [decompose_layer(w, b, lam, target, act_shift=shift, seed=config.seed) for w, b in zip(weights, biases)]
