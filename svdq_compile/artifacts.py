@@ -56,6 +56,33 @@ def collect_packed(model: nn.Module) -> dict[str, PackedLinear]:
     return out
 
 
+_ST_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+              torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a standard safetensors file with a sorted header and data in name order.
+
+    The safetensors library's writer orders its JSON header through a hash map, so the same
+    tensors can give different bytes; sorting makes artifacts byte-for-byte reproducible.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for data in blobs:
+            f.write(data)
+
+
 def replace_dir(tmp: Path, path: Path) -> None:
     """Move the fully written directory ``tmp`` to ``path``, replacing what was there.
 
@@ -74,8 +101,6 @@ def replace_dir(tmp: Path, path: Path) -> None:
 
 def save(model: nn.Module, path: Union[str, os.PathLike], config: Optional[Any] = None) -> Path:
     """Write the model's quantized layers to the directory ``path`` (atomically)."""
-    from safetensors.torch import save_file
-
     packed = collect_packed(model)
     if not packed:
         raise ValueError("svdq_compile.save: the model has no quantized layers; run quantize() or "
@@ -104,7 +129,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], config: Optional[Any] 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "svdq_compile", "format_version": str(FORMAT_VERSION)})
+        write_safetensors(tensors, tmp / WEIGHTS, {"format": "svdq_compile", "format_version": str(FORMAT_VERSION)})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         replace_dir(tmp, path)
     except BaseException:

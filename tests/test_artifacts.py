@@ -112,12 +112,11 @@ def test_interrupted_save_keeps_old_artifact(artifact, tmp_path, monkeypatch):
     before = (p / "weights.safetensors").read_bytes()
     m = AttnMLPBlock()
     sq.load(m, p)
-    import safetensors.torch as st
-
-    def boom(*a, **k):
+    def boom(tensors, path, metadata):
+        path.write_bytes(b"half a file")  # a crash after writing part of the new artifact
         raise KeyboardInterrupt("simulated crash mid-save")
 
-    monkeypatch.setattr(st, "save_file", boom)
+    monkeypatch.setattr(sq.artifacts, "write_safetensors", boom)
     with pytest.raises(KeyboardInterrupt):
         sq.save(m, p)
     assert (p / "weights.safetensors").read_bytes() == before
