@@ -79,6 +79,13 @@ class SVDQuantCompiled:
         # so every distinct set of weight inputs gets its own quantized variant.
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self._widx = [placeholders.index(s.weight_node) for s in self.sites if s.weight_node.op == "placeholder"]
+        # Tensors of already-quantized layers (SVDQLinear buffers) are baked in too when
+        # the passes fuse them: they key the variant as well.
+        svdq_targets = (torch.ops.svdq.linear, torch.ops.svdq.linear.default)
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target in svdq_targets:
+                self._widx += [placeholders.index(a) for a in n.args[1:9]
+                               if isinstance(a, fx.Node) and a.op == "placeholder"]
         self._key: tuple = ()
         self._variants: dict[tuple, tuple[Callable, list]] = {}
         missing = [s for s in self.sites if (stats_of(s.weight) is None or stats_of(s.weight).seen == 0)]
