@@ -33,6 +33,9 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    if hasattr(os, "getloadavg"):
+        # CPU timings on a shared 2-core machine depend on other jobs: record the load.
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
     try:
         import triton
 

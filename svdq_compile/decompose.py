@@ -29,6 +29,15 @@ __all__ = [
 # Matrices with min(N, K) above this use randomized SVD (same error, see tests).
 _EXACT_SVD_MAX_DIM = 4096
 _LAMBDA_RANGE = (1e-4, 1e4)  # keeps X/lambda and W*lambda finite for degenerate channels
+_OVERSAMPLE = 16  # extra directions for randomized / warm-started SVD (Halko et al.)
+# Refinement rounds start from the previous round's factors: the target W' - Q(R) moves
+# little between rounds, so two block power iterations match a fresh exact SVD.
+_REFINE_POWER_ITERS = 2
+# The smoothing search only ranks candidates: randomized SVD with one power iteration
+# ranks them like the exact SVD at a fraction of the cost (benchmarks/bench_calib_time).
+_SEARCH_POWER_ITERS = 1
+# Below this min(N, K) the exact eigh path is already cheap: keep it (same factors).
+_FAST_SVD_MIN_DIM = 512
 
 
 @dataclass(frozen=True)
@@ -92,17 +101,53 @@ def _lapack_threads(dim: int):
         torch.set_num_threads(old)
 
 
-def low_rank(w: torch.Tensor, rank: int, seed: int = 0, exact: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _subspace_iteration(w64: torch.Tensor, v0: torch.Tensor, r: int, iters: int) -> tuple[torch.Tensor, ...]:
+    """Top-r SVD of w64: [N, K] by block power iteration from a start basis v0: [K, q].
+
+    Costs O(N K q) per iteration instead of the O(N K min(N, K)) of a Gram matrix; with
+    a start basis near the answer (the previous refinement round's factors) two rounds
+    reach the exact truncation error (tests/test_decompose.py).
+    """
+    v = torch.linalg.qr(v0).Q  # [K, q]
+    for _ in range(iters):
+        u = torch.linalg.qr(w64 @ v).Q  # [N, q]
+        v = torch.linalg.qr(w64.t() @ u).Q  # [K, q]
+    # Rayleigh-Ritz: the exact SVD of the small projection W V gives the best rank-r
+    # approximation inside the found subspace.
+    ub, s, vbh = torch.linalg.svd(w64 @ v, full_matrices=False)  # [N, q], [q], [q, q]
+    return ub[:, :r], s[:r], (v @ vbh.t())[:, :r].t()
+
+
+def low_rank(
+    w: torch.Tensor,
+    rank: int,
+    seed: int = 0,
+    exact: Optional[bool] = None,
+    init: Optional[torch.Tensor] = None,
+    niter: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-r approximation ``up @ down`` of w: [N, K] in float64.
 
     Returns (up: [N, r], down: [r, K]) float64 with the singular values split as sqrt
     on both sides, so neither factor has a large dynamic range when stored in 16 bits.
+    ``init`` ([r', K], e.g. the previous ``down``) warm-starts a block power iteration of
+    ``niter`` rounds instead of a full decomposition; ``exact=False`` uses randomized
+    SVD with ``niter`` power iterations.
     """
     n, k = w.shape
     r = min(rank, n, k)
     w64 = w.double()
     if r == 0:
         return w64.new_zeros(n, 0), w64.new_zeros(0, k)
+    if init is not None:
+        # Oversample the warm start with a few seeded random directions: they catch a
+        # direction that moved into the top r since the start basis was computed.
+        g = torch.Generator().manual_seed(seed)
+        extra = min(_OVERSAMPLE, k - init.shape[0])
+        v0 = torch.cat([init.double().t(), torch.randn(k, max(extra, 0), generator=g, dtype=torch.float64)], dim=1)
+        u, s, vh = _subspace_iteration(w64, v0[:, : min(k, n, v0.shape[1])], r, niter)
+        root = s.sqrt()
+        return u * root, root[:, None] * vh
     if exact is None:
         exact = min(n, k) <= _EXACT_SVD_MAX_DIM
     if exact:
@@ -127,7 +172,7 @@ def low_rank(w: torch.Tensor, rank: int, seed: int = 0, exact: Optional[bool] = 
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            u, s, v = torch.svd_lowrank(w64, q=min(r + 16, min(n, k)), niter=4)
+            u, s, v = torch.svd_lowrank(w64, q=min(r + _OVERSAMPLE, min(n, k)), niter=niter)
         finally:
             torch.random.set_rng_state(gen_state)
         u, s, vh = u[:, :r], s[:r], v[:, :r].t()
@@ -148,18 +193,25 @@ def decompose_layer(
     act_shift: float = 0.0,
     seed: int = 0,
     exact_svd: Optional[bool] = None,
+    fast: bool = False,
 ) -> PackedLinear:
     """Decompose one linear ``weight: [N, K]`` into a :class:`PackedLinear`.
 
     ``smooth`` is lambda ([K]) or None. The low-rank factors are stored in the weight's
     dtype (16-bit for 16-bit models), the residual as INT4/INT8 with fp16 group scales.
+    ``fast`` (the smoothing search) uses a cheap randomized SVD: good enough to rank
+    candidates, not for the final factors.
     """
     n, k = weight.shape
     w = weight.double()
     if smooth is not None:
         w = w * smooth.double()[None, :]
     rank = min(target.rank, n, k)
-    up, down = low_rank(w, rank, seed=seed, exact=exact_svd)
+    big = min(n, k) > _FAST_SVD_MIN_DIM
+    if fast and big:
+        up, down = low_rank(w, rank, seed=seed, exact=False, niter=_SEARCH_POWER_ITERS)
+    else:
+        up, down = low_rank(w, rank, seed=seed, exact=exact_svd)
     # Store the factors in the model dtype now and quantize the residual left by the
     # *stored* factors, so the quantizer absorbs the 16-bit rounding of the branch.
     lr_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -169,7 +221,10 @@ def decompose_layer(
     err = (w - lr - res_dq).norm().item()
     for _ in range(target.refine_iters if rank else 0):
         # L = SVD_r(W' - Q(W' - L)): give the low-rank branch what the quantizer misses.
-        up2, down2 = low_rank(w - res_dq, rank, seed=seed, exact=exact_svd)
+        if big:
+            up2, down2 = low_rank(w - res_dq, rank, seed=seed, init=down_s, niter=_REFINE_POWER_ITERS)
+        else:
+            up2, down2 = low_rank(w - res_dq, rank, seed=seed, exact=exact_svd)
         up2_s, down2_s = up2.to(lr_dtype), down2.to(lr_dtype)
         lr2 = up2_s.double() @ down2_s.double()
         q2, scales2, res_dq2 = _quant_residual(w - lr2, target.weight_bits, target.group_size)

@@ -53,7 +53,7 @@ def _evaluate(
 ) -> tuple[float, list[PackedLinear]]:
     packs, err = [], 0.0
     for w, b, y_ref in zip(weights, biases, refs):
-        p = decompose_layer(w, b, lam, target, act_shift=shift, seed=seed)
+        p = decompose_layer(w, b, lam, target, act_shift=shift, seed=seed, fast=True)
         y = quantized_output(p, xs)
         e = (y.double() - y_ref).pow(2).sum().item() / max(y_ref.pow(2).sum().item(), 1e-30)
         err += e
