@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence, TypeVar, Union
 
@@ -148,14 +149,31 @@ def choose_config(
     cfg = _MEMO.get(memo_key)
     if cfg is not None:
         return cfg
-    cfg = _choose_uncached(kind, spec, m, n, k, candidates, bench, device)
-    if bench is not None or not _tuning_enabled():
-        _MEMO[memo_key] = cfg  # final; without bench a later real call may still tune
+    # One tuner per key: threads whose first call hits the same shape wait for the first
+    # one's answer instead of benchmarking concurrently (timings on a GPU another thread
+    # is loading are noise, and they could pick different configs).
+    with _key_lock(memo_key):
+        cfg = _MEMO.get(memo_key)
+        if cfg is not None:
+            return cfg
+        cfg = _choose_uncached(kind, spec, m, n, k, candidates, bench, device)
+        if bench is not None or not _tuning_enabled():
+            _MEMO[memo_key] = cfg  # final; without bench a later real call may still tune
     return cfg
 
 
 # (kind, spec, M bucket, N, K, device) -> config chosen in this process.
 _MEMO: dict = {}
+_LOCKS: dict = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _key_lock(key) -> threading.Lock:
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = threading.Lock()
+        return lock
 
 
 def _choose_uncached(

@@ -105,11 +105,14 @@ class TuneCache:
 
 
 _CACHE: Optional[TuneCache] = None
+_CACHE_GUARD = threading.Lock()
 
 
 def tune_cache() -> TuneCache:
     """The process-wide cache (created on first use so SVDQ_CACHE_DIR can be set late)."""
     global _CACHE
     if _CACHE is None:
-        _CACHE = TuneCache(_default_dir())
+        with _CACHE_GUARD:  # two first callers must share one cache, not each make one
+            if _CACHE is None:
+                _CACHE = TuneCache(_default_dir())
     return _CACHE

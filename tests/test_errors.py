@@ -105,6 +105,18 @@ def test_input_on_other_device_than_weights_raises():
         linear_from_packed(torch.randn(2, 128, device="cuda"), p)
 
 
+def test_device_mismatch_check_runs_without_gpu():
+    # The same check as the CUDA row above, exercised on every machine: a "meta" input
+    # against CPU weights must be named, not crash inside a kernel.
+    from svdq_compile.runtime.ops import check_linear_args
+
+    _, _, p = _packed()
+    s = p.spec
+    with pytest.raises(ValueError, match="input is on meta but the quantized weights are on cpu"):
+        check_linear_args(torch.empty(2, 128, device="meta"), p.qweight, p.wscales,
+                          s.group_size, s.weight_bits, s.act_bits, "none")
+
+
 # --- planning / decomposition --------------------------------------------------------------
 
 def test_k_not_multiple_of_group_size_stays_float():

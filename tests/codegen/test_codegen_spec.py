@@ -77,3 +77,48 @@ def test_broadcast_operand_views_without_copy():
                 off = (m // t) * sb + (m % t) * st + j * sn
                 val = torch.as_strided(v, (1,), (1,), v.storage_offset() + off)[0]
                 assert val == flat[m, j]
+
+
+def test_concurrent_first_calls_tune_once_and_agree(monkeypatch, tmp_path):
+    # Thread safety of the tuned-config caches: threads whose first call hits the same
+    # cold shape must benchmark it once and all get that choice (no torn cache file).
+    import threading
+    import time
+
+    import triton.testing
+
+    from svdq_compile.codegen import autotune, cache
+
+    monkeypatch.setattr(cache, "_CACHE", cache.TuneCache(tmp_path))
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    monkeypatch.setattr(autotune, "_tuning_enabled", lambda: True)
+    cands = [GemmConfig(64, 64, 1, 4, 4), GemmConfig(128, 128, 8, 8, 4), GemmConfig(64, 128, 8, 4, 3)]
+    fastest = cands[2]
+    calls: list = []
+    lock = threading.Lock()
+
+    def bench(cfg):
+        with lock:
+            calls.append(cfg)
+        time.sleep(0.01)  # long enough for the other threads to arrive mid-tuning
+
+    # do_bench's timing is replaced by a fixed "fastest" answer so the test is exact.
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 0.1 if calls[-1] == fastest else 1.0)[1])
+    n_threads = 6
+    barrier = threading.Barrier(n_threads)
+    got: list = [None] * n_threads
+
+    def work(i):
+        barrier.wait()
+        got[i] = choose_config("gemm", KernelSpec(), 1000, 256, 256, cands, bench, torch.device("cpu"))
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert got == [fastest] * n_threads
+    # Each candidate: one warm-up launch + one timed call, by one thread only.
+    assert len(calls) == 2 * len(cands)
+    entries = json.loads(cache.tune_cache().path.read_text())
+    assert list(entries.values()) == [{"block_m": 64, "block_n": 128, "group_m": 8, "num_warps": 4, "num_stages": 3}]
