@@ -88,7 +88,9 @@ def prologue_kernel(
             ).to(tl.float32)
             h = tl.dot(x, ld, h, input_precision=LORA_PRECISION)  # [BM, R_PAD] fp32
 
-        xq = x + shift  # [BM, G] fp32
+        # Explicit fp32: Inductor launches user Triton kernels with Python floats typed
+        # fp64 (pytorch#190340), which would promote xq and break the fp32-only div_rn.
+        xq = x + tl.cast(shift, tl.float32)  # [BM, G] fp32
         if UNSIGNED:
             amax = tl.max(tl.maximum(xq, 0.0), axis=1)  # [BM]
         else:
