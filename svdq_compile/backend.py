@@ -45,17 +45,31 @@ class _Recorder(torch.nn.Module):
         return x
 
 
-def _calibration_graph(gm: fx.GraphModule, sites, stats_for) -> fx.GraphModule:
-    """A copy of gm that records the input of every site before running it."""
+def _calibration_graph(gm: fx.GraphModule, sites, new_stats: Callable[[Any, int], LayerStats]) -> fx.GraphModule:
+    """A copy of gm that records the input of every site before running it.
+
+    Sites reading the same graph value (q/k/v) share one recorder and one LayerStats:
+    ``new_stats(site, i)`` makes the statistics of a group's first site, the other
+    members get the same object attached to their weights.
+    """
     cgm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     by_name = {n.name: n for n in cgm.graph.nodes}
-    for i, site in enumerate(sites):
+    order = {n: i for i, n in enumerate(cgm.graph.nodes)}
+    groups: dict[fx.Node, list] = {}
+    for site in sites:
         node = by_name[site.node.name]
         x = node.args[0] if site.kind == "linear" else node.args[1 if site.kind == "addmm" else 0]
-        cgm.add_submodule(f"svdq_recorder_{i}", _Recorder(stats_for(site)))
-        with cgm.graph.inserting_before(node):
+        groups.setdefault(x, []).append((site, node))
+    for i, (x, members) in enumerate(groups.items()):
+        st = new_stats(members[0][0], i)
+        for site, _ in members[1:]:
+            attach_stats(site.weight, st)
+        cgm.add_submodule(f"svdq_recorder_{i}", _Recorder(st))
+        first = min((node for _, node in members), key=order.__getitem__)  # before every reader
+        with cgm.graph.inserting_before(first):
             rec = cgm.graph.call_module(f"svdq_recorder_{i}", (x,))
-        node.replace_input_with(x, rec)
+        for _, node in members:
+            node.replace_input_with(x, rec)
     cgm.recompile()
     return cgm
 
@@ -98,9 +112,13 @@ class SVDQuantCompiled:
         if missing and self._needs_activation_stats():
             log.info("svdquant: no calibration statistics for %d layers; recording the first %d call(s)",
                      len(missing), config.calib_calls)
-            for i, s in enumerate(missing):
-                attach_stats(s.weight, LayerStats(s.in_features, config.calib_tokens, seed=config.seed + i, name=s.name))
-            self._calib_gm = _calibration_graph(gm, missing, lambda s: stats_of(s.weight))
+
+            def new_stats(s, i: int) -> LayerStats:
+                st = LayerStats(s.in_features, config.calib_tokens, seed=config.seed + i, name=s.name)
+                attach_stats(s.weight, st)
+                return st
+
+            self._calib_gm = _calibration_graph(gm, missing, new_stats)
         else:
             self._finalize()
 

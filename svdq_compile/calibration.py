@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -23,6 +24,25 @@ _STATS_ATTR = "_svdq_stats"
 _NAME_ATTR = "_svdq_name"
 
 
+# Reservoir rows keep the activation dtype when it is 16-bit: the values are exactly what
+# the model computed, at half the memory of fp32 copies.
+_SAMPLE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class _Undo:
+    """What one :meth:`LayerStats.update` changed, to rebuild the state before it."""
+
+    absmax: torch.Tensor
+    minimum: torch.Tensor
+    seen: int
+    calls: int
+    rows: int  # reservoir length before the update
+    gen_state: torch.Tensor
+    slots: Optional[torch.Tensor] = None  # reservoir rows overwritten ...
+    old: Optional[torch.Tensor] = None  # ... and their previous contents
+
+
 class LayerStats:
     """Running statistics of one linear's input ``x: [..., K]``."""
 
@@ -32,31 +52,44 @@ class LayerStats:
         self.name = name
         self.absmax = torch.zeros(in_features)
         self.minimum = torch.full((in_features,), float("inf"))
-        self.sample = torch.empty(0, in_features)
+        self.sample = torch.empty(0, in_features)  # [<= max_tokens, K]
         self.seen = 0
         self.calls = 0
         self._gen = torch.Generator().manual_seed(seed)
 
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
+    def check_features(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"calibration input of layer {self.name or '?'} has {x.shape[-1]} features, expected {self.in_features}"
             )
-        x2 = x.detach().reshape(-1, self.in_features).to("cpu", torch.float32)  # [T, K]
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, keep_undo: bool = False) -> Optional[_Undo]:
+        """Add a batch of inputs; with ``keep_undo`` return what is needed to roll it back."""
+        self.check_features(x)
+        x2 = x.detach().reshape(-1, self.in_features).to("cpu")  # [T, K]
+        if x2.dtype not in _SAMPLE_DTYPES or (self.sample.shape[0] and self.sample.dtype != x2.dtype):
+            x2 = x2.float()
         if x2.shape[0] == 0:
-            return
+            return None
         if not torch.isfinite(x2).all():
             raise ValueError(
                 f"calibration input of layer {self.name or '?'} contains NaN or Inf; "
                 "check the calibration data and the model's numerics"
             )
+        undo = None
+        if keep_undo:
+            undo = _Undo(self.absmax, self.minimum, self.seen, self.calls, self.sample.shape[0], self._gen.get_state())
+        if self.sample.shape[0] == 0 or self.sample.dtype != x2.dtype:
+            self.sample = self.sample.to(x2.dtype)  # first rows, or a 16-bit model fed fp32
         self.calls += 1
-        self.absmax = torch.maximum(self.absmax, x2.abs().amax(dim=0))
-        self.minimum = torch.minimum(self.minimum, x2.amin(dim=0))
-        self._reservoir(x2)
+        xf = x2.float()
+        self.absmax = torch.maximum(self.absmax, xf.abs().amax(dim=0))  # new tensors: undo keeps the old
+        self.minimum = torch.minimum(self.minimum, xf.amin(dim=0))
+        self._reservoir(x2, undo)
+        return undo
 
-    def _reservoir(self, x2: torch.Tensor) -> None:
+    def _reservoir(self, x2: torch.Tensor, undo: Optional[_Undo]) -> None:
         # Vectorised reservoir sampling (algorithm R): token i is kept with p = cap / (i + 1).
         t = x2.shape[0]
         cap = self.max_tokens
@@ -68,11 +101,27 @@ class LayerStats:
             slots = (torch.rand(t - fill, generator=self._gen) * (idx + 1).float()).long()
             keep = slots < cap
             if keep.any():
+                if undo is not None:
+                    undo.slots = slots[keep].unique()
+                    undo.old = self.sample[undo.slots].clone()
                 self.sample[slots[keep]] = x2[fill:][keep]
         self.seen += t
 
+    def rolled_back(self, undo: _Undo) -> "LayerStats":
+        """A copy of these statistics as they were before the update that returned ``undo``."""
+        c = LayerStats.__new__(LayerStats)
+        c.in_features, c.max_tokens, c.name = self.in_features, self.max_tokens, self.name
+        c.absmax, c.minimum, c.seen, c.calls = undo.absmax, undo.minimum, undo.seen, undo.calls
+        sample = self.sample.clone()
+        if undo.slots is not None:
+            sample[undo.slots] = undo.old
+        c.sample = sample[: undo.rows].clone() if undo.rows < sample.shape[0] else sample
+        c._gen = torch.Generator()
+        c._gen.set_state(undo.gen_state)
+        return c
+
     def nbytes(self) -> int:
-        return (self.sample.numel() + self.absmax.numel() + self.minimum.numel()) * 4
+        return self.sample.numel() * self.sample.element_size() + (self.absmax.numel() + self.minimum.numel()) * 4
 
 
 def stats_of(weight: torch.Tensor) -> Optional[LayerStats]:
@@ -107,27 +156,41 @@ def calibrating(model: nn.Module, config: Optional[SVDQuantConfig] = None) -> It
     Yields ``{layer name: LayerStats}``; the statistics also stay attached to the
     weights, where the ``svdquant`` backend finds them at compile time.
     """
+    from .calib_share import SharedInputRouter
+
     cfg = config or SVDQuantConfig()
     stats: dict[str, LayerStats] = {}
+    weights: dict[str, torch.Tensor] = {}
+
+    def on_change(name: str, st: LayerStats) -> None:
+        stats[name] = st
+        attach_stats(weights[name], st)
+
+    # Linears reading the same tensor (q/k/v) share one reservoir: see calib_share.py.
+    router = SharedInputRouter(on_change)
     handles = []
     for i, (name, mod) in enumerate(model.named_modules()):
         if not isinstance(mod, nn.Linear):
             continue
         st = LayerStats(mod.in_features, cfg.calib_tokens, seed=cfg.seed + i, name=name)
+        weights[name] = mod.weight
         attach_stats(mod.weight, st)
         setattr(mod.weight, _NAME_ATTR, name)
         stats[name] = st
+        router.add(name, st)
 
-        def hook(module: nn.Module, args: tuple, st: LayerStats = st) -> None:
-            st.update(args[0])
+        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
+            router.record(name, args[0])
 
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         yield stats
     finally:
+        router.flush()
         for h in handles:
             h.remove()
-        log.info("calibration recorded %d linear layers", len(stats))
+        shared = [g for g in router.groups() if len(g) > 1]
+        log.info("calibration recorded %d linear layers (%d groups share an input)", len(stats), len(shared))
 
 
 def calibrate(
