@@ -1,7 +1,9 @@
 """GPU diagnosis of the W4A4 GEMM: every launch config, W4A4 vs W8A8, vs bf16 (one shape).
 
 Answers where the time goes (nibble unpacking vs the per-group rescale vs tiling):
-W8A8 feeds tl.dot straight from memory, W4A4 unpacks nibbles in registers first.
+W8A8 feeds tl.dot straight from memory, W4A4 unpacks nibbles in registers first, and the
+int8 ceilings (cuBLAS ``torch._int_mm`` and a plain Triton int8 GEMM, both without the
+per-group rescale) show what the rescale costs.
     python benchmarks/gpu_diag.py --out DIR
 """
 from __future__ import annotations
@@ -11,6 +13,86 @@ import json
 import sys
 
 import torch
+
+
+def _int8_ceiling_kernel():
+    """A plain Triton int8 GEMM: int32 accumulator over all of K, no per-group rescale.
+
+    Not a usable SVDQuant kernel (one scale per row and column): it measures what
+    Triton's int8 ``tl.dot`` reaches on this GPU, i.e. the ceiling our per-group
+    rescaled GEMM is compared against (docs/kernels.md).
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int8_gemm(a_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        group_id = pid // (GROUP_M * num_pid_n)
+        first_m = group_id * GROUP_M
+        gsz = min(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % (GROUP_M * num_pid_n)) % gsz)
+        pid_n = (pid % (GROUP_M * num_pid_n)) // gsz
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for _ in range(0, K // BLOCK_K):
+            acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(y_ptr + om[:, None] * N + on[None, :], acc, mask=(om[:, None] < M) & (on[None, :] < N))
+
+    def run(a, w, cfg):
+        m, k = a.shape
+        n = w.shape[0]
+        y = torch.empty((m, n), dtype=torch.int32, device=a.device)
+        bm, bn, bk, gm, warps, stages = cfg
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        int8_gemm[grid](a, w, y, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+                        num_warps=warps, num_stages=stages)
+        return y
+
+    return run
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages): the Triton matmul tutorial's
+# int8-friendly Hopper configs.
+_CEILING_CONFIGS = [(128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 128, 64, 8, 4, 4),
+                    (64, 128, 128, 8, 4, 4)]
+
+
+def ceiling_rows(m: int, k: int, n: int, dev: str, bench) -> list[dict]:
+    """int8 GEMM ceilings without per-group rescale: cuBLAS (torch._int_mm) and Triton."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-8, 8, (m, k), generator=g, dtype=torch.int8).to(dev)
+    w = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8).to(dev)
+    flops = 2 * m * n * k
+    rows = []
+    ref = torch._int_mm(a, w.t())
+    try:
+        ms = bench(lambda: torch._int_mm(a, w.t()))
+        rows.append({"variant": "int8 torch._int_mm (cuBLAS), no group rescale", "ms": ms, "tops": flops / ms / 1e9})
+    except Exception as e:  # noqa: BLE001
+        rows.append({"variant": "int8 torch._int_mm", "error": repr(e)[:300]})
+    run = _int8_ceiling_kernel()
+    for cfg in _CEILING_CONFIGS:
+        try:
+            y = run(a, w, cfg)
+            exact = bool(torch.equal(y, ref))
+            ms = bench(lambda: run(a, w, cfg))
+            rows.append({"variant": "int8 Triton, no group rescale", "config": str(cfg), "ms": ms,
+                         "tops": flops / ms / 1e9, "exact_vs_int_mm": exact})
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+            rows.append({"variant": "int8 Triton, no group rescale", "config": str(cfg), "error": repr(e)[:300]})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -42,6 +124,9 @@ def main(argv=None) -> int:
     wb = w.to(dev, torch.bfloat16)
     ms = do_bench(lambda: torch.nn.functional.linear(x, wb), warmup=10, rep=50, return_mode="median")
     rows.append({"variant": "bf16 F.linear", "ms": ms, "tops": flops / ms / 1e9})
+    for r in ceiling_rows(m, k, n, dev, lambda fn: do_bench(fn, warmup=5, rep=30, return_mode="median")):
+        rows.append(r)
+        print(r, flush=True)
     for wbits, abits in ((4, 4), (8, 8), (4, 8)):
         q, s = quantize_weight(w, wbits, 64)
         qw = (pack_int4(q) if wbits == 4 else q).to(dev)

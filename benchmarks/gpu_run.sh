@@ -33,6 +33,10 @@ timeout ${KERNEL_S:-190} python3 benchmarks/bench_kernels.py --out "$OUT" --budg
   >"$OUT/kernels.txt" 2>&1
 echo "bench_kernels exit $?"; tail -30 "$OUT/kernels.txt"
 
+step "GEMM diagnosis (configs, W4A4/W8A8/W4A8, int8 ceilings without group rescale)"
+timeout ${DIAG_S:-90} python3 benchmarks/gpu_diag.py --out "$OUT" >"$OUT/gpu_diag.txt" 2>&1
+echo "gpu_diag exit $?"; tail -20 "$OUT/gpu_diag.txt"
+
 step "block + linear + memory suites"
 if [ -f benchmarks/__main__.py ]; then
   timeout ${SUITE_S:-170} python3 -m benchmarks --suite ${SUITES:-block,memory} --device cuda --out "$OUT" \
