@@ -7,6 +7,7 @@ activation is read and quantized once and one GEMM runs instead of several.
 """
 from __future__ import annotations
 
+import logging
 import operator
 from collections import defaultdict
 from typing import Optional
@@ -16,8 +17,11 @@ import torch.fx as fx
 
 from .concat import concat_packed
 from .op_nodes import ARG, GraphTensors, drop_unused_buffers, insert_op, is_svdq, packed_of
+from svdq_compile.runtime.packed import PackedLinear
 
 __all__ = ["fuse_siblings"]
+
+log = logging.getLogger(__name__)
 
 _SCALARS = ("group_size", "weight_bits", "act_bits", "act_unsigned", "act_shift")
 
@@ -27,6 +31,39 @@ def _key(gm: fx.GraphModule, node: fx.Node):
     if a[ARG["residual"]] is not None or a[ARG["gate"]] is not None or a[ARG["epilogue"]] != "none":
         return None  # epilogue-fused ops have per-op extras; fuse siblings first
     return (a[ARG["x"]],) + tuple(a[ARG[k]] for k in _SCALARS)
+
+
+def _alias_into(packs: list[PackedLinear], fused: PackedLinear) -> int:
+    """Point each sibling's tensors at its rows of the fused ones; returns bytes freed.
+
+    The siblings' tensors may be the user's ``SVDQLinear`` buffers (quantize() / load()
+    models reach the graph as placeholders): without this they and the concatenated copy
+    would both stay alive, holding e.g. the QKV weights twice. ``set_`` keeps each tensor
+    object (module buffers, state_dict and variant keys are unchanged) and its values;
+    only the storage becomes shared, so a later in-place edit of a sibling's buffer is
+    also seen by the fused op.
+    """
+    freed = 0
+    n0 = r0 = 0
+    with torch.no_grad():
+        for p in packs:
+            n, r = p.spec.out_features, p.rank
+            for t, big, lo, cnt in ((p.qweight, fused.qweight, n0, n), (p.wscales, fused.wscales, n0, n),
+                                    (p.bias, fused.bias, n0, n), (p.lora_down, fused.lora_down, r0, r)):
+                if t is None or big is None or cnt == 0:
+                    continue
+                view = big[lo:lo + cnt]
+                if (t.shape != view.shape or t.dtype != view.dtype or t.device != view.device
+                        or t.requires_grad or t.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()):
+                    continue
+                try:
+                    t.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+                except RuntimeError as e:  # e.g. an inference-mode tensor: keep the copy
+                    log.debug("fuse_siblings: could not alias a sibling tensor: %s", e)
+                    continue
+                freed += t.numel() * t.element_size()
+            n0, r0 = n0 + n, r0 + r
+    return freed
 
 
 def fuse_siblings(gm: fx.GraphModule, tensors: Optional[GraphTensors] = None) -> int:
@@ -56,8 +93,12 @@ def fuse_siblings(gm: fx.GraphModule, tensors: Optional[GraphTensors] = None) ->
             continue
         packs = [packed_of(gm, n, tensors) for n in same]
         first = same[0]  # graph order: the first sibling comes first
+        fused_pack = concat_packed(packs)
+        freed = _alias_into(packs, fused_pack)
+        log.debug("fuse_siblings: %d ops -> 1; %d bytes of sibling tensors now alias the fused ones",
+                  len(packs), freed)
         with gm.graph.inserting_before(first):
-            op = insert_op(gm, first.args[ARG["x"]], concat_packed(packs), f"fused_{first.name}")
+            op = insert_op(gm, first.args[ARG["x"]], fused_pack, f"fused_{first.name}")
             parts = gm.graph.call_function(torch.split, (op, [p.spec.out_features for p in packs]), {"dim": -1})
             for j, n in enumerate(same):
                 piece = gm.graph.call_function(operator.getitem, (parts, j))

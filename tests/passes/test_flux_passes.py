@@ -105,7 +105,7 @@ def test_tiny_flux_passes_preserve_numerics(flux):
         y_prev = y
 
 
-def test_quantize_api_model_gets_the_passes():
+def test_quantize_api_model_gets_the_passes(tmp_path):
     """quantize() swaps in SVDQLinear modules: their tensors reach the graph as placeholders."""
     m = tiny_flux()
     inp = flux_inputs()
@@ -121,6 +121,18 @@ def test_quantize_api_model_gets_the_passes():
     assert len(svdq_ops(spy.gm)) == 13
     diff = (y[0] - eager).abs().max() / eager.abs().max()
     assert diff < 1e-5, float(diff)
+    # The fused QKV op and the SVDQLinear modules hold one copy of the weights: the
+    # modules' buffers now alias the concatenated tensors, with unchanged values.
+    attn = m.transformer_blocks[0].attn
+    ptrs = {l.qweight.untyped_storage().data_ptr() for l in (attn.to_q, attn.to_k, attn.to_v)}
+    assert len(ptrs) == 1
+    with torch.no_grad():
+        assert torch.equal(m(**inp)[0], eager)  # the modules still compute what they did
+    svdq_compile.save(m, tmp_path / "a")  # aliased buffers save as their own rows
+    m2 = tiny_flux()
+    svdq_compile.load(m2, tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(m2(**inp)[0], eager)
 
 
 def test_tiny_flux_dynamic_tokens(flux):

@@ -91,3 +91,27 @@ def test_passes_off_leaves_quantized_graph():
     assert last_reports()[-1].passes == {"quantize_linears": 2, "fold_smoothing": 0, "fuse_siblings": 0,
                                          "fuse_epilogue": 0}
     assert len(svdq_ops(spy.gm)) == 2
+
+
+def test_fused_siblings_alias_the_original_tensors():
+    """After horizontal fusion, each sibling's tensors are rows of the fused ones: same
+    values, one copy in memory (quantize()'d models would otherwise hold QKV twice)."""
+    from svdq_compile.decompose import LayerTarget, decompose_layer
+    from svdq_compile.passes.concat import concat_packed
+    from svdq_compile.passes.fuse_siblings import _alias_into
+
+    g = torch.Generator().manual_seed(0)
+    lam = torch.rand(128, generator=g) + 0.5
+    packs = [decompose_layer(torch.randn(n, 128, generator=g), torch.randn(n, generator=g), lam, LayerTarget(rank=r))
+             for n, r in ((64, 8), (96, 0), (32, 4))]
+    before = [{k: v.clone() for k, v in p.tensors().items()} for p in packs]
+    fused = concat_packed(packs)
+    freed = _alias_into(packs, fused)
+    expect = sum(p.qweight.nbytes + p.wscales.nbytes + p.bias.nbytes
+                 + (p.lora_down.nbytes if p.lora_down is not None else 0) for p in packs)
+    assert freed == expect
+    for p, b in zip(packs, before):
+        for k, v in p.tensors().items():
+            assert torch.equal(v, b[k]), k
+        assert p.qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()
+    assert _alias_into(packs, fused) == 0  # already aliased: nothing left to free
