@@ -19,7 +19,9 @@ from .concat import concat_packed
 from .op_nodes import ARG, GraphTensors, drop_unused_buffers, insert_op, is_svdq, packed_of
 from svdq_compile.runtime.packed import PackedLinear
 
-__all__ = ["fuse_siblings"]
+__all__ = ["fuse_siblings", "apply_aliases"]
+
+ALIAS_KEY = "svdq_sibling_aliases"  # gm.meta: [(sibling packs, fused pack)] to alias
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,14 @@ def _alias_into(packs: list[PackedLinear], fused: PackedLinear) -> int:
     return freed
 
 
+def apply_aliases(gm: fx.GraphModule) -> int:
+    """Point fused siblings' tensors into the fused ones (after compiling gm); bytes freed."""
+    freed = sum(_alias_into(packs, fused) for packs, fused in gm.meta.pop(ALIAS_KEY, []))
+    if freed:
+        log.info("fuse_siblings: %.1f MB of sibling tensors now share the fused tensors' memory", freed / 2**20)
+    return freed
+
+
 def fuse_siblings(gm: fx.GraphModule, tensors: Optional[GraphTensors] = None) -> int:
     """Returns the number of fused groups (each of >= 2 ops).
 
@@ -94,9 +104,9 @@ def fuse_siblings(gm: fx.GraphModule, tensors: Optional[GraphTensors] = None) ->
         packs = [packed_of(gm, n, tensors) for n in same]
         first = same[0]  # graph order: the first sibling comes first
         fused_pack = concat_packed(packs)
-        freed = _alias_into(packs, fused_pack)
-        log.debug("fuse_siblings: %d ops -> 1; %d bytes of sibling tensors now alias the fused ones",
-                  len(packs), freed)
+        # Aliasing changes the siblings' storage offsets; graph compilers check real inputs
+        # against the metadata Dynamo traced, so it runs after compilation (apply_aliases).
+        gm.meta.setdefault(ALIAS_KEY, []).append((packs, fused_pack))
         with gm.graph.inserting_before(first):
             op = insert_op(gm, first.args[ARG["x"]], fused_pack, f"fused_{first.name}")
             parts = gm.graph.call_function(torch.split, (op, [p.spec.out_features for p in packs]), {"dim": -1})

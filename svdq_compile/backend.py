@@ -20,6 +20,7 @@ from .calibration import LayerStats, attach_stats, stats_of
 from .config import SVDQuantConfig
 from svdq_compile.runtime.packed import mode_bits
 from .pipeline import CompileReport, quantize_graph
+from svdq_compile.passes.fuse_siblings import apply_aliases
 
 __all__ = ["svdquant_backend", "last_reports"]
 
@@ -153,6 +154,7 @@ class SVDQuantCompiled:
                 self._fn = compile_fx(qgm, inputs)
         else:
             self._fn = qgm
+        apply_aliases(qgm)  # only now: compiling checks the inputs' storage offsets
         self._key = self._weight_key(inputs)
         self._variants[self._key] = (self._fn, self._versions)
         report.seconds = time.perf_counter() - t0

@@ -98,7 +98,7 @@ def test_fused_siblings_alias_the_original_tensors():
     values, one copy in memory (quantize()'d models would otherwise hold QKV twice)."""
     from svdq_compile.decompose import LayerTarget, decompose_layer
     from svdq_compile.passes.concat import concat_packed
-    from svdq_compile.passes.fuse_siblings import _alias_into
+    from svdq_compile.passes.fuse_siblings import _alias_into  # applied by apply_aliases
 
     g = torch.Generator().manual_seed(0)
     lam = torch.rand(128, generator=g) + 0.5
@@ -115,3 +115,34 @@ def test_fused_siblings_alias_the_original_tensors():
             assert torch.equal(v, b[k]), k
         assert p.qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()
     assert _alias_into(packs, fused) == 0  # already aliased: nothing left to free
+
+
+def test_quantized_siblings_alias_after_inductor_compile():
+    """quantize()'d QKV compiled with Inductor: the fused op runs, and only then do the
+    modules' buffers alias it (aliasing earlier changed input storage offsets that
+    Inductor checks against Dynamo's trace: BackendCompilerFailed)."""
+    torch.manual_seed(0)
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 128)
+
+        def forward(self, x):
+            h = F.layer_norm(x, (128,))
+            return self.q(h) * self.k(h) + self.v(h)
+
+    m = QKV()
+    x = torch.randn(2, 16, 128)
+    cfg = svdq_compile.SVDQuantConfig(rank=8, search_grid=2)
+    svdq_compile.quantize(m, (x,), [(x,)], config=cfg, progress=False)
+    with torch.no_grad():
+        eager = m(x)
+        cm = torch.compile(m, backend="svdquant", options={"use_inductor": True})
+        y1, y2 = cm(x), cm(x)
+    assert last_reports()[-1].fused_groups == 1
+    ptrs = {l.qweight.untyped_storage().data_ptr() for l in (m.q, m.k, m.v)}
+    assert len(ptrs) == 1
+    with torch.no_grad():
+        assert torch.equal(m(x), eager)
+    assert svdq_compile.sqnr_db(eager, y1) > 60 and torch.equal(y1, y2)
