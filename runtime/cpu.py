@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from . import cpu_gemm
 from .cpu_gemm import grouped_int_gemm
+from .cpu_w4a16 import w4a16_dequantize, w4a16_linear
 from .epilogue import apply_epilogue, finish_output
 from .quantize import dequantize_groups, quantize_activation
 from .reference import int_weight, smooth_input
@@ -140,6 +141,9 @@ def dequantize_weight(qweight: torch.Tensor, wscales: torch.Tensor, group_size: 
     """[N, K/2] packed int4 (or [N, K] int8) + [N, K/G] scales -> [N, K] fp32 weight."""
     if weight_bits != 4:
         return dequantize_groups(qweight, wscales, group_size)
+    w = w4a16_dequantize(qweight, wscales, group_size)  # C++, same values
+    if w is not None:
+        return w
     n = qweight.shape[0]
     lut = _NIBBLE_LUT.to(qweight.device)
     vals = lut[qweight.view(torch.uint8).int()]  # [N, K/2, 2] fp32: even, odd
@@ -175,7 +179,9 @@ def quantized_linear_cpu(
     # torch path (reference numerics in fp32)
     xs = smooth_input(x2, smooth)  # [M, K] fp32
     if act_bits == 16:
-        y = F.linear(xs, dequantize_weight(qweight, wscales, group_size, weight_bits))
+        y = w4a16_linear(xs, qweight, wscales, group_size) if weight_bits == 4 else None
+        if y is None:
+            y = F.linear(xs, dequantize_weight(qweight, wscales, group_size, weight_bits))
     else:
         qw = int_weight(qweight, weight_bits)  # [N, K] int8
         qa, sa = quantize_activation(xs, act_bits, group_size, unsigned=act_unsigned, shift=act_shift)

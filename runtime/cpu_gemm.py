@@ -50,7 +50,8 @@ _log = logging.getLogger(__name__)
 ENV_BACKEND = "SVDQ_CPU_GEMM"  # "auto" (default), "torch" (force fallback), "vnni" (fail loudly)
 _SRC = Path(__file__).with_name("cpu_kernels") / "grouped_gemm_vnni.cpp"
 _SRC_QUANT = Path(__file__).with_name("cpu_kernels") / "quantize_act.cpp"  # fused activation quantizer
-_SOURCES = (_SRC, _SRC_QUANT)
+_SRC_W4A16 = Path(__file__).with_name("cpu_kernels") / "w4a16.cpp"  # weight-only INT4 (see cpu_w4a16.py)
+_SOURCES = (_SRC, _SRC_QUANT, _SRC_W4A16)
 # -ffp-contract=off: the quantizer must reproduce torch's separately rounded fp32 ops.
 _CFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl",
            "-mavx512vnni", "-fopenmp"]
