@@ -1,8 +1,9 @@
 """``svdq export``: write a quantized model as ONNX (for ONNX Runtime / trtexec) or a TensorRT engine.
 
-    svdq export --format onnx --artifact demo_q/ -o digits.onnx        # the demo model
+    svdq export --format onnx --model demo -o digits.onnx              # the demo, quantized on the spot
+    svdq export --format onnx --artifact my_q/ -o digits.onnx          # the demo from svdq_compile.save(model, 'my_q')
     svdq export --format onnx --model mypkg.models:build -o model.onnx   # your own model
-    svdq export --format tensorrt --artifact demo_q/ -o digits.ep      # needs [tensorrt] + CUDA
+    svdq export --format tensorrt --model demo -o digits.ep            # needs [tensorrt] + CUDA
 
 ``--model`` is ``demo`` (the bundled digits model) or ``module:function``; the function
 returns ``(model, example_inputs)`` or ``(model, example_inputs, dynamic_shapes)``, where
