@@ -41,6 +41,25 @@ class SVDQLinear(nn.Module):
         return self.spec.out_features
 
     @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in for ``nn.Linear.weight``: shape [out, in], the layer's compute dtype
+        and device, but one NaN of storage.
+
+        Code that only reads ``layer.weight.dtype`` / ``.device`` / ``.shape`` keeps working
+        (diffusers' attention processors cast their input to ``attn.to_q.weight.dtype``).
+        Anything that computes with it gets NaN instead of silently wrong numbers; the
+        actual weight is :meth:`dequantized_weight`.
+        """
+        ref = next((t for t in (self.lora_up, self.bias) if t is not None), None)
+        dtype = ref.dtype if ref is not None else torch.float32
+        return torch.full((), float("nan"), dtype=dtype, device=self.qweight.device).expand(
+            self.spec.out_features, self.spec.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """[out, in] fp32: the weight this layer applies to its input (smoothing undone)."""
+        return self.packed.effective_weight()
+
+    @property
     def packed(self) -> PackedLinear:
         rank = 0 if self.lora_down is None else int(self.lora_down.shape[0])
         spec = LinearSpec(**{**self.spec.__dict__, "rank": rank})

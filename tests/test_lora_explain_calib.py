@@ -74,3 +74,35 @@ def test_calibrating_streams_over_a_denoising_loop():
             m(torch.randn(2, 40, 128))
     assert stats["0"].seen == 10 * 80 and stats["0"].sample.shape == (64, 128)
     assert stats["2"].minimum.min() >= -0.2  # GELU output: the unsigned-quantization evidence
+
+
+def test_svdqlinear_weight_stand_in():
+    """Code that reads ``layer.weight.dtype`` (diffusers' attention processors) keeps
+    working on quantized layers, eager and compiled; computing with it gives NaN."""
+    import torch.nn.functional as F
+
+    class Proc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(128, 64)
+
+        def forward(self, x):
+            return self.q(x.to(self.q.weight.dtype))
+
+    torch.manual_seed(0)
+    m = Proc().to(torch.bfloat16)
+    x = torch.randn(2, 8, 128, dtype=torch.bfloat16)
+    sq.quantize(m, (x,), [(x,)], config=sq.SVDQuantConfig(rank=8, search_grid=2), progress=False)
+    w = m.q.weight
+    assert w.shape == (64, 128) and w.dtype == torch.bfloat16 and w.device == x.device
+    assert w.untyped_storage().nbytes() == 2  # one element: no memory
+    assert torch.isnan(F.linear(x, w)).all()
+    eager = m(x.float())  # the cast to weight.dtype happens inside forward
+    assert eager.dtype == torch.bfloat16
+    for inductor in (False, True):
+        cm = torch.compile(m, backend="svdquant", options={"use_inductor": inductor})
+        with torch.no_grad():
+            assert sq.sqnr_db(eager.float(), cm(x.float()).float()) > 30
+        torch._dynamo.reset()
+    dq = m.q.dequantized_weight()
+    assert dq.shape == (64, 128) and dq.dtype == torch.float32
