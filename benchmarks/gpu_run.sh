@@ -23,8 +23,9 @@ print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version_
                   "cuda": torch.version.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds")}))
 PY
 
-step "GPU tests (tests/codegen)"
-timeout ${TEST_S:-170} python3 -m pytest tests/codegen -q -p no:cacheprovider -rfE --junitxml="$OUT/gpu_tests.xml" \
+step "GPU tests (tests/codegen, the CUDA rows of tests/test_errors.py)"
+timeout ${TEST_S:-170} python3 -m pytest tests/codegen tests/test_errors.py -q -p no:cacheprovider -rfE \
+  --junitxml="$OUT/gpu_tests.xml" \
   >"$OUT/gpu_tests.txt" 2>&1
 echo "pytest exit $?"; tail -25 "$OUT/gpu_tests.txt"
 
