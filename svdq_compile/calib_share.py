@@ -26,6 +26,18 @@ __all__ = ["SharedInputRouter"]
 log = logging.getLogger(__name__)
 
 
+def _version(x: torch.Tensor) -> int:
+    """In-place version counter; inference-mode tensors have none (-1: identity only).
+
+    Under ``torch.inference_mode()`` a tensor modified in place between two linears that
+    read it would go unnoticed; diffusers' attention blocks do not do that.
+    """
+    try:
+        return x._version
+    except RuntimeError:
+        return -1
+
+
 class _Group:
     __slots__ = ("stats", "members")
 
@@ -62,7 +74,7 @@ class SharedInputRouter:
         g = self._group[name]
         g.stats.check_features(x)
         pending = self._ref() if self._ref is not None else None
-        same = pending is not None and x is pending and x._version == self._version
+        same = pending is not None and x is pending and _version(x) == self._version
         if same and name not in self._seen:
             if g is self._pgroup:
                 self._seen.add(name)  # same tensor as the group's update: already counted
@@ -91,7 +103,7 @@ class SharedInputRouter:
         self._forming = g.stats.calls == 0
         self._undo = g.stats.update(x, keep_undo=len(g.members) > 1 or self._forming)
         self._ref = weakref.ref(x)
-        self._version = x._version
+        self._version = _version(x)
         self._pgroup = g
         self._seen = {name}
 

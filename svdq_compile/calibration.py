@@ -63,9 +63,14 @@ class LayerStats:
                 f"calibration input of layer {self.name or '?'} has {x.shape[-1]} features, expected {self.in_features}"
             )
 
-    @torch.no_grad()
     def update(self, x: torch.Tensor, keep_undo: bool = False) -> Optional[_Undo]:
         """Add a batch of inputs; with ``keep_undo`` return what is needed to roll it back."""
+        # The statistics must be normal tensors even when recorded under inference_mode:
+        # inference tensors cannot be updated in place by a later call outside it.
+        with torch.inference_mode(False), torch.no_grad():
+            return self._update(x, keep_undo)
+
+    def _update(self, x: torch.Tensor, keep_undo: bool) -> Optional[_Undo]:
         self.check_features(x)
         x2 = x.detach().reshape(-1, self.in_features).to("cpu")  # [T, K]
         if x2.dtype not in _SAMPLE_DTYPES or (self.sample.shape[0] and self.sample.dtype != x2.dtype):

@@ -172,3 +172,18 @@ def test_backend_auto_calibration_shares_one_recorder_per_input():
     sq, sk, sv, so = (stats_of(l.weight) for l in (m.q, m.k, m.v, m.o))
     assert sq is sk is sv and so is not sq
     assert sq.seen == 32 and so.seen == 32
+
+
+def test_inference_mode_calibration_shares_too():
+    # Inference tensors have no version counter: sharing falls back to identity.
+    m = Attn()
+    xs = _inputs(3, seed=4)
+    with calibrating(m, CFG) as stats:
+        with torch.inference_mode():
+            for x in xs[:2]:
+                m(x)
+        with torch.no_grad():  # later calls outside inference_mode update the same stats
+            m(xs[2])
+    assert stats["q"] is stats["k"] is stats["v"]
+    assert not stats["q"].sample.is_inference()
+    _same(stats["q"], _standalone([2 * x for x in xs], _seed_of(m, "q")))
