@@ -108,8 +108,7 @@ class SharedInputRouter:
         self._seen = {name}
 
     def _split(self, g: _Group, names: list[str]) -> _Group:
-        if self._undo is None:  # pragma: no cover - an update on >1 members keeps one
-            raise RuntimeError("svdq calibration: lost the undo record of a shared update")
+        # No undo record: the open update changed nothing (an empty batch).
         ng = _Group(g.stats.rolled_back(self._undo), names)
         g.members = [m for m in g.members if m not in names]
         for m in names:

@@ -112,8 +112,11 @@ class LayerStats:
                 self.sample[slots[keep]] = x2[fill:][keep]
         self.seen += t
 
-    def rolled_back(self, undo: _Undo) -> "LayerStats":
-        """A copy of these statistics as they were before the update that returned ``undo``."""
+    def rolled_back(self, undo: Optional[_Undo]) -> "LayerStats":
+        """A copy of these statistics as they were before the update that returned ``undo``
+        (``None``: an update that changed nothing, e.g. an empty batch: a plain copy)."""
+        if undo is None:
+            undo = _Undo(self.absmax, self.minimum, self.seen, self.calls, self.sample.shape[0], self._gen.get_state())
         c = LayerStats.__new__(LayerStats)
         c.in_features, c.max_tokens, c.name = self.in_features, self.max_tokens, self.name
         c.absmax, c.minimum, c.seen, c.calls = undo.absmax, undo.minimum, undo.seen, undo.calls

@@ -187,3 +187,17 @@ def test_inference_mode_calibration_shares_too():
     assert stats["q"] is stats["k"] is stats["v"]
     assert not stats["q"].sample.is_inference()
     _same(stats["q"], _standalone([2 * x for x in xs], _seed_of(m, "q")))
+
+
+def test_empty_batches_do_not_break_sharing():
+    m = Attn()
+    xs = _inputs(2, seed=5)
+    with torch.no_grad(), calibrating(m, CFG) as stats:
+        m(torch.randn(0, 20, 64))  # zero-size batch first: nothing recorded
+        m(xs[0])
+        m(torch.randn(0, 20, 64), skip_v=True)  # v leaves after an update that added nothing
+        m(xs[1])
+    h = [2 * x for x in xs]
+    assert stats["q"] is stats["k"] and stats["v"] is not stats["q"]
+    _same(stats["q"], _standalone(h, _seed_of(m, "q")))
+    _same(stats["v"], _standalone(h, _seed_of(m, "q")))
