@@ -95,6 +95,32 @@ def ceiling_rows(m: int, k: int, n: int, dev: str, bench) -> list[dict]:
     return rows
 
 
+def w4a16_rows(dev: str, bench) -> list[dict]:
+    """AdaLN-shaped weight-only layer (M=2, K=3072, N=18432): Triton W4A16 vs the old
+    dequantize + matmul fallback vs bf16 F.linear."""
+    from svdq_compile.codegen.w4a16 import run_w4a16
+    from svdq_compile.runtime import pack_int4, quantize_weight
+    from svdq_compile.runtime.cpu import dequantize_weight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(18432, 3072, generator=g) * 0.02
+    q, s = quantize_weight(w, 4, 64)
+    qw, s = pack_int4(q).to(dev), s.to(dev)
+    x = torch.randn(2, 3072, generator=g).to(dev, torch.bfloat16)
+    wb = w.to(dev, torch.bfloat16)
+    rows = []
+    for name, fn in (("w4a16 bf16 F.linear", lambda: torch.nn.functional.linear(x, wb)),
+                     ("w4a16 Triton (codegen/w4a16.py)", lambda: run_w4a16(x, qw, s, 64)),
+                     ("w4a16 dequantize + fp32 matmul (old fallback)",
+                      lambda: torch.nn.functional.linear(x.float(), dequantize_weight(qw, s, 64, 4)))):
+        try:
+            rows.append({"variant": name, "shape": [2, 3072, 18432], "ms": bench(fn)})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"variant": name, "error": repr(e)[:300]})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -124,6 +150,7 @@ def main(argv=None) -> int:
     wb = w.to(dev, torch.bfloat16)
     ms = do_bench(lambda: torch.nn.functional.linear(x, wb), warmup=10, rep=50, return_mode="median")
     rows.append({"variant": "bf16 F.linear", "ms": ms, "tops": flops / ms / 1e9})
+    rows += w4a16_rows(dev, lambda fn: do_bench(fn, warmup=5, rep=30, return_mode="median"))
     for r in ceiling_rows(m, k, n, dev, lambda fn: do_bench(fn, warmup=5, rep=30, return_mode="median")):
         rows.append(r)
         print(r, flush=True)

@@ -19,6 +19,7 @@ from ..runtime.ops import check_linear_args
 from .gemm import run_gemm
 from .launch import interpreting
 from .prologue import run_prologue
+from .w4a16 import run_w4a16, w4a16_supported
 from .spec import LORA_PRECISIONS, KernelSpec
 
 __all__ = ["quantized_linear_triton", "make_spec", "default_lora_precision", "is_tracing"]
@@ -169,6 +170,16 @@ def quantized_linear_triton(
         x, smooth, lora_down, bias, residual, gate, group_size, weight_bits, act_bits,
         act_unsigned, epilogue, lora_precision,
     )
+    if act_bits == 16 and weight_bits == 4 and w4a16_supported(group_size):
+        # Weight-only: the Triton INT4 product, the low-rank branch and epilogue in torch
+        # (these layers run on a few rows, e.g. AdaLN modulation).
+        if interpreting() and x.is_cuda:
+            raise RuntimeError("svdq_compile.codegen: TRITON_INTERPRET=1 cannot run CUDA tensors")
+        return quantized_linear_cpu(
+            x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
+            group_size, weight_bits, act_bits, act_unsigned, act_shift, epilogue,
+            w4a16_product=lambda x2, qw, sw, g: run_w4a16(x2, qw, sw, g, wrap=wrap),
+        )
     reason = spec.supports_triton()
     if reason is not None:
         log.debug("svdq.linear: torch fallback (%s)", reason)

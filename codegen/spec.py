@@ -106,7 +106,7 @@ class KernelSpec:
     def supports_triton(self) -> Optional[str]:
         """None when the fused kernels cover this spec, else the reason for the fallback."""
         if self.act_bits == 16:
-            return "16-bit activations (weight-only modes) use dequantize + torch matmul"
+            return "16-bit activations (weight-only modes) use codegen/w4a16.py + torch ops"
         if self.weight_bits == 8 and self.act_bits == 4:
             return "w8a4 is not a supported mode"
         gs = self.group_size

@@ -25,7 +25,7 @@ of 4, empty input): the original vectorised-torch path.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +166,14 @@ def quantized_linear_cpu(
     act_unsigned: bool,
     act_shift: float,
     epilogue: str,
+    w4a16_product: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]] = None,
 ) -> torch.Tensor:
+    """The quantized linear in torch (and the C++ kernels on CPU).
+
+    ``w4a16_product(x2d, qweight, wscales, group_size) -> [M, N] fp32`` replaces the
+    dequantize + matmul of weight-only layers (the GPU path passes its Triton kernel);
+    it receives the input in its own dtype when there is no smoothing.
+    """
     lead = x.shape[:-1]
     k = x.shape[-1]
     n = wscales.shape[0]
@@ -179,7 +186,11 @@ def quantized_linear_cpu(
     # torch path (reference numerics in fp32)
     xs = smooth_input(x2, smooth)  # [M, K] fp32
     if act_bits == 16:
-        y = w4a16_linear(xs, qweight, wscales, group_size) if weight_bits == 4 else None
+        y = None
+        if weight_bits == 4 and w4a16_product is not None:
+            y = w4a16_product(x2 if smooth is None else xs, qweight, wscales, group_size)
+        elif weight_bits == 4:
+            y = w4a16_linear(xs, qweight, wscales, group_size)  # C++ on CPU, else None
         if y is None:
             y = F.linear(xs, dequantize_weight(qweight, wscales, group_size, weight_bits))
     else:
