@@ -38,6 +38,10 @@ step "GEMM diagnosis (configs, W4A4/W8A8/W4A8, int8 ceilings without group resca
 timeout ${DIAG_S:-90} python3 benchmarks/gpu_diag.py --out "$OUT" >"$OUT/gpu_diag.txt" 2>&1
 echo "gpu_diag exit $?"; tail -20 "$OUT/gpu_diag.txt"
 
+step "prototype: W4A8 with no float op in the K loop (design decision, docs/kernels.md)"
+timeout ${PROTO_S:-60} python3 benchmarks/proto_w4a8_progressive.py --out "$OUT" >"$OUT/proto_w4a8.txt" 2>&1
+echo "proto exit $?"; tail -8 "$OUT/proto_w4a8.txt"
+
 step "block + linear + memory suites"
 if [ -f benchmarks/__main__.py ]; then
   timeout ${SUITE_S:-170} python3 -m benchmarks --suite ${SUITES:-block,memory} --device cuda --out "$OUT" \
