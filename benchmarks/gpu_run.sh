@@ -3,7 +3,11 @@
 # block benchmarks. Everything lands in $OUT (fetched back) with per-step time limits,
 # so one slow step cannot eat the others' budget.
 #   usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh
+#   STEPS=tests,diag,proto bash benchmarks/gpu_run.sh   # a subset (the default runs all
+#   steps, ~9 min with the limits below: split it over two calls when one call has 10 min)
 set -u
+STEPS=${STEPS:-tests,kernels,diag,proto,suites}
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/svdq_gpu_out}
 mkdir -p "$OUT"
@@ -23,27 +27,35 @@ print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version_
                   "cuda": torch.version.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds")}))
 PY
 
+if want tests; then
 step "GPU tests (tests/codegen, the CUDA rows of tests/test_errors.py)"
 timeout ${TEST_S:-170} python3 -m pytest tests/codegen tests/test_errors.py -q -p no:cacheprovider -rfE \
   --junitxml="$OUT/gpu_tests.xml" \
   >"$OUT/gpu_tests.txt" 2>&1
 echo "pytest exit $?"; tail -25 "$OUT/gpu_tests.txt"
+fi
 
+if want kernels; then
 step "kernel benchmark"
 timeout ${KERNEL_S:-190} python3 benchmarks/bench_kernels.py --out "$OUT" --budget-s ${KERNEL_BUDGET_S:-150} \
   >"$OUT/kernels.txt" 2>&1
 echo "bench_kernels exit $?"; tail -30 "$OUT/kernels.txt"
+fi
 
+if want diag; then
 step "GEMM diagnosis (configs, W4A4/W8A8/W4A8, int8 ceilings without group rescale)"
 timeout ${DIAG_S:-90} python3 benchmarks/gpu_diag.py --out "$OUT" >"$OUT/gpu_diag.txt" 2>&1
 echo "gpu_diag exit $?"; tail -20 "$OUT/gpu_diag.txt"
+fi
 
+if want proto; then
 step "prototype: W4A8 with no float op in the K loop (design decision, docs/kernels.md)"
 timeout ${PROTO_S:-60} python3 benchmarks/proto_w4a8_progressive.py --out "$OUT" >"$OUT/proto_w4a8.txt" 2>&1
 echo "proto exit $?"; tail -8 "$OUT/proto_w4a8.txt"
+fi
 
 step "block + linear + memory suites"
-if [ -f benchmarks/__main__.py ]; then
+if want suites && [ -f benchmarks/__main__.py ]; then
   timeout ${SUITE_S:-170} python3 -m benchmarks --suite ${SUITES:-block,memory} --device cuda --out "$OUT" \
     >"$OUT/suites.txt" 2>&1
   echo "suites exit $?"; tail -30 "$OUT/suites.txt"
