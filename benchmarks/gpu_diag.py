@@ -13,54 +13,46 @@ import json
 import sys
 
 import torch
+import triton
+import triton.language as tl
+
+from svdq_compile.codegen.tiling import grouped_tile
 
 
-def _int8_ceiling_kernel():
+@triton.jit
+def int8_gemm(a_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """A plain Triton int8 GEMM: int32 accumulator over all of K, no per-group rescale.
 
-    Not a usable SVDQuant kernel (one scale per row and column): it measures what
-    Triton's int8 ``tl.dot`` reaches on this GPU, i.e. the ceiling our per-group
-    rescaled GEMM is compared against (docs/kernels.md).
+    Not a usable SVDQuant kernel (no scales at all): it measures what Triton's int8
+    ``tl.dot`` reaches on this GPU, i.e. the ceiling our per-group rescaled GEMM is
+    compared against (docs/kernels.md).
     """
-    import triton
-    import triton.language as tl
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for _ in range(0, K // BLOCK_K):
+        acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(y_ptr + om[:, None] * N + on[None, :], acc, mask=(om[:, None] < M) & (on[None, :] < N))
 
-    @triton.jit
-    def int8_gemm(a_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        group_id = pid // (GROUP_M * num_pid_n)
-        first_m = group_id * GROUP_M
-        gsz = min(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + ((pid % (GROUP_M * num_pid_n)) % gsz)
-        pid_n = (pid % (GROUP_M * num_pid_n)) // gsz
-        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-        rk = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
-        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for _ in range(0, K // BLOCK_K):
-            acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, out_dtype=tl.int32)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        tl.store(y_ptr + om[:, None] * N + on[None, :], acc, mask=(om[:, None] < M) & (on[None, :] < N))
 
-    def run(a, w, cfg):
-        m, k = a.shape
-        n = w.shape[0]
-        y = torch.empty((m, n), dtype=torch.int32, device=a.device)
-        bm, bn, bk, gm, warps, stages = cfg
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        int8_gemm[grid](a, w, y, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-                        num_warps=warps, num_stages=stages)
-        return y
-
-    return run
+def _run_int8(a, w, cfg):
+    m, k = a.shape
+    n = w.shape[0]
+    y = torch.empty((m, n), dtype=torch.int32, device=a.device)
+    bm, bn, bk, gm, warps, stages = cfg
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    int8_gemm[grid](a, w, y, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+                    num_warps=warps, num_stages=stages)
+    return y
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages): the Triton matmul tutorial's
@@ -82,7 +74,7 @@ def ceiling_rows(m: int, k: int, n: int, dev: str, bench) -> list[dict]:
         rows.append({"variant": "int8 torch._int_mm (cuBLAS), no group rescale", "ms": ms, "tops": flops / ms / 1e9})
     except Exception as e:  # noqa: BLE001
         rows.append({"variant": "int8 torch._int_mm", "error": repr(e)[:300]})
-    run = _int8_ceiling_kernel()
+    run = _run_int8
     for cfg in _CEILING_CONFIGS:
         try:
             y = run(a, w, cfg)
@@ -131,7 +123,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("gpu_diag: needs CUDA")
         return 0
-    import triton
     from triton.testing import do_bench
 
     from svdq_compile.codegen.autotune import gemm_candidates

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from svdq_compile.codegen.tiling import grouped_tile
+
 W8_MAX = 119  # leaves room for half a group step inside int8 (QServe's protective range)
 
 
@@ -64,14 +66,7 @@ def reference(a, s_a, packed, s, z, s_c, group: int = 64) -> torch.Tensor:
 @triton.jit
 def w4a8p_kernel(a_ptr, sa_ptr, w_ptr, s_ptr, zs_ptr, sc_ptr, y_ptr, M, N, K,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_id = pid // (GROUP_M * num_pid_n)
-    first_m = group_id * GROUP_M
-    gsz = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % (GROUP_M * num_pid_n)) % gsz)
-    pid_n = (pid % (GROUP_M * num_pid_n)) // gsz
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = (offs_m % M).to(tl.int64)

@@ -27,6 +27,7 @@ from .autotune import GemmConfig, choose_config, gemm_candidates
 from .epilogue import apply_activation
 from .launch import interpreting, launch
 from .spec import KernelSpec
+from .tiling import grouped_tile
 
 __all__ = ["gemm_kernel", "run_gemm", "broadcast_operand"]
 
@@ -91,17 +92,7 @@ def gemm_kernel(
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped launch order (Triton matmul tutorial): GROUP_M row blocks share each
-    # weight panel while it is hot in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
