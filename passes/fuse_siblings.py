@@ -55,8 +55,12 @@ def _alias_into(packs: list[PackedLinear], fused: PackedLinear) -> int:
                 if t is None or big is None or cnt == 0:
                     continue
                 view = big[lo:lo + cnt]
-                if (t.shape != view.shape or t.dtype != view.dtype or t.device != view.device
-                        or t.requires_grad or t.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()):
+                # Already part of a larger storage (a fused tensor of an earlier compile, e.g.
+                # of a graph for another shape that is still used): re-pointing would free
+                # nothing and would bump the version that graph checks.
+                own = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                if (not own or t.shape != view.shape or t.dtype != view.dtype or t.device != view.device
+                        or t.requires_grad):
                     continue
                 try:
                     t.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())

@@ -46,6 +46,14 @@ class _Recorder(torch.nn.Module):
         return x
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place version counter (-1 for inference-mode tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def _calibration_graph(gm: fx.GraphModule, sites, new_stats: Callable[[Any, int], LayerStats]) -> fx.GraphModule:
     """A copy of gm that records the input of every site before running it.
 
@@ -97,10 +105,12 @@ class SVDQuantCompiled:
         # Tensors of already-quantized layers (SVDQLinear buffers) are baked in too when
         # the passes fuse them: they key the variant as well.
         svdq_targets = (torch.ops.svdq.linear, torch.ops.svdq.linear.default)
+        self._svdq_idx: list[int] = []
         for n in gm.graph.nodes:
             if n.op == "call_function" and n.target in svdq_targets:
-                self._widx += [placeholders.index(a) for a in n.args[1:9]
-                               if isinstance(a, fx.Node) and a.op == "placeholder"]
+                self._svdq_idx += [placeholders.index(a) for a in n.args[1:9]
+                                   if isinstance(a, fx.Node) and a.op == "placeholder"]
+        self._widx += self._svdq_idx
         self._key: tuple = ()
         self._variants: dict[tuple, tuple[Callable, list]] = {}
         missing = [s for s in self.sites if (stats_of(s.weight) is None or stats_of(s.weight).seen == 0)]
@@ -143,7 +153,7 @@ class SVDQuantCompiled:
                                  f"({', '.join(missing[:5])}...) of another instance of this model")
         qgm, report = quantize_graph(self.gm, inputs, sites, self.config)
         _REPORTS.append(report)
-        self._versions = [(s.weight, s.weight._version) for s in sites]
+        self._versions = [(s.weight, _version(s.weight)) for s in sites]
         # ops_inserted also counts svdq ops of already-quantized models (quantize()/load()).
         if self.config.use_inductor and (report.rewritten or report.ops_inserted):
             from torch._inductor.compile_fx import compile_fx
@@ -155,6 +165,10 @@ class SVDQuantCompiled:
         else:
             self._fn = qgm
         apply_aliases(qgm)  # only now: compiling checks the inputs' storage offsets
+        # Buffers of already-quantized layers (quantize()/load()) are baked into fused ops
+        # too: an in-place edit of one must not leave the compiled model half stale.
+        self._versions += [(inputs[i], _version(inputs[i])) for i in self._svdq_idx
+                           if isinstance(inputs[i], torch.Tensor)]
         self._key = self._weight_key(inputs)
         self._variants[self._key] = (self._fn, self._versions)
         report.seconds = time.perf_counter() - t0
@@ -178,7 +192,7 @@ class SVDQuantCompiled:
                 log.info("svdquant: new set of weights for a shared graph; quantizing them")
                 self._finalize(args)
         for w, v in self._versions:
-            if w._version != v:
+            if _version(w) != v:
                 raise RuntimeError(
                     "svdquant: a quantized weight was modified after compilation; the compiled "
                     "model would run stale weights. Re-create it with torch.compile(...) (and "

@@ -1,6 +1,7 @@
 """The ordered pass pipeline: counts in the report, untouched graphs, per-pass dumps."""
 import os
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -146,3 +147,33 @@ def test_quantized_siblings_alias_after_inductor_compile():
     with torch.no_grad():
         assert torch.equal(m(x), eager)
     assert svdq_compile.sqnr_db(eager, y1) > 60 and torch.equal(y1, y2)
+    # The fused op bakes in the modules' buffers: an in-place edit is caught, not run stale.
+    with torch.no_grad():
+        m.k.lora_up.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified after compilation"):
+            cm(x)
+
+
+def test_recompile_for_new_shape_keeps_earlier_graph_valid():
+    """A recompile for a new shape fuses the same quantize()'d siblings again; the first
+    graph (still used for its shape) must not see that as a modified weight."""
+    torch.manual_seed(0)
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 128)
+
+        def forward(self, x):
+            h = F.layer_norm(x, (128,))
+            return self.q(h) * self.k(h) + self.v(h)
+
+    m = QKV()
+    xs = [torch.randn(2, t, 128) for t in (16, 24, 16)]
+    svdq_compile.quantize(m, (xs[0],), [(xs[0],)], config=svdq_compile.SVDQuantConfig(rank=8, search_grid=2),
+                          progress=False)
+    # dynamic=False: one static graph per token count, the first one is used again last.
+    cm = torch.compile(m, backend="svdquant", options={"use_inductor": False}, dynamic=False)
+    with torch.no_grad():
+        for x in xs:
+            assert torch.allclose(cm(x), m(x), rtol=1e-4, atol=1e-4)
