@@ -48,7 +48,8 @@ class _CacheEntry(NamedTuple):
     qversion: Optional[int]  # qweight._version (None for inference tensors)
     qsnapshot: Optional[torch.Tensor]  # private copy of qweight (inference tensors only)
     qmeta: tuple  # (data_ptr, shape, stride): extra guards, never the key alone
-    wscales: torch.Tensor  # private copy, compared exactly on every call
+    wscales: torch.Tensor  # inference tensors: a private copy, compared exactly; else the tensor itself
+    sversion: Optional[int]  # wscales._version (None for inference tensors)
     prep: cpu_gemm.PreparedWeight
 
 
@@ -64,7 +65,11 @@ def _entry_valid(e: _CacheEntry, qweight: torch.Tensor, wscales: torch.Tensor, g
             return False
     elif qweight.is_inference() or e.qversion != qweight._version:
         return False
-    return e.wscales.dtype == wscales.dtype and e.wscales.shape == wscales.shape and torch.equal(e.wscales, wscales)
+    if e.sversion is None:
+        return e.wscales.dtype == wscales.dtype and e.wscales.shape == wscales.shape and torch.equal(e.wscales, wscales)
+    # The very tensor the weight was prepared with (held by the entry, so its id cannot be
+    # reused) with no in-place write since: no need to compare values on every call.
+    return e.wscales is wscales and not wscales.is_inference() and e.sversion == wscales._version
 
 
 def cached_prepared_weight(
@@ -79,8 +84,9 @@ def cached_prepared_weight(
     inference = qweight.is_inference()
     prep = cpu_gemm.prepare_weight(qweight, wscales, group_size, weight_bits=weight_bits, backend="auto")
     snap = qweight.clone() if inference else None  # (the qweight -> entry -> qweight cycle is gc-collectable)
+    s_inf = wscales.is_inference()
     entry = _CacheEntry(group_size, weight_bits, None if inference else qweight._version, snap, _qmeta(qweight),
-                        wscales.clone(), prep)
+                        wscales.clone() if s_inf else wscales, None if s_inf else wscales._version, prep)
     try:
         setattr(qweight, CACHE_ATTR, entry)
     except (AttributeError, RuntimeError):  # exotic tensor subclasses: just don't cache

@@ -174,12 +174,20 @@ def test_weight_cache_reused_and_invalidated():
     assert _rel(y1, _run(x, L, **kw, ref=True)) < 1e-5
     assert not torch.equal(y1[:, :5], y0[:, :5])
 
-    # in-place write to wscales (a different tensor): detected by the exact comparison
+    # in-place write to wscales (a different tensor): detected by its version counter
     entry = getattr(L["qweight"], CACHE_ATTR)
     L["wscales"].mul_(2)
     y2 = _run(x, L, **kw)
     assert getattr(L["qweight"], CACHE_ATTR) is not entry
     assert _rel(y2, _run(x, L, **kw, ref=True)) < 1e-5
+
+    # a new scales tensor (same shape, other values) for the same qweight: rebuilt too
+    entry = getattr(L["qweight"], CACHE_ATTR)
+    L = dict(L, wscales=L["wscales"] * 0.5)
+    y3 = _run(x, L, **kw)
+    assert getattr(L["qweight"], CACHE_ATTR) is not entry
+    assert _rel(y3, _run(x, L, **kw, ref=True)) < 1e-5
+    L = dict(L, wscales=L["wscales"] * 2.0)  # back to y2's values, as another new tensor
 
     # a new weight tensor never shares the entry
     L2 = dict(L, qweight=L["qweight"].clone())
