@@ -67,9 +67,6 @@ class SharedInputRouter:
     def add(self, name: str, stats: LayerStats) -> None:
         self._group[name] = _Group(stats, [name])
 
-    def stats(self, name: str) -> LayerStats:
-        return self._group[name].stats
-
     def record(self, name: str, x: torch.Tensor) -> None:
         g = self._group[name]
         g.stats.check_features(x)
