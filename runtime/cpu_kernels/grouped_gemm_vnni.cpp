@@ -22,7 +22,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -44,7 +46,8 @@ inline int32_t load_i32(const uint8_t* p) {
 
 // One micro-tile: R rows x NC columns, groups [g0, g1).
 // A: u8 activations at row m0 (stride lda); sa at row m0 (stride ldsa);
-// B: packed panel [K/4][NC][4]; bias/swt: [ng][Np] already offset by the panel's n0;
+// B: packed panel rows from group g0 on ([k-quads][NC][4] int8); bias/swt: [ng][Np] already
+// offset by the panel's n0;
 // C: fp32 output at (m0, n0), stride ldc.
 // The accumulators are named scalars (not arrays): GCC spills __m512i arrays.
 #define SVDQ_ROW(r, X) if constexpr (R > r) { X(r) }
@@ -63,7 +66,7 @@ inline void micro_tile(const uint8_t* __restrict A, int64_t lda, const float* __
     __m512i c30, c31, c32, c33, c40, c41, c42, c43, c50, c51, c52, c53;
 #define SVDQ_INIT(r) c##r##0 = i0; c##r##1 = i1; c##r##2 = i2; c##r##3 = i3;
     SVDQ_ROWS(SVDQ_INIT)
-    const int8_t* Bg = B + g * G * NC;  // (g * G / 4) k-quads * NC * 4 bytes
+    const int8_t* Bg = B + (g - g0) * G * NC;  // ((g - g0) * G / 4) k-quads * NC * 4 bytes
     const uint8_t* Ag = A + g * G;
     for (int64_t k4 = 0; k4 < G / 4; ++k4) {
       const int8_t* bk = Bg + k4 * (NC * 4);
@@ -160,7 +163,11 @@ inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, in
 
 // qw: [N, K] int8, sw: [N, K/G] fp32 ->
 //   Bp: [NB, K/4, NC, 4] int8 (zero-padded columns), bias: [ng, Np] int32, swt: [ng, Np] fp32.
-// int4 = true: qw is [N, K/2] packed int4 bytes (low nibble = even k, signed nibbles).
+// int4 = true: qw is [N, K/2] packed int4 bytes (low nibble = even k, signed nibbles); then,
+// when G % 8 == 0, Bp keeps 4 bits per weight: [NB, K/8, NC, 4] uint8 whose byte holds
+// k-quad 2j in its low nibble and k-quad 2j+1 in its high nibble (half the memory of the
+// int8 layout; gemm_core expands each panel once per call and thread into a K * 64-byte
+// buffer: min-of-5 timings at K=N=3072 within 5% of the int8 layout, M=256 and 1024).
 std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& sw_in, int64_t G, bool int4) {
   TORCH_CHECK(qw_in.dim() == 2 && qw_in.scalar_type() == at::kChar, "qw must be [N, K] int8 or [N, K/2] packed int4");
   TORCH_CHECK(G > 0 && G % 4 == 0, "group size must be a positive multiple of 4");
@@ -172,12 +179,14 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& s
   TORCH_CHECK(K % G == 0, "K must be a multiple of the group size");
   const int64_t ng = K / G, NB = (N + NC - 1) / NC, Np = NB * NC, K4 = K / 4;
   TORCH_CHECK(sw.dim() == 2 && sw.size(0) == N && sw.size(1) == ng, "sw must be [N, K/G]");
-  at::Tensor Bp = at::empty({NB, K4, NC, 4}, qw.options());  // every byte is written below
+  const bool out4 = int4 && G % 8 == 0;
+  at::Tensor Bp = out4 ? at::empty({NB, K4 / 2, NC, 4}, qw.options().dtype(at::kByte))  // every byte
+                       : at::empty({NB, K4, NC, 4}, qw.options());                       // is written below
   at::Tensor bias = at::empty({ng, Np}, qw.options().dtype(at::kInt));
   at::Tensor swt = at::zeros({ng, Np}, qw.options().dtype(at::kFloat));
   swt.narrow(1, 0, N).copy_(sw.t());
   const int8_t* q = qw.data_ptr<int8_t>();
-  int8_t* bp = Bp.data_ptr<int8_t>();
+  int8_t* bp = out4 ? reinterpret_cast<int8_t*>(Bp.data_ptr<uint8_t>()) : Bp.data_ptr<int8_t>();
   int32_t* bi = bias.data_ptr<int32_t>();
   TORCH_CHECK(16 * K < (int64_t(1) << 31), "K too large for the packing gather");
   const __m512i row_off = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -188,7 +197,8 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& s
   at::parallel_for(0, NB * NV, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t nb = t / NV, v = t % NV, n0 = nb * NC + 16 * v;
-      int8_t* panel = bp + nb * K4 * NC * 4 + 64 * v;
+      int8_t* panel = bp + (out4 ? nb * (K4 / 2) : nb * K4) * NC * 4 + 64 * v;
+      __m512i prev = _mm512_setzero_si512();  // out4: the even k-quad waiting for its pair
       const int64_t nvalid = std::max<int64_t>(0, std::min<int64_t>(16, N - n0));
       const __mmask16 mask = static_cast<__mmask16>((1u << nvalid) - 1u);
       const int8_t* base = q + std::min<int64_t>(n0, N - 1) * row_bytes;  // any valid row when fully masked
@@ -212,7 +222,16 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& s
                                 _mm512_and_si512(_mm512_slli_epi32(h, 12), _mm512_set1_epi32(0x0F000000))));
             x = _mm512_sub_epi8(_mm512_xor_si512(x, c8), c8);  // sign-extend each nibble
           }
-          _mm512_storeu_si512(panel + k4 * (NC * 4), x);
+          if (!out4) {
+            _mm512_storeu_si512(panel + k4 * (NC * 4), x);
+          } else if (k4 % 2 == 0) {
+            prev = x;
+          } else {  // low nibble: k-quad k4 - 1, high nibble: k-quad k4 (masked: no carry across bytes)
+            const __m512i m0f = _mm512_set1_epi8(0x0F);
+            _mm512_storeu_si512(panel + (k4 / 2) * (NC * 4),
+                                _mm512_or_si512(_mm512_and_si512(prev, m0f),
+                                                _mm512_slli_epi16(_mm512_and_si512(x, m0f), 4)));
+          }
           acc = _mm512_dpbusd_epi32(acc, ones, x);  // per-column sum of the 4 weights
         }
         _mm512_storeu_si512(bi + g * Np + n0, _mm512_mullo_epi32(acc, m128));
@@ -236,7 +255,9 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
   const int64_t M = qa.size(0), K = qa.size(1);
   TORCH_CHECK(G > 0 && G % 4 == 0 && K % G == 0, "bad group size");
   const int64_t ng = K / G, NB = Bp.size(0), Np = NB * NC;
-  TORCH_CHECK(Bp.size(1) * 4 == K && Bp.size(2) == NC && Bp.size(3) == 4, "packed weight does not match K");
+  const bool b4 = Bp.scalar_type() == at::kByte;  // 4-bit layout of pack_weight
+  TORCH_CHECK(Bp.size(1) * (b4 ? 8 : 4) == K && Bp.size(2) == NC && Bp.size(3) == 4 && (!b4 || G % 8 == 0),
+              "packed weight does not match K");
   TORCH_CHECK(bias.size(0) == ng && bias.size(1) == Np && swt.size(0) == ng && swt.size(1) == Np, "bad packing");
   TORCH_CHECK(sa.dim() == 2 && sa.size(0) == M && sa.size(1) == ng, "sa must be [M, K/G]");
   TORCH_CHECK(N <= Np && N > Np - NC, "N does not match the packed weight");
@@ -269,7 +290,7 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
   const float* YB = yb.defined() ? yb.data_ptr<float>() : nullptr;
   const uint8_t* A = Au.data_ptr<uint8_t>();
   const float* S = sa.data_ptr<float>();
-  const int8_t* B = Bp.data_ptr<int8_t>();
+  const int8_t* B = b4 ? reinterpret_cast<const int8_t*>(Bp.data_ptr<uint8_t>()) : Bp.data_ptr<int8_t>();
   const int32_t* BI = bias.data_ptr<int32_t>();
   const float* ST = swt.data_ptr<float>();
   float* Cp = C.data_ptr<float>();
@@ -279,15 +300,44 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
   const int64_t nm = (M + MC - 1) / MC;
   const int64_t gpb = std::max<int64_t>(1, 256 / G);      // groups per k-block (B block ~16 KiB in L1)
   at::parallel_for(0, NB * nm, 1, [&](int64_t t0, int64_t t1) {
+    // 4-bit layout: the task's panel expanded to int8 once (K * NC bytes, L2-resident) and
+    // reused by the following tasks of the same panel (tasks are ordered panel-major).
+    // 64-byte aligned like the int8 layout's tensor: unaligned zmm loads split cache lines.
+    const size_t bytes = b4 ? static_cast<size_t>(K4 * NC * 4) : 0;
+    std::unique_ptr<int8_t, decltype(&std::free)> scratch(
+        bytes ? static_cast<int8_t*>(std::aligned_alloc(64, bytes)) : nullptr, &std::free);
+    TORCH_CHECK(!bytes || scratch, "out of memory for the int4 expansion buffer");
+    int64_t expanded = -1;
+    const __m512i m0f = _mm512_set1_epi8(0x0F), c8 = _mm512_set1_epi8(8);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t nb = t / nm, mc = t % nm;
       const int64_t n0 = nb * NC, m_lo = mc * MC, m_hi = std::min(M, m_lo + MC);
       const int8_t* panel = B + nb * K4 * NC * 4;
+      if (b4) {
+        if (expanded != nb) {
+          // Pair j holds k-quads 2j (low nibbles) and 2j + 1 (high): sign-extend each nibble.
+          const int8_t* src = B + nb * (K4 / 2) * NC * 4;
+          for (int64_t j = 0; j < K4 / 2; ++j) {
+            for (int v = 0; v < NV; ++v) {
+              const __m512i b = _mm512_loadu_si512(src + j * (NC * 4) + 64 * v);
+              const __m512i lo = _mm512_and_si512(b, m0f);
+              const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m0f);
+              _mm512_storeu_si512(scratch.get() + (2 * j) * (NC * 4) + 64 * v,
+                                  _mm512_sub_epi8(_mm512_xor_si512(lo, c8), c8));
+              _mm512_storeu_si512(scratch.get() + (2 * j + 1) * (NC * 4) + 64 * v,
+                                  _mm512_sub_epi8(_mm512_xor_si512(hi, c8), c8));
+            }
+          }
+          expanded = nb;
+        }
+        panel = scratch.get();
+      }
       for (int64_t g0 = 0; g0 < ng; g0 += gpb) {
         const int64_t g1 = std::min(ng, g0 + gpb);
         for (int64_t m = m_lo; m < m_hi; m += MR) {
           const int r = static_cast<int>(std::min<int64_t>(MR, m_hi - m));
-          kTiles[r](A + m * K, K, S + m * ng, ng, panel, BI + n0, ST + n0, Np, Cp + m * Np + n0, Np, g0, g1, G);
+          kTiles[r](A + m * K, K, S + m * ng, ng, panel + g0 * G * NC, BI + n0, ST + n0, Np,
+                    Cp + m * Np + n0, Np, g0, g1, G);
         }
       }
       if (HP || YB) lowrank_bias_rows(Cp, Np, m_lo, m_hi, n0, N, HP, R, LUTP, YB);
