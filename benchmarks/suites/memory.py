@@ -100,6 +100,18 @@ def _peak_forward(ctx: Context, model: nn.Module, inputs: tuple) -> Optional[int
         return peak
 
 
+def _cpu_prepared_bytes(layers) -> int:
+    """Bytes of the CPU kernels' prepared weights cached on the layers' qweights."""
+    from svdq_compile.runtime.cpu import CACHE_ATTR
+
+    total = 0
+    for m in layers:
+        e = getattr(m.qweight, CACHE_ATTR, None)
+        if e is not None and e.prep.packed is not None:
+            total += sum(_bytes(t) for t in e.prep.packed)
+    return total
+
+
 def run(ctx: Context, tqdm: Any) -> None:
     from diffusers import FluxTransformer2DModel
     from svdq_compile import SVDQLinear, SVDQuantConfig
@@ -149,7 +161,10 @@ def run(ctx: Context, tqdm: Any) -> None:
         bar.set_postfix_str(f"peak memory {kind} block")
         peak_bf16 = _peak_forward(ctx, blk, example)
         peak_ours = _peak_forward(ctx, q, example)
+        # CPU: the VNNI kernel keeps a prepared copy of each weight (built on first call).
+        prepared = _cpu_prepared_bytes(layers.values()) if ctx.device == "cpu" else None
         ctx.record({"kind": "sample block", "scope": f"{kind} block", "hidden": dims.hidden,
+                    "ours_cpu_prepared_bytes": prepared,
                     "tokens": f"{img}+{txt}", "bf16_bytes": bf16_bytes, "ours_bytes": ours_bytes,
                     "ratio": round(bf16_bytes / ours_bytes, 3),
                     "bf16_forward_peak_extra_bytes": peak_bf16, "ours_forward_peak_extra_bytes": peak_ours,
