@@ -19,7 +19,7 @@ from ..runtime.ops import check_linear_args
 from .gemm import run_gemm
 from .launch import interpreting
 from .prologue import run_prologue
-from .w4a16 import run_w4a16, w4a16_supported
+from .w4a16 import run_w4a16, try_run_w4a16, w4a16_supported
 from .spec import LORA_PRECISIONS, KernelSpec
 
 __all__ = ["quantized_linear_triton", "make_spec", "default_lora_precision", "is_tracing"]
@@ -178,7 +178,8 @@ def quantized_linear_triton(
         return quantized_linear_cpu(
             x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
             group_size, weight_bits, act_bits, act_unsigned, act_shift, epilogue,
-            w4a16_product=lambda x2, qw, sw, g: run_w4a16(x2, qw, sw, g, wrap=wrap),
+            # Traced (wrap): no fallback inside a graph; eager: fall back once on a kernel error.
+            w4a16_product=(lambda x2, qw, sw, g: run_w4a16(x2, qw, sw, g, wrap=True)) if wrap else try_run_w4a16,
         )
     reason = spec.supports_triton()
     if reason is not None:

@@ -13,13 +13,19 @@ Equal to ``F.linear(x, dequantize_weight(...))`` up to fp32 summation order.
 """
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .launch import interpreting, launch
 
-__all__ = ["w4a16_kernel", "run_w4a16", "w4a16_supported"]
+__all__ = ["w4a16_kernel", "run_w4a16", "try_run_w4a16", "w4a16_supported"]
+
+log = logging.getLogger(__name__)
+_FAILED: list = []  # the first launch error; later calls go straight to the torch fallback
 
 
 @triton.jit
@@ -101,3 +107,23 @@ def run_w4a16(
                   num_warps=4, num_stages=3)
     launch(w4a16_kernel, grid, args, kwargs, wrap=wrap, device=x2d.device)
     return y
+
+
+def try_run_w4a16(
+    x2d: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, group_size: int
+) -> Optional[torch.Tensor]:
+    """:func:`run_w4a16`, or None (the caller's dequantize + matmul fallback) if the kernel
+    cannot be compiled or launched here, e.g. no 16-bit ``tl.dot`` on an older GPU.
+
+    Logged once; weight-only layers are a small part of a model's time, so a slower
+    fallback beats failing the whole model.
+    """
+    if _FAILED:
+        return None
+    try:
+        return run_w4a16(x2d, qweight, wscales, group_size)
+    except Exception as e:  # noqa: BLE001 - compile/launch errors of a generated kernel
+        _FAILED.append(e)
+        log.warning("svdq_compile: the Triton W4A16 kernel failed (%s: %s); weight-only layers use the "
+                    "dequantize + matmul fallback", type(e).__name__, e)
+        return None

@@ -50,3 +50,22 @@ def test_smoothed_w4a16_runs_in_fp32():
     y = quantized_linear_triton(*args)
     ref = quantized_linear_cpu(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
     assert rel_err(y.cpu().float(), ref.float()) < 4e-3
+
+
+def test_kernel_failure_falls_back_once(monkeypatch, caplog):
+    from svdq_compile.codegen import w4a16
+
+    def boom(*a, **k):
+        raise RuntimeError("no 16-bit dot on this GPU")
+
+    monkeypatch.setattr(w4a16, "_FAILED", [])
+    monkeypatch.setattr(w4a16, "launch", boom)
+    layer = make_layer(40, 64, rank=4, smooth=False)
+    x = make_input(3, 64)
+    args = (x, *layer.args(), None, None, 64, 4, 16, False, 0.0, "none")
+    with caplog.at_level("WARNING"):
+        y = quantized_linear_triton(*args)
+        y2 = quantized_linear_triton(*args)
+    ref = quantized_linear_cpu(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+    assert rel_err(y.cpu(), ref) < 1e-5 and torch.equal(y, y2)
+    assert sum("W4A16 kernel failed" in r.message for r in caplog.records) == 1
