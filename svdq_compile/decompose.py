@@ -144,7 +144,8 @@ def low_rank(
         # direction that moved into the top r since the start basis was computed.
         g = torch.Generator().manual_seed(seed)
         extra = min(_OVERSAMPLE, k - init.shape[0])
-        v0 = torch.cat([init.double().t(), torch.randn(k, max(extra, 0), generator=g, dtype=torch.float64)], dim=1)
+        rnd = torch.randn(k, max(extra, 0), generator=g, dtype=torch.float64).to(w64.device)  # CPU generator
+        v0 = torch.cat([init.to(w64.device, torch.float64).t(), rnd], dim=1)
         u, s, vh = _subspace_iteration(w64, v0[:, : min(k, n, v0.shape[1])], r, niter)
         root = s.sqrt()
         return u * root, root[:, None] * vh

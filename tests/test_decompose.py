@@ -90,3 +90,11 @@ def test_fast_paths_keep_decomposition_quality(monkeypatch):
     # one-power-iteration SVD only needs to rank candidates, within a few % is enough.
     assert abs(warm - exact) / exact < 1e-2
     assert abs(fast - exact) / exact < 5e-2
+
+
+def test_warm_start_stays_on_the_weights_device():
+    # Calibration runs where the weights are (CUDA on a GPU); "meta" stands in for a
+    # non-CPU device here: the seeded random directions must follow the weights.
+    w = torch.randn(64, 96, device="meta")
+    up, down = low_rank(w, 8, init=torch.randn(8, 96, device="meta"), niter=1)
+    assert up.device.type == "meta" and down.shape == (8, 96)
