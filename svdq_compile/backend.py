@@ -20,6 +20,7 @@ from .calibration import LayerStats, attach_stats, stats_of
 from .config import SVDQuantConfig
 from svdq_compile.runtime.packed import mode_bits
 from .pipeline import CompileReport, quantize_graph
+from .versions import tensor_version as _version
 from svdq_compile.passes.fuse_siblings import apply_aliases
 
 __all__ = ["svdquant_backend", "last_reports"]
@@ -44,14 +45,6 @@ class _Recorder(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.stats.update(x)
         return x
-
-
-def _version(t: torch.Tensor) -> int:
-    """In-place version counter (-1 for inference-mode tensors, which have none)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
 
 
 def _calibration_graph(gm: fx.GraphModule, sites, new_stats: Callable[[Any, int], LayerStats]) -> fx.GraphModule:

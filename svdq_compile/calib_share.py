@@ -10,6 +10,10 @@ Statistics are updated eagerly by the first linear that reads a tensor (no activ
 held for later). The update keeps an undo record until the next linear input arrives:
 if a member of the group turns out not to read that tensor, it leaves the group with the
 statistics as they were before it. Only one undo record exists at a time.
+
+Under ``torch.inference_mode()`` tensors have no version counter: a tensor modified in
+place between two linears that read it would go unnoticed there (identity only);
+diffusers' attention blocks do not do that.
 """
 from __future__ import annotations
 
@@ -20,22 +24,11 @@ from typing import Callable, Optional
 import torch
 
 from .calibration import LayerStats, _Undo
+from .versions import tensor_version as _version
 
 __all__ = ["SharedInputRouter"]
 
 log = logging.getLogger(__name__)
-
-
-def _version(x: torch.Tensor) -> int:
-    """In-place version counter; inference-mode tensors have none (-1: identity only).
-
-    Under ``torch.inference_mode()`` a tensor modified in place between two linears that
-    read it would go unnoticed; diffusers' attention blocks do not do that.
-    """
-    try:
-        return x._version
-    except RuntimeError:
-        return -1
 
 
 class _Group:
