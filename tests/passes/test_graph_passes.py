@@ -118,22 +118,25 @@ def test_fused_siblings_alias_the_original_tensors():
     assert _alias_into(packs, fused) == 0  # already aliased: nothing left to free
 
 
+class _QKV(nn.Module):
+    """q/k/v reading one normalised input: the sibling-fusion case of quantize()'d models."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 128)
+
+    def forward(self, x):
+        h = F.layer_norm(x, (128,))
+        return self.q(h) * self.k(h) + self.v(h)
+
+
 def test_quantized_siblings_alias_after_inductor_compile():
     """quantize()'d QKV compiled with Inductor: the fused op runs, and only then do the
     modules' buffers alias it (aliasing earlier changed input storage offsets that
     Inductor checks against Dynamo's trace: BackendCompilerFailed)."""
     torch.manual_seed(0)
 
-    class QKV(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.k, self.v = nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 128)
-
-        def forward(self, x):
-            h = F.layer_norm(x, (128,))
-            return self.q(h) * self.k(h) + self.v(h)
-
-    m = QKV()
+    m = _QKV()
     x = torch.randn(2, 16, 128)
     cfg = svdq_compile.SVDQuantConfig(rank=8, search_grid=2)
     svdq_compile.quantize(m, (x,), [(x,)], config=cfg, progress=False)
@@ -159,16 +162,7 @@ def test_recompile_for_new_shape_keeps_earlier_graph_valid():
     graph (still used for its shape) must not see that as a modified weight."""
     torch.manual_seed(0)
 
-    class QKV(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.k, self.v = nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 128)
-
-        def forward(self, x):
-            h = F.layer_norm(x, (128,))
-            return self.q(h) * self.k(h) + self.v(h)
-
-    m = QKV()
+    m = _QKV()
     xs = [torch.randn(2, t, 128) for t in (16, 24, 16)]
     svdq_compile.quantize(m, (xs[0],), [(xs[0],)], config=svdq_compile.SVDQuantConfig(rank=8, search_grid=2),
                           progress=False)
