@@ -170,26 +170,22 @@ def quantized_linear_triton(
         x, smooth, lora_down, bias, residual, gate, group_size, weight_bits, act_bits,
         act_unsigned, epilogue, lora_precision,
     )
-    if act_bits == 16 and weight_bits == 4 and w4a16_supported(group_size):
-        # Weight-only: the Triton INT4 product, the low-rank branch and epilogue in torch
-        # (these layers run on a few rows, e.g. AdaLN modulation).
-        if interpreting() and x.is_cuda:
-            raise RuntimeError("svdq_compile.codegen: TRITON_INTERPRET=1 cannot run CUDA tensors")
-        return quantized_linear_cpu(
-            x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
-            group_size, weight_bits, act_bits, act_unsigned, act_shift, epilogue,
-            # Traced (wrap): no fallback inside a graph; eager: fall back once on a kernel error.
-            w4a16_product=(lambda x2, qw, sw, g: run_w4a16(x2, qw, sw, g, wrap=True)) if wrap else try_run_w4a16,
-        )
-    reason = spec.supports_triton()
-    if reason is not None:
-        log.debug("svdq.linear: torch fallback (%s)", reason)
-        return quantized_linear_cpu(
-            x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
-            group_size, weight_bits, act_bits, act_unsigned, act_shift, epilogue,
-        )
-    if interpreting() and x.is_cuda:
+    # Weight-only layers (e.g. AdaLN modulation, a few rows) keep the torch path for the
+    # low-rank branch and epilogue, with the Triton INT4 product for the matmul.
+    w4a16 = act_bits == 16 and weight_bits == 4 and w4a16_supported(group_size)
+    reason = None if w4a16 else spec.supports_triton()
+    if reason is None and interpreting() and x.is_cuda:
         raise RuntimeError("svdq_compile.codegen: TRITON_INTERPRET=1 cannot run CUDA tensors")
+    if reason is not None or w4a16:
+        if reason is not None:
+            log.debug("svdq.linear: torch fallback (%s)", reason)
+        # Traced (wrap): no fallback inside a graph; eager: fall back once on a kernel error.
+        product = None if not w4a16 else (
+            (lambda x2, qw, sw, g: run_w4a16(x2, qw, sw, g, wrap=True)) if wrap else try_run_w4a16)
+        return quantized_linear_cpu(
+            x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
+            group_size, weight_bits, act_bits, act_unsigned, act_shift, epilogue, w4a16_product=product,
+        )
 
     # ---- allocate / lay out
     lead = tuple(x.shape[:-1])
