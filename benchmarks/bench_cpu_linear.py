@@ -149,7 +149,8 @@ def main() -> None:
             quantize_activation_ms=quant_act, prepare_from_int4_ms=prep4, weight_bytes_ratio=weight_ratio,
         ))
 
-    print(f"backend: {'vnni' if fast else 'torch fallback'} (kernel load/build {build_s:.1f} s); "
+    kernel = ("vnni+amx" if cpu_gemm.amx_enabled() else "vnni") if fast else "torch"
+    print(f"backend: {kernel if fast else 'torch fallback'} (kernel load/build {build_s:.1f} s); "
           f"threads={torch.get_num_threads()}; median of {repeats}")
     hdr = (f"{'M':>5} {'fp32 ms':>9} {'W4A4 ms':>9} {'ratio':>6} {'ratio/min':>9} {'torch path':>10} {'wbytes':>7} | "
            f"{'fused_q':>7} {'gemm/prep':>9} {'quant_act':>9} {'prep_i4':>7}")
@@ -166,7 +167,7 @@ def main() -> None:
     info = dict(
         cpu=_cpu_model(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
         python=platform.python_version(), date=_dt.datetime.now().isoformat(timespec="seconds"),
-        backend="vnni" if fast else "torch", kernel_load_s=build_s, repeats=repeats, quick=args.quick,
+        backend=kernel, kernel_load_s=build_s, repeats=repeats, quick=args.quick,
         group_size=G, rank=RANK, load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None,
     )
     out.write_text(json.dumps(dict(machine=info, results=rows), indent=2) + "\n")

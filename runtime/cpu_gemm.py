@@ -8,6 +8,11 @@ fp32 rescale/accumulation, no bf16 anywhere):
   bias is removed exactly through a per-(group, column) weight sum, so every
   int4/int8 range works. Each group's int32 partial is folded into the fp32 output
   with one FMA (``y = fma(float(I_g), sa * sw, y)``, groups in ascending order).
+  Where the CPU has AMX-INT8 and Linux grants the tile state (Sapphire Rapids and
+  later), full 32-row blocks run on AMX tiles instead (``cpu_kernels/grouped_gemm_amx.cpp``,
+  one ``TDPBUSD`` per 16x16 block and group of 64): same integer partials, same fold
+  order, bit-identical output, 1.7x the VNNI GEMM's speed on the 2-core dev VM.
+  ``SVDQ_CPU_AMX=0`` or :func:`set_amx` turns it off.
   Built lazily on the first call with ``torch.utils.cpp_extension.load`` (cached in
   the torch extensions dir, ``$TORCH_EXTENSIONS_DIR``); OpenMP threads come from
   torch's intra-op pool.
@@ -43,6 +48,8 @@ __all__ = [
     "fast_backend_available",
     "quantize_activation_fused",
     "gemm_prepared_u8",
+    "set_amx",
+    "amx_enabled",
 ]
 
 _log = logging.getLogger(__name__)
@@ -51,7 +58,9 @@ ENV_BACKEND = "SVDQ_CPU_GEMM"  # "auto" (default), "torch" (force fallback), "vn
 _SRC = Path(__file__).with_name("cpu_kernels") / "grouped_gemm_vnni.cpp"
 _SRC_QUANT = Path(__file__).with_name("cpu_kernels") / "quantize_act.cpp"  # fused activation quantizer
 _SRC_W4A16 = Path(__file__).with_name("cpu_kernels") / "w4a16.cpp"  # weight-only INT4 (see cpu_w4a16.py)
-_SOURCES = (_SRC, _SRC_QUANT, _SRC_W4A16)
+_SRC_AMX = Path(__file__).with_name("cpu_kernels") / "grouped_gemm_amx.cpp"  # AMX blocks of the same GEMM
+_SOURCES = (_SRC, _SRC_QUANT, _SRC_W4A16, _SRC_AMX)
+ENV_AMX = "SVDQ_CPU_AMX"  # "0" keeps the GEMM on AVX512-VNNI even where AMX is available
 # -ffp-contract=off: the quantizer must reproduce torch's separately rounded fp32 ops.
 _CFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl",
            "-mavx512vnni", "-fopenmp"]
@@ -110,6 +119,8 @@ def _load_ops():
                     verbose=False,
                 )
                 _ops = torch.ops.svdq_cpu_gemm
+                if os.environ.get(ENV_AMX, "1") == "0":
+                    _ops.set_amx(False)
                 return _ops
             except Exception as e:  # compiler error, missing headers, ...
                 reason = f"building the C++ kernel failed: {type(e).__name__}: {e}"
@@ -121,6 +132,19 @@ def _load_ops():
 def fast_backend_available() -> bool:
     """True if the VNNI kernel is (or can be) loaded; builds it on first call."""
     return _load_ops() is not None
+
+
+def set_amx(on: bool) -> bool:
+    """Use AMX tiles for the grouped GEMM where the CPU and OS allow it (the default; the
+    results are bit-identical to the AVX512-VNNI kernel). Returns whether AMX is now on."""
+    ops = _load_ops()
+    return bool(ops.set_amx(bool(on))) if ops is not None else False
+
+
+def amx_enabled() -> bool:
+    """Whether the grouped GEMM currently runs its 32-row blocks on AMX tiles."""
+    ops = _load_ops()
+    return bool(ops.amx_enabled()) if ops is not None else False
 
 
 def _backend(backend: Optional[str]) -> str:

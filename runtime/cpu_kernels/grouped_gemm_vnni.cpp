@@ -20,7 +20,10 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "grouped_gemm_amx.h"
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -29,6 +32,10 @@
 #include <vector>
 
 namespace {
+
+// AMX blocks on (set_amx): on by default where the CPU and OS allow it. Atomic: a
+// benchmark may flip it while another thread is inside a GEMM (which reads it once).
+std::atomic<bool> g_amx{svdq_amx::request()};
 
 constexpr int NV = 4;         // zmm vectors per micro-tile row
 constexpr int NC = 16 * NV;   // output columns per packed weight panel (64)
@@ -299,7 +306,11 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
   const int64_t MC = 96;                                  // rows per task (multiple of MR)
   const int64_t nm = (M + MC - 1) / MC;
   const int64_t gpb = std::max<int64_t>(1, 256 / G);      // groups per k-block (B block ~16 KiB in L1)
+  // AMX takes full 32-row blocks of groups that are whole TDPBUSD steps; the VNNI
+  // micro-tiles take the rest (row tails, other group sizes). Same arithmetic: same bits.
+  const bool amx = g_amx && G % 64 == 0 && M >= 32;
   at::parallel_for(0, NB * nm, 1, [&](int64_t t0, int64_t t1) {
+    if (amx) svdq_amx::configure();  // tile configuration is per thread
     // 4-bit layout: the task's panel expanded to int8 once (K * NC bytes, L2-resident) and
     // reused by the following tasks of the same panel (tasks are ordered panel-major).
     // 64-byte aligned like the int8 layout's tensor: unaligned zmm loads split cache lines.
@@ -332,9 +343,18 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
         }
         panel = scratch.get();
       }
-      for (int64_t g0 = 0; g0 < ng; g0 += gpb) {
+      int64_t m_vnni = m_lo;
+      if (amx) {
+        for (; m_vnni + 32 <= m_hi; m_vnni += 32) {
+          for (int64_t h = 0; h < NC; h += 32) {
+            svdq_amx::block_32x32(A + m_vnni * K, K, S + m_vnni * ng, ng, panel + 4 * h, BI + n0 + h, ST + n0 + h,
+                                  Np, Cp + m_vnni * Np + n0 + h, Np, ng, G);
+          }
+        }
+      }
+      for (int64_t g0 = 0; g0 < ng && m_vnni < m_hi; g0 += gpb) {
         const int64_t g1 = std::min(ng, g0 + gpb);
-        for (int64_t m = m_lo; m < m_hi; m += MR) {
+        for (int64_t m = m_vnni; m < m_hi; m += MR) {
           const int r = static_cast<int>(std::min<int64_t>(MR, m_hi - m));
           kTiles[r](A + m * K, K, S + m * ng, ng, panel + g0 * G * NC, BI + n0, ST + n0, Np,
                     Cp + m * Np + n0, Np, g0, g1, G);
@@ -342,6 +362,7 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
       }
       if (HP || YB) lowrank_bias_rows(Cp, Np, m_lo, m_hi, n0, N, HP, R, LUTP, YB);
     }
+    if (amx) svdq_amx::release();
   });
   if (Np == N) return C;
   return C.narrow(1, 0, N).contiguous();
@@ -359,11 +380,22 @@ at::Tensor gemm_packed_u8(const at::Tensor& qa_u8, const at::Tensor& sa, const a
   return gemm_core(qa_u8, sa, Bp, bias, swt, N, G, true, h, lut, ybias);
 }
 
+// Turn the AMX blocks on/off (benchmarks, bit-identity tests); returns whether they are on
+// (false whatever is asked when the CPU or the OS does not allow AMX).
+bool set_amx(bool on) {
+  g_amx = on && svdq_amx::request();
+  return g_amx.load();
+}
+
+bool amx_enabled() { return g_amx.load(); }
+
 }  // namespace
 
 // Plain operator registration (no pybind11): much faster to compile than torch/extension.h.
 TORCH_LIBRARY(svdq_cpu_gemm, m) {
   m.def("pack_weight", &pack_weight);
+  m.def("set_amx", &set_amx);
+  m.def("amx_enabled", &amx_enabled);
   m.def("gemm_packed", &gemm_packed);
   m.def("gemm_packed_u8(Tensor qa_u8, Tensor sa, Tensor Bp, Tensor bias, Tensor swt, int N, int G, "
         "Tensor? h=None, Tensor? lut=None, Tensor? ybias=None) -> Tensor", &gemm_packed_u8);

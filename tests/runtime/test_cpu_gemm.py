@@ -196,3 +196,50 @@ def test_prepare_from_packed_int4(backend):
             assert torch.equal(bp4, bp8)
             assert all(torch.equal(a, b) for a, b in zip(prep4.packed[1:], prep8.packed[1:]))
         _check(y4, qa, sa, qw, sw, g, _TOL[backend])
+
+
+def _amx_available() -> bool:
+    return cpu_gemm.fast_backend_available() and cpu_gemm.set_amx(True)
+
+
+@pytest.mark.skipif(not _amx_available(), reason="AMX-INT8 unavailable (CPU, OS permission or kernel)")
+def test_amx_blocks_bit_identical_to_vnni():
+    """The AMX blocks (32-row blocks, G % 64 == 0) must give the VNNI tiles' bits exactly:
+    same exact int32 partials, same fold order. Row counts around the 32-row block and the
+    96-row task, int8 and packed-int4 weights, two group sizes, the fused low-rank/bias
+    epilogue of the u8 entry point."""
+    from svdq_compile.runtime.packing import pack_int4
+
+    def run(amx: bool, fn):
+        assert cpu_gemm.set_amx(amx) == amx
+        try:
+            return fn()
+        finally:
+            cpu_gemm.set_amx(True)
+
+    cases = [(32, 96, 192, 64), (33, 200, 512, 64), (130, 70, 256, 128), (200, 5, 64, 64), (97, 130, 384, 64)]
+    for i, (m, n, k, g) in enumerate(cases):
+        for int4 in (False, True):
+            qa, sa, qw, sw = _data(m, n, k, g, "s4" if int4 else "s8", w_int8=not int4, seed=40 + i)
+            prep = prepare_weight(pack_int4(qw) if int4 else qw, sw, g, weight_bits=4 if int4 else 8)
+            ys = [run(a, lambda: grouped_int_gemm(qa, sa, prep, None, g)) for a in (False, True)]
+            assert torch.equal(ys[0], ys[1]), (m, n, k, g, int4)
+            _check(ys[1], qa, sa, qw, sw, g)
+            gen = torch.Generator().manual_seed(i)
+            h, lu, b = torch.randn(m, 8, generator=gen), torch.randn(n, 8, generator=gen), torch.randn(n, generator=gen)
+            qa_u8 = (qa.view(torch.uint8) ^ 0x80).contiguous()
+            ys = [run(a, lambda: cpu_gemm.gemm_prepared_u8(qa_u8, sa, prep.packed, n, g, h, lu, b)) for a in (False, True)]
+            assert torch.equal(ys[0], ys[1]), ("epilogue", m, n, k, g, int4)
+
+
+def test_amx_env_var_turns_it_off():
+    """SVDQ_CPU_AMX=0 keeps a fresh process on the VNNI tiles (checked in a subprocess:
+    the flag is read when the kernels load)."""
+    import subprocess
+    import sys
+
+    code = "from svdq_compile.runtime import cpu_gemm\nprint('on' if cpu_gemm.amx_enabled() else 'off')\n"
+    env = dict(__import__("os").environ, SVDQ_CPU_AMX="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "off"
