@@ -9,6 +9,7 @@ per-group rescale) show what the rescale costs.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 
@@ -113,6 +114,12 @@ def w4a16_rows(dev: str, bench) -> list[dict]:
     return rows
 
 
+def triton_env() -> dict:
+    """Compiler switches set for this run (``DISABLE_MMA_V3=1``: Triton lowers tl.dot to
+    Ampere-style mma.sync instead of Hopper wgmma; see docs/kernels.md)."""
+    return {k: os.environ[k] for k in ("DISABLE_MMA_V3",) if k in os.environ}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -162,7 +169,8 @@ def main(argv=None) -> int:
                 rows.append({"variant": f"gemm w{wbits}a{abits}", "config": str(cfg), "error": repr(e)[:300]})
             print(rows[-1], flush=True)
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "shape": [m, k, n], "rows": rows}
+            "shape": [m, k, n], "triton_env": triton_env(), "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
     with open(f"{args.out}/gpu_diag.json", "w") as f:
         json.dump(info, f, indent=1)
     for r in rows:

@@ -3,10 +3,11 @@
 # block benchmarks. Everything lands in $OUT (fetched back) with per-step time limits,
 # so one slow step cannot eat the others' budget.
 #   usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh
-#   STEPS=tests,diag,proto bash benchmarks/gpu_run.sh   # a subset (the default runs all
-#   steps, ~9 min with the limits below: split it over two calls when one call has 10 min)
+#   STEPS=tests,diag,proto,mmav2 bash benchmarks/gpu_run.sh   # a subset (the default runs
+#   all steps, ~11 min with the limits below: split it over two calls, e.g. the line above,
+#   ~8 min, then STEPS=kernels,suites)
 set -u
-STEPS=${STEPS:-tests,kernels,diag,proto,suites}
+STEPS=${STEPS:-tests,kernels,diag,proto,mmav2,suites}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/svdq_gpu_out}
@@ -52,6 +53,17 @@ if want proto; then
 step "prototype: W4A8 with no float op in the K loop (design decision, docs/kernels.md)"
 timeout ${PROTO_S:-60} python3 benchmarks/proto_w4a8_progressive.py --out "$OUT" >"$OUT/proto_w4a8.txt" 2>&1
 echo "proto exit $?"; tail -8 "$OUT/proto_w4a8.txt"
+fi
+
+if want mmav2; then
+step "diag + proto again with DISABLE_MMA_V3=1 (mma.sync instead of wgmma; docs/kernels.md)"
+# Triton 3.6 waits for every wgmma right after issuing it when the operand tile was
+# unpacked in the loop (wait 0: no overlap with the rescale); mma.sync has no such wait.
+# Separate Triton and tuning caches: the switch must not reuse wgmma binaries or configs.
+DISABLE_MMA_V3=1 TRITON_CACHE_DIR=/tmp/triton_mmav2 SVDQ_CACHE_DIR=/tmp/svdq_mmav2 \
+  timeout ${MMAV2_S:-120} bash -c "python3 benchmarks/gpu_diag.py --out '$OUT/mmav2' && \
+  python3 benchmarks/proto_w4a8_progressive.py --out '$OUT/mmav2'" >"$OUT/mmav2.txt" 2>&1
+echo "mmav2 exit $?"; tail -12 "$OUT/mmav2.txt"
 fi
 
 step "block + linear + memory suites"

@@ -149,7 +149,9 @@ if __name__ == "__main__":
         print("proto_w4a8_progressive: no CUDA; the numerics are checked by tests/codegen/test_proto_w4a8.py")
         sys.exit(0)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "shape_mkn": [4608, 3072, 3072], "rows": bench_rows()}
+              "shape_mkn": [4608, 3072, 3072], "rows": bench_rows(),
+              "triton_env": {k: v for k, v in __import__("os").environ.items() if k == "DISABLE_MMA_V3"}}
     if args.out:
+        __import__("os").makedirs(args.out, exist_ok=True)
         with open(f"{args.out}/proto_w4a8.json", "w") as f:
             json.dump(result, f, indent=1)

@@ -1,0 +1,206 @@
+"""Static structure of the GPU GEMM kernels, compiled offline (no GPU needed).
+
+Triton compiles for any CUDA target without a device (``triton.compile`` with a
+``GPUTarget``; ptxas and cuobjdump ship in the triton wheel), so the shape of the main
+loop can be checked on a CPU machine: registers and spills, shared memory, which MMA
+instruction the int8 ``tl.dot`` became (Hopper ``IGMMA`` = wgmma, or Ampere-style
+``IMMA`` = mma.sync), how many wgmma waits with ``pendings = 0`` (the tensor cores idle
+until the result is back), barriers and shared-memory stores per kernel.
+
+These are instruction counts of one binary, not timings: they say *why* a kernel may be
+slow, never how fast it is (docs/kernels.md). Timings come from ``benchmarks/gpu_run.sh``.
+
+    python benchmarks/sass_report.py [--arch 90] [--out benchmarks/results]
+
+Kernels: the library's grouped GEMM (``codegen/gemm.py``: W4A4, W4A8, W8A8 at the
+Hopper launch configs) and the W4A8 "progressive" prototype, each with Triton's default
+lowering and with ``DISABLE_MMA_V3=1`` (Triton reads it per compilation).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as _dt
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+__all__ = ["compile_offline", "gemm_report", "proto_report", "main"]
+
+# One FLUX linear (M = 4608 tokens, K = N = 3072): Triton specialises integer arguments
+# divisible by 16 (and equal to 1), which decides vector widths, so the offline compile
+# must see the same values a real launch passes.
+_SHAPE = dict(M=4608, N=3072, K=3072)
+
+_OP_RE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
+
+
+def _bin_dir() -> Path:
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def compile_offline(fn: Any, ints: dict[str, int], ptr_types: dict[str, str], constexprs: dict[str, Any], *,
+                    arch: int, num_warps: int, num_stages: int, disable_mma_v3: bool = False) -> dict:
+    """Compile ``fn`` for ``sm_<arch>`` and summarise its SASS (see the module docstring).
+
+    ints: value of every integer argument (specialisation as at launch); ptr_types: Triton
+    type of every pointer argument; constexprs: every constexpr argument.
+    """
+    if not hasattr(fn, "cache_key"):  # an InterpretedFunction: TRITON_INTERPRET=1 at import
+        raise RuntimeError("offline compilation needs the compiled kernels: unset TRITON_INTERPRET "
+                           "(the kernels were decorated for the CPU interpreter)")
+    sig: dict[str, str] = {}
+    const = dict(constexprs)
+    for p in inspect.signature(fn.fn).parameters:
+        if p in const:
+            sig[p] = "constexpr"
+        elif p in ptr_types:
+            sig[p] = ptr_types[p]
+        elif ints.get(p) == 1:  # launches specialise 1 as a constant
+            sig[p] = "constexpr"
+            const[p] = 1
+        else:
+            sig[p] = "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(sig)
+             if sig[p].startswith("*") or (sig[p] == "i32" and ints.get(p, 0) % 16 == 0 and ints.get(p, 0))}
+    old = os.environ.get("DISABLE_MMA_V3")
+    try:
+        if disable_mma_v3:
+            os.environ["DISABLE_MMA_V3"] = "1"
+        else:
+            os.environ.pop("DISABLE_MMA_V3", None)
+        k = triton.compile(ASTSource(fn, sig, const, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                           options=dict(num_warps=num_warps, num_stages=num_stages))
+    finally:
+        if old is None:
+            os.environ.pop("DISABLE_MMA_V3", None)
+        else:
+            os.environ["DISABLE_MMA_V3"] = old
+    return _summarise(k, num_warps)
+
+
+def _summarise(k: Any, num_warps: int) -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(k.asm["cubin"])
+        sass = subprocess.run([str(_bin_dir() / "cuobjdump"), "-sass", str(cubin)], capture_output=True,
+                              text=True, check=True).stdout
+        res = subprocess.run([str(_bin_dir() / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
+                             text=True, check=True).stdout
+    ops = collections.Counter(m.group(1).split(".")[0] for m in _OP_RE.finditer(sass))
+    regs = int(re.search(r"REG:(\d+)", res).group(1))
+    stack = int(re.search(r"STACK:(\d+)", res).group(1))
+    smem = int(k.metadata.shared)
+    # 64K registers and 228 KB of shared memory per SM (Hopper): resident CTAs per SM.
+    ctas = min(65536 // (regs * 32 * num_warps), (228 * 1024) // max(smem, 1))
+    waits = [int(x) for x in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", k.asm["ttgir"])]
+    return {
+        "registers": regs, "stack_bytes": stack, "shared_bytes": smem, "ctas_per_sm": ctas,
+        "mma": "wgmma" if ops["IGMMA"] + ops["HGMMA"] else ("mma.sync" if ops["IMMA"] + ops["HMMA"] else "none"),
+        "wgmma": ops["IGMMA"] + ops["HGMMA"], "mma_sync": ops["IMMA"] + ops["HMMA"],
+        "wgmma_waits_pendings": waits,
+        "barriers": ops["BAR"], "shared_stores": ops["STS"], "shared_loads": ops["LDS"] + ops["LDSM"],
+        "byte_permutes": ops["PRMT"], "ffma": ops["FFMA"], "sass_instructions": sum(ops.values()),
+    }
+
+
+def gemm_report(wbits: int, abits: int, block_m: int, block_n: int, warps: int, stages: int, *, arch: int,
+                disable_mma_v3: bool) -> dict:
+    """The library's grouped GEMM (codegen/gemm.py) with its launch-time constexprs."""
+    import torch
+
+    from svdq_compile.codegen.gemm import _constexprs, gemm_kernel
+    from svdq_compile.codegen.spec import KernelSpec
+
+    spec = KernelSpec(weight_bits=wbits, act_bits=abits, act_unsigned=False, group_size=64, rank=32,
+                      epilogue="none", has_smooth=True, has_bias=True, has_gate=False, has_residual=False,
+                      in_dtype=torch.bfloat16, out_dtype=torch.bfloat16, lora_precision="tf32")
+    const = dict(_constexprs(spec), BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8)
+    m, n, k = _SHAPE["M"], _SHAPE["N"], _SHAPE["K"]
+    ints = dict(M=m, N=n, K=k, R=32, stride_qam=k // 2 if abits == 4 else k, stride_sam=1, stride_sag=m,
+                stride_qwn=k // 2 if wbits == 4 else k, stride_swn=k // 64, stride_hm=32, stride_lun=32,
+                stride_lur=1, gate_t=m, stride_gb=0, stride_gt=0, stride_gn=0, res_t=m, stride_rb=0,
+                stride_rt=0, stride_rn=0, stride_ym=n)
+    ptrs = dict(qa_ptr="*i8", sa_ptr="*fp32", qw_ptr="*i8", sw_ptr="*fp16", h_ptr="*fp32", lu_ptr="*bf16",
+                bias_ptr="*bf16", gate_ptr="*bf16", res_ptr="*bf16", y_ptr="*bf16")
+    return compile_offline(gemm_kernel, ints, ptrs, const, arch=arch, num_warps=warps, num_stages=stages,
+                           disable_mma_v3=disable_mma_v3)
+
+
+def _load_proto() -> Any:
+    import importlib.util
+
+    path = Path(__file__).with_name("proto_w4a8_progressive.py")
+    spec = importlib.util.spec_from_file_location("proto_w4a8_progressive", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def proto_report(block_m: int, block_n: int, warps: int, stages: int, *, arch: int, disable_mma_v3: bool) -> dict:
+    """The W4A8 progressive prototype (benchmarks/proto_w4a8_progressive.py)."""
+    proto = _load_proto()
+    ptrs = dict(a_ptr="*i8", sa_ptr="*fp32", w_ptr="*i8", s_ptr="*i32", zs_ptr="*i32", sc_ptr="*fp32", y_ptr="*bf16")
+    const = dict(GROUP=64, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8)
+    return compile_offline(proto.w4a8p_kernel, dict(_SHAPE), ptrs, const, arch=arch, num_warps=warps,
+                           num_stages=stages, disable_mma_v3=disable_mma_v3)
+
+
+GEMM_CASES = [(4, 4, 128, 128, 8, 4), (4, 4, 128, 64, 4, 4), (4, 8, 128, 64, 4, 4), (8, 8, 128, 64, 4, 4)]
+PROTO_CASES = [(128, 128, 8, 3), (128, 64, 4, 4)]
+
+
+def run_all(arch: int, progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+    rows = []
+    for mma2 in (False, True):
+        lowering = "DISABLE_MMA_V3=1" if mma2 else "default"
+        for wb, ab, bm, bn, w, s in GEMM_CASES:
+            name = f"gemm w{wb}a{ab} {bm}x{bn} warps={w} stages={s}"
+            rows.append({"kernel": name, "lowering": lowering,
+                         **gemm_report(wb, ab, bm, bn, w, s, arch=arch, disable_mma_v3=mma2)})
+            if progress:
+                progress(f"{name} [{lowering}]")
+        for bm, bn, w, s in PROTO_CASES:
+            name = f"proto w4a8 progressive {bm}x{bn} warps={w} stages={s}"
+            rows.append({"kernel": name, "lowering": lowering,
+                         **proto_report(bm, bn, w, s, arch=arch, disable_mma_v3=mma2)})
+            if progress:
+                progress(f"{name} [{lowering}]")
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = Hopper)")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    rows = run_all(args.arch, progress=lambda s: print("compiled", s, file=sys.stderr, flush=True))
+    info = {"what": "offline compile, static SASS counts (not timings)", "arch": f"sm_{args.arch}",
+            "triton": triton.__version__, "shape_mnk": [_SHAPE["M"], _SHAPE["N"], _SHAPE["K"]],
+            "date": _dt.datetime.now().isoformat(timespec="seconds"), "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    path = Path(args.out) / f"sass_sm{args.arch}_triton-{triton.__version__}.json"
+    path.write_text(json.dumps(info, indent=1))
+    cols = ("registers", "stack_bytes", "ctas_per_sm", "mma", "wgmma", "mma_sync", "wgmma_waits_pendings",
+            "barriers", "shared_stores")
+    print(f"sm_{args.arch}, Triton {triton.__version__}, M/N/K = 4608/3072/3072")
+    print(f"{'kernel':48s} {'lowering':17s} " + " ".join(f"{c:>10s}" for c in cols))
+    for r in rows:
+        print(f"{r['kernel']:48s} {r['lowering']:17s} " + " ".join(f"{str(r[c]):>10s}" for c in cols))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
