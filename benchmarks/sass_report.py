@@ -3,8 +3,8 @@
 Triton compiles for any CUDA target without a device (``triton.compile`` with a
 ``GPUTarget``; ptxas and cuobjdump ship in the triton wheel), so the shape of the main
 loop can be checked on a CPU machine: registers and spills, shared memory, which MMA
-instruction the int8 ``tl.dot`` became (Hopper ``IGMMA`` = wgmma, or Ampere-style
-``IMMA`` = mma.sync), how many wgmma waits with ``pendings = 0`` (the tensor cores idle
+instruction the int8 ``tl.dot`` became (Hopper ``IGMMA`` = wgmma, Ampere-style ``IMMA`` =
+mma.sync, Blackwell ``UTCIMMA`` = tcgen05), how many wgmma waits with ``pendings = 0`` (the tensor cores idle
 until the result is back), barriers and shared-memory stores per kernel.
 
 These are instruction counts of one binary, not timings: they say *why* a kernel may be
@@ -104,11 +104,13 @@ def _summarise(k: Any, num_warps: int) -> dict:
     smem = int(k.metadata.shared)
     # 64K registers and 228 KB of shared memory per SM (Hopper): resident CTAs per SM.
     ctas = min(65536 // (regs * 32 * num_warps), (228 * 1024) // max(smem, 1))
+    tc05 = sum(c for o, c in ops.items() if o.startswith("UTC") and o.endswith("MMA"))  # Blackwell tcgen05
     waits = [int(x) for x in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", k.asm["ttgir"])]
     return {
         "registers": regs, "stack_bytes": stack, "shared_bytes": smem, "ctas_per_sm": ctas,
-        "mma": "wgmma" if ops["IGMMA"] + ops["HGMMA"] else ("mma.sync" if ops["IMMA"] + ops["HMMA"] else "none"),
-        "wgmma": ops["IGMMA"] + ops["HGMMA"], "mma_sync": ops["IMMA"] + ops["HMMA"],
+        "mma": ("tcgen05" if tc05 else "wgmma" if ops["IGMMA"] + ops["HGMMA"]
+                else "mma.sync" if ops["IMMA"] + ops["HMMA"] else "none"),
+        "wgmma": ops["IGMMA"] + ops["HGMMA"], "mma_sync": ops["IMMA"] + ops["HMMA"], "tcgen05_mma": tc05,
         "wgmma_waits_pendings": waits,
         "barriers": ops["BAR"], "shared_stores": ops["STS"], "shared_loads": ops["LDS"] + ops["LDSM"],
         "byte_permutes": ops["PRMT"], "ffma": ops["FFMA"], "sass_instructions": sum(ops.values()),
@@ -136,6 +138,25 @@ def gemm_report(wbits: int, abits: int, block_m: int, block_n: int, warps: int, 
                 bias_ptr="*bf16", gate_ptr="*bf16", res_ptr="*bf16", y_ptr="*bf16")
     return compile_offline(gemm_kernel, ints, ptrs, const, arch=arch, num_warps=warps, num_stages=stages,
                            disable_mma_v3=disable_mma_v3)
+
+
+def prologue_report(block_m: int, warps: int, stages: int, *, arch: int) -> dict:
+    """The library's prologue (codegen/prologue.py): smoothing, INT4 quantization, X' L2^T."""
+    import torch
+
+    from svdq_compile.codegen.prologue import _constexprs, prologue_kernel
+    from svdq_compile.codegen.spec import KernelSpec
+
+    spec = KernelSpec(weight_bits=4, act_bits=4, act_unsigned=False, group_size=64, rank=32, epilogue="none",
+                      has_smooth=True, has_bias=True, has_gate=False, has_residual=False,
+                      in_dtype=torch.bfloat16, out_dtype=torch.bfloat16, lora_precision="tf32")
+    m, k = _SHAPE["M"], _SHAPE["K"]
+    ints = dict(M=m, K=k, R=32, stride_xm=k, stride_xk=1, stride_ldr=k, stride_ldk=1, stride_qm=k // 2,
+                stride_sg=m, stride_hm=32)
+    ptrs = dict(x_ptr="*bf16", smooth_ptr="*bf16", ld_ptr="*bf16", qa_ptr="*i8", sa_ptr="*fp32", h_ptr="*fp32",
+                shift="fp32")
+    return compile_offline(prologue_kernel, ints, ptrs, dict(_constexprs(spec), BLOCK_M=block_m), arch=arch,
+                           num_warps=warps, num_stages=stages)
 
 
 def _load_proto() -> Any:
@@ -180,11 +201,40 @@ def run_all(arch: int, progress: Optional[Callable[[str], None]] = None) -> list
     return rows
 
 
+COMPAT_ARCHS = (80, 86, 89, 90, 100, 120)  # A100, RTX 30xx, RTX 40xx/L40, H100/H200, B200, RTX 50xx
+
+
+def compat(out: str) -> int:
+    """Compile the W4A4 GEMM (128x128, 8 warps) and the prologue for every architecture of COMPAT_ARCHS."""
+    rows = []
+    for arch in COMPAT_ARCHS:
+        try:
+            r = {"arch": f"sm_{arch}", "compiles": True, **gemm_report(4, 4, 128, 128, 8, 3, arch=arch,
+                                                                       disable_mma_v3=False)}
+            r["prologue_registers"] = prologue_report(32, 4, 2, arch=arch)["registers"]
+        except Exception as e:  # noqa: BLE001 - a failing architecture is the finding
+            r = {"arch": f"sm_{arch}", "compiles": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        rows.append(r)
+        print(f"sm_{arch}: " + (f"compiles, {r['mma']}, {r['registers']} registers, {r['stack_bytes']} B stack"
+                                if r["compiles"] else f"FAILS: {r['error']}"), flush=True)
+    info = {"what": "offline compile of the W4A4 GEMM and the prologue per architecture (static, not run)",
+            "triton": triton.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"), "rows": rows}
+    os.makedirs(out, exist_ok=True)
+    path = Path(out) / f"sass_compat_triton-{triton.__version__}.json"
+    path.write_text(json.dumps(info, indent=1))
+    print(f"wrote {path}")
+    return 0 if all(r["compiles"] for r in rows) else 1
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = Hopper)")
+    ap.add_argument("--compat", action="store_true",
+                    help="only check that the W4A4 GEMM and the prologue compile for sm_80/86/89/90/100/120")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
+    if args.compat:
+        return compat(args.out)
     rows = run_all(args.arch, progress=lambda s: print("compiled", s, file=sys.stderr, flush=True))
     info = {"what": "offline compile, static SASS counts (not timings)", "arch": f"sm_{args.arch}",
             "triton": triton.__version__, "shape_mnk": [_SHAPE["M"], _SHAPE["N"], _SHAPE["K"]],
