@@ -108,8 +108,15 @@ def _load_ops():
         reason = _why_no_fast_path()
         if reason is None:
             try:
+                import time
+
                 from torch.utils.cpp_extension import load  # slow import: keep it lazy
 
+                # First use compiles the C++ kernels (~20 s on 2 cores), later processes load
+                # the cached build: say so, or the first quantized call looks hung.
+                _log.info("svdq_compile: loading the C++ CPU kernels (the first use compiles them, ~20-60 s; "
+                          "cached under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)")
+                t0 = time.perf_counter()
                 load(
                     name="svdq_cpu_gemm_vnni",
                     sources=[str(p) for p in _SOURCES],
@@ -121,6 +128,8 @@ def _load_ops():
                 _ops = torch.ops.svdq_cpu_gemm
                 if os.environ.get(ENV_AMX, "1") == "0":
                     _ops.set_amx(False)
+                _log.info("svdq_compile: C++ CPU kernels ready in %.1f s (AMX tiles %s)", time.perf_counter() - t0,
+                          "on" if _ops.amx_enabled() else "off")
                 return _ops
             except Exception as e:  # compiler error, missing headers, ...
                 reason = f"building the C++ kernel failed: {type(e).__name__}: {e}"
