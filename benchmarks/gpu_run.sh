@@ -3,11 +3,11 @@
 # block benchmarks. Everything lands in $OUT (fetched back) with per-step time limits,
 # so one slow step cannot eat the others' budget.
 #   usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh
-#   STEPS=tests,diag,proto,mmav2 bash benchmarks/gpu_run.sh   # a subset (the default runs
-#   all steps, ~11 min with the limits below: split it over two calls, e.g. the line above,
-#   ~8 min, then STEPS=kernels,suites)
+#   STEPS=tests,diag,proto,gluon,mmav2 bash benchmarks/gpu_run.sh   # a subset (the default
+#   runs all steps, ~12 min with the limits below: split it over two calls, e.g. the line
+#   above, ~9 min, then STEPS=kernels,suites)
 set -u
-STEPS=${STEPS:-tests,kernels,diag,proto,mmav2,suites}
+STEPS=${STEPS:-tests,kernels,diag,proto,gluon,mmav2,suites}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/svdq_gpu_out}
@@ -53,6 +53,12 @@ if want proto; then
 step "prototype: W4A8 with no float op in the K loop (design decision, docs/kernels.md)"
 timeout ${PROTO_S:-60} python3 benchmarks/proto_w4a8_progressive.py --out "$OUT" >"$OUT/proto_w4a8.txt" 2>&1
 echo "proto exit $?"; tail -8 "$OUT/proto_w4a8.txt"
+fi
+
+if want gluon; then
+step "prototype: Gluon W8A8 with the rescale overlapped with wgmma (docs/kernels.md)"
+timeout ${GLUON_S:-60} python3 benchmarks/proto_gluon_grouped.py --out "$OUT" >"$OUT/proto_gluon.txt" 2>&1
+echo "gluon exit $?"; tail -8 "$OUT/proto_gluon.txt"
 fi
 
 if want mmav2; then

@@ -60,3 +60,24 @@ def test_refuses_interpreted_kernels():
         pytest.skip("not running under TRITON_INTERPRET=1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         sass_report.compile_offline(k, {}, {"x_ptr": "*fp32"}, {}, arch=90, num_warps=4, num_stages=1)
+
+
+_GLUON = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+import proto_gluon_grouped as p
+print(json.dumps(p.offline_report(90, [(128, 64, 4, 3)])))
+"""
+
+
+def test_gluon_prototype_compiles_with_one_wgmma_in_flight():
+    """benchmarks/proto_gluon_grouped.py (not run on a GPU yet) must at least compile for
+    sm_90, and its loop must wait with one wgmma outstanding (the point of the prototype)."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DISABLE_MMA_V3")}
+    out = subprocess.run([sys.executable, "-c", _GLUON], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["compiles"], row.get("error")
+    assert row["mma"] == "wgmma" and row["wgmma_waits_num"] == [1, 0]

@@ -1,0 +1,275 @@
+"""Prototype for a design decision (docs/kernels.md): the grouped W8A8 GEMM with the per-group
+rescale overlapped with the tensor cores, written in Gluon (Triton's explicit-layout dialect).
+
+Not used by the library. Triton's ``tl.dot`` waits for every wgmma as soon as it is issued
+when the result feeds anything but the next dot (here: the per-group float rescale), so the
+tensor cores idle during the rescale (``benchmarks/sass_report.py`` shows the ``pendings = 0``
+waits). Gluon exposes ``warpgroup_mma(..., is_async=True)`` and
+``warpgroup_mma_wait(num_outstanding=1)``: group g's wgmma is issued, then group g-1's result
+is waited for and rescaled while g runs. Loads are TMA copies into a STAGES-deep ring.
+
+Same numerics as the library's W8A8 GEMM (``codegen/gemm.py``: exact int32 partial per group
+of 64, ``acc = fma(round(p * sw), sa, acc)`` with the magic-number conversion, groups in
+ascending order), so its bf16 output must equal ``run_gemm``'s bit for bit. This answers, in
+one GPU run, how close group-64 numerics get to the docs' ~1.33x-of-bf16 bound on Hopper once
+the rescale overlaps the MMAs, before anyone ports the library kernel.
+
+    python benchmarks/proto_gluon_grouped.py [--out DIR]   # Hopper GPU: exactness + timing
+    python benchmarks/proto_gluon_grouped.py --offline      # any machine: compile for sm_90
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+# Triton 3.6 (the GPU machine) names the TMA load async_copy_global_to_shared; later releases
+# renamed it async_load (the old name raises).
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+
+# Same constants as codegen/gemm.py: bitcast(p + MAGIC_I) - MAGIC_F == float(p) for |p| < 2**22.
+MAGIC_I = 0x4B400000
+MAGIC_F = 12582912.0
+INT8_INSTR_N = (224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 24, 16, 8)  # wgmma s8 shapes
+
+
+@gluon.constexpr_function
+def _warps_per_cta(block_m, num_warps):
+    w = [4, 1]  # the wgmma atom: 4 warps along M, 16 rows each
+    while w[0] * w[1] != num_warps:
+        if block_m > 16 * w[0]:
+            w[0] *= 2
+        else:
+            w[1] *= 2
+    return w
+
+
+@gluon.constexpr_function
+def _instr_n(block_m, block_n, num_warps):
+    m_reps = (block_m + 15) // 16
+    n_reps = (num_warps + m_reps - 1) // m_reps
+    max_n = max(block_n // n_reps, 8)
+    for n in INT8_INSTR_N:
+        if n <= max_n and block_n % n == 0:
+            return n
+    raise ValueError(f"no int8 wgmma N for block_n={block_n}")
+
+
+@gluon.jit
+def _rescale(acc, part, sa_ptr, sw_ptr, offs_m, offs_n, mask_m, g, stride_sag, stride_swn,
+             MAGIC_I: gl.constexpr, MAGIC_F: gl.constexpr):
+    # acc += round(part * sw[n, g]) * sa[m, g], as codegen/gemm.py does it.
+    sa = gl.load(sa_ptr + g * stride_sag + offs_m, mask=mask_m, other=1.0)  # [BM] fp32, group-major
+    sw = gl.load(sw_ptr + offs_n * stride_swn + g).to(gl.float32)  # [BN] (offs_n wrapped into range)
+    pf = (part + MAGIC_I).to(gl.float32, bitcast=True)  # 1.5 * 2**23 + part, exact
+    sw_b = gl.expand_dims(sw, 0)
+    inner = gl.fma(pf, sw_b, -(MAGIC_F * sw_b))
+    return gl.fma(inner, gl.expand_dims(sa, 1), acc)
+
+
+@gluon.jit
+def grouped_w8a8_overlap_kernel(a_desc, w_desc, sa_ptr, sw_ptr, y_ptr, M, N, K, stride_sag, stride_swn, stride_ym,
+                                MAGIC_I: gl.constexpr, MAGIC_F: gl.constexpr, STAGES: gl.constexpr,
+                                num_warps: gl.constexpr):
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    GROUP: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    NBYTES: gl.constexpr = a_desc.block_type.nbytes + w_desc.block_type.nbytes
+    off_m = gl.program_id(0) * BLOCK_M
+    off_n = gl.program_id(1) * BLOCK_N
+    n_groups = K // GROUP  # the host checks n_groups >= STAGES
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_warps_per_cta(BLOCK_M, num_warps),
+                                                  instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, GROUP], a_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, GROUP], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    for i in gl.static_range(STAGES - 1):  # groups 0 .. STAGES-2 in flight
+        mbarrier.expect(bars.index(i), NBYTES)
+        _tma_load(a_desc, [off_m, i * GROUP], bars.index(i), a_bufs.index(i))
+        _tma_load(w_desc, [off_n, i * GROUP], bars.index(i), w_bufs.index(i))
+
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+    offs_n = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))) % N
+    mask_m = offs_m < M
+    acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+    zero = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, layout=mma)
+
+    # Group 0, and the load of group STAGES-1 into the last free slot.
+    mbarrier.wait(bars.index(0), phase=0)
+    prev = warpgroup_mma(a_bufs.index(0), w_bufs.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    last: gl.constexpr = STAGES - 1
+    mbarrier.expect(bars.index(last), NBYTES)
+    _tma_load(a_desc, [off_m, last * GROUP], bars.index(last), a_bufs.index(last))
+    _tma_load(w_desc, [off_n, last * GROUP], bars.index(last), w_bufs.index(last))
+
+    for g in range(1, n_groups):
+        slot = g % STAGES
+        mbarrier.wait(bars.index(slot), phase=(g // STAGES) & 1)
+        cur = warpgroup_mma(a_bufs.index(slot), w_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
+                            is_async=True)
+        # Group g-1 done (g stays in flight): its slot is free for group g-1+STAGES, and
+        # its partial is rescaled while the tensor cores run group g.
+        prev = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))
+        nxt = g - 1 + STAGES
+        if nxt < n_groups:
+            ps = (g - 1) % STAGES
+            mbarrier.expect(bars.index(ps), NBYTES)
+            _tma_load(a_desc, [off_m, nxt * GROUP], bars.index(ps), a_bufs.index(ps))
+            _tma_load(w_desc, [off_n, nxt * GROUP], bars.index(ps), w_bufs.index(ps))
+        acc = _rescale(acc, prev, sa_ptr, sw_ptr, offs_m, offs_n, mask_m, g - 1, stride_sag, stride_swn, MAGIC_I,
+                       MAGIC_F)
+        prev = cur
+    prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
+    acc = _rescale(acc, prev, sa_ptr, sw_ptr, offs_m, offs_n, mask_m, n_groups - 1, stride_sag, stride_swn, MAGIC_I,
+                   MAGIC_F)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    rows = gl.expand_dims(offs_m.to(gl.int64), 1)
+    cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    mask = gl.expand_dims(mask_m, 1) & gl.expand_dims(cols < N, 0)
+    gl.store(y_ptr + rows * stride_ym + gl.expand_dims(cols, 0), acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 4)]  # BM, BN, warps, stages
+
+
+def _descriptors(qa: torch.Tensor, qw: torch.Tensor, bm: int, bn: int, group: int = 64) -> tuple[Any, Any]:
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    a_layout = gl.NVMMASharedLayout.get_default_for([bm, group], gl.int8)
+    w_layout = gl.NVMMASharedLayout.get_default_for([bn, group], gl.int8)
+    return (TensorDescriptor.from_tensor(qa, [bm, group], a_layout),
+            TensorDescriptor.from_tensor(qw, [bn, group], w_layout))
+
+
+def run(qa: torch.Tensor, sa_gm: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, cfg=CONFIGS[0],
+        out_dtype=torch.bfloat16, group: int = 64) -> torch.Tensor:
+    """qa: [M, K] int8, sa_gm: [K/G, M] fp32 (group-major, the prologue's layout), qw: [N, K]
+    int8, sw: [N, K/G] -> y [M, N]."""
+    m, k = qa.shape
+    n = qw.shape[0]
+    bm, bn, warps, stages = cfg
+    if k // group < stages:
+        raise ValueError(f"K/G = {k // group} groups < {stages} pipeline stages")
+    a_desc, w_desc = _descriptors(qa, qw, bm, bn, group)
+    y = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    grouped_w8a8_overlap_kernel[grid](a_desc, w_desc, sa_gm, sw, y, m, n, k, sa_gm.stride(0), sw.stride(0),
+                                      y.stride(0), MAGIC_I, MAGIC_F, stages, num_warps=warps)
+    return y
+
+
+def bench_rows(m: int = 4608, k: int = 3072, n: int = 3072) -> list[dict]:
+    """Exactness against the library's W8A8 GEMM, then timings vs bf16 F.linear and that GEMM."""
+    from triton.testing import do_bench
+
+    from svdq_compile.codegen.gemm import run_gemm
+    from svdq_compile.codegen.linear import make_spec
+    from svdq_compile.codegen.prologue import run_prologue
+    from svdq_compile.runtime import quantize_weight
+
+    dev = "cuda"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
+    w = torch.randn(n, k, generator=g)
+    flops = 2 * m * n * k
+    q, s = quantize_weight(w, 8, 64)
+    qw, sw = q.to(dev).contiguous(), s.to(dev)
+    spec = make_spec(x, None, None, None, None, None, 64, 8, 8, False, "none", "ieee")
+    qa, sa, _ = run_prologue(x, None, None, spec, 0.0)  # sa: [M, K/G] view of a group-major buffer
+    sa_gm = sa.t()  # [K/G, M], contiguous
+    assert sa_gm.is_contiguous()
+    wb = w.to(dev, torch.bfloat16)
+    bench = lambda fn: do_bench(fn, warmup=5, rep=30, return_mode="median")  # noqa: E731
+    ms = bench(lambda: torch.nn.functional.linear(x, wb))
+    rows = [{"variant": "bf16 F.linear", "ms": ms, "tops": flops / ms / 1e9}]
+    ref = run_gemm(qa, sa, qw, sw, None, None, None, None, None, spec, (m,))
+    ms_lib = bench(lambda: run_gemm(qa, sa, qw, sw, None, None, None, None, None, spec, (m,)))
+    rows.append({"variant": "library Triton W8A8 GEMM (autotuned)", "ms": ms_lib, "tops": flops / ms_lib / 1e9,
+                 "vs_bf16": rows[0]["ms"] / ms_lib})
+    for cfg in CONFIGS:
+        try:
+            y = run(qa, sa_gm, qw, sw, cfg)
+            torch.cuda.synchronize()
+            exact = bool(torch.equal(y, ref))
+            ms = bench(lambda: run(qa, sa_gm, qw, sw, cfg))
+            rows.append({"variant": "gluon W8A8, rescale overlapped with wgmma", "config": str(cfg), "ms": ms,
+                         "tops": flops / ms / 1e9, "vs_bf16": rows[0]["ms"] / ms, "exact_vs_library": exact,
+                         "max_abs_diff": float((y.float() - ref.float()).abs().max())})
+        except Exception as e:  # noqa: BLE001 - record and keep going (e.g. out of shared memory)
+            rows.append({"variant": "gluon W8A8", "config": str(cfg), "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def offline_report(arch: int = 90, configs: Any = None) -> list[dict]:
+    """Compile every config (default: CONFIGS) for sm_<arch> without a GPU; SASS summary per config."""
+    import os
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sass_report import _summarise  # noqa: E402
+
+    rows = []
+    m, n, k = 4608, 3072, 3072
+    for bm, bn, warps, stages in configs or CONFIGS:
+        qa = torch.zeros(256, 256, dtype=torch.int8)  # only dtype/alignment matter for the signature
+        a_desc, w_desc = _descriptors(qa, qa, bm, bn)
+        sig = dict(a_desc=mangle_type(a_desc), w_desc=mangle_type(w_desc), sa_ptr="*fp32", sw_ptr="*fp16",
+                   y_ptr="*bf16", M="i32", N="i32", K="i32", stride_sag="i32", stride_swn="i32", stride_ym="i32",
+                   MAGIC_I="constexpr", MAGIC_F="constexpr", STAGES="constexpr", num_warps="constexpr")
+        const = dict(MAGIC_I=MAGIC_I, MAGIC_F=MAGIC_F, STAGES=stages, num_warps=warps)
+        ints = dict(M=m, N=n, K=k, stride_sag=m, stride_swn=k // 64, stride_ym=n)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(sig)
+                 if sig[p].startswith("*") or (p in ints and ints[p] % 16 == 0)}
+        src = GluonASTSource(grouped_w8a8_overlap_kernel, sig, const, attrs=attrs)
+        try:
+            kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+            r = _summarise(kern, warps)
+            ttgir = kern.asm["ttgir"]
+            import re
+
+            r["wgmma_waits_num"] = [int(x) for x in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", ttgir)]
+            rows.append({"config": (bm, bn, warps, stages), "compiles": True, **r})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"config": (bm, bn, warps, stages), "compiles": False,
+                         "error": f"{type(e).__name__}: {str(e)[:600]}"})
+        print(rows[-1], flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import os
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None, help="directory for proto_gluon.json")
+    ap.add_argument("--offline", action="store_true", help="compile for sm_90 without a GPU and report the SASS")
+    args = ap.parse_args()
+    if args.offline:
+        result = {"what": "offline compile (static counts, not timings)", "triton": triton.__version__,
+                  "rows": offline_report()}
+    elif not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        print("proto_gluon_grouped: needs a Hopper GPU (sm_90); --offline compiles it without one")
+        sys.exit(0)
+    else:
+        result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "shape_mkn": [4608, 3072, 3072], "rows": bench_rows()}
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        name = f"proto_gluon_offline_triton-{triton.__version__}.json" if args.offline else "proto_gluon.json"
+        with open(f"{args.out}/{name}", "w") as f:
+            json.dump(result, f, indent=1)
