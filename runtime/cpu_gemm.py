@@ -341,9 +341,10 @@ def gemm_prepared_u8(
     with an optional fused epilogue ``Y += h @ lora_up^T`` (h [M, R], lora_up [N, R];
     fp32 FMAs in ascending rank order) then ``Y += bias`` ([N])."""
     bp, wsum, swt = packed
-    lut = None
     if h is not None:
         if lora_up is None or lora_up.dim() != 2 or lora_up.shape != (n, h.shape[1]):
             raise ValueError(f"lora_up must be [{n}, {h.shape[1]}]")
-        lut = lora_up.t().float().contiguous()  # [R, N]
-    return _ops.gemm_packed_u8(qa_u8, sa, bp, wsum, swt, n, group_size, h, lut, bias)
+    else:
+        lora_up = None
+    # lora_up goes in as [N, R] (the kernel transposes one 64-column panel at a time).
+    return _ops.gemm_packed_u8(qa_u8, sa, bp, wsum, swt, n, group_size, h, lora_up, bias)

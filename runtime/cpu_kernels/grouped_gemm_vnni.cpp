@@ -124,11 +124,12 @@ const TileFn kTiles[MR + 1] = {nullptr,        micro_tile<1>, micro_tile<2>, mic
                                micro_tile<4>, micro_tile<5>, micro_tile<6>};
 
 // Epilogue of one task's rows [m_lo, m_hi) x panel columns [n0, n0 + NC):
-//   C += H @ LUT (low-rank up projection, rank R, fp32 FMAs in ascending j), then C += ybias.
-// H: [M, R] fp32, LUT: [R, N] fp32 (lora_up^T), ybias: [N] fp32 or null. Columns >= N
-// (panel padding) are computed on zeros and dropped by the caller.
+//   C += H @ L (low-rank up projection, rank R, fp32 FMAs in ascending j), then C += ybias.
+// H: [M, R] fp32; L: the panel's lora_up^T, [R][NC] fp32 (built per panel from lora_up [N, R]
+// by panel_lora_up, zero past N); ybias: [N] fp32 or null. Columns >= N (panel padding) are
+// computed on zeros and dropped by the caller.
 inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, int64_t m_hi, int64_t n0, int64_t N,
-                              const float* __restrict H, int64_t R, const float* __restrict LUT,
+                              const float* __restrict H, int64_t R, const float* __restrict L,
                               const float* __restrict yb) {
   __mmask16 mk[NV];
   for (int v = 0; v < NV; ++v) {
@@ -147,9 +148,9 @@ inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, in
       const float* h0 = H + m * R;
       const float* h1 = H + m1 * R;
       for (int64_t j = 0; j < R; ++j) {
-        const float* l = LUT + j * N + n0;
-        const __m512 l0 = _mm512_maskz_loadu_ps(mk[0], l), l1 = _mm512_maskz_loadu_ps(mk[1], l + 16),
-                     l2 = _mm512_maskz_loadu_ps(mk[2], l + 32), l3 = _mm512_maskz_loadu_ps(mk[3], l + 48);
+        const float* l = L + j * NC;
+        const __m512 l0 = _mm512_loadu_ps(l), l1 = _mm512_loadu_ps(l + 16), l2 = _mm512_loadu_ps(l + 32),
+                     l3 = _mm512_loadu_ps(l + 48);
         const __m512 x0 = _mm512_set1_ps(h0[j]), x1 = _mm512_set1_ps(h1[j]);
         a0 = _mm512_fmadd_ps(x0, l0, a0); a1 = _mm512_fmadd_ps(x0, l1, a1);
         a2 = _mm512_fmadd_ps(x0, l2, a2); a3 = _mm512_fmadd_ps(x0, l3, a3);
@@ -165,6 +166,17 @@ inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, in
     }
     _mm512_storeu_ps(c0, a0); _mm512_storeu_ps(c0 + 16, a1); _mm512_storeu_ps(c0 + 32, a2); _mm512_storeu_ps(c0 + 48, a3);
     _mm512_storeu_ps(c1, b0); _mm512_storeu_ps(c1 + 16, b1); _mm512_storeu_ps(c1 + 32, b2); _mm512_storeu_ps(c1 + 48, b3);
+  }
+}
+
+// L[j][c] = lora_up[n0 + c][j] for the NC columns of the panel at n0 (0 past N): the panel's
+// slice of lora_up^T, so the epilogue reads rows of 64 columns. Built per panel (R x 64
+// floats) instead of transposing the whole [N, R] matrix on every call (that copy cost
+// 50-300 us per linear of a width-768 FLUX block, ~10% of the block).
+inline void panel_lora_up(const float* __restrict LU, int64_t N, int64_t R, int64_t n0, float* __restrict L) {
+  for (int64_t c = 0; c < NC; ++c) {
+    const int64_t n = n0 + c;
+    for (int64_t j = 0; j < R; ++j) L[j * NC + c] = n < N ? LU[n * R + j] : 0.0f;
   }
 }
 
@@ -253,7 +265,7 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& s
 at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at::Tensor& Bp,
                      const at::Tensor& bias, const at::Tensor& swt, int64_t N, int64_t G, bool biased,
                      const std::optional<at::Tensor>& h_in = std::nullopt,
-                     const std::optional<at::Tensor>& lut_in = std::nullopt,
+                     const std::optional<at::Tensor>& lora_up_in = std::nullopt,
                      const std::optional<at::Tensor>& ybias_in = std::nullopt) {
   TORCH_CHECK(qa_in.dim() == 2 && qa_in.scalar_type() == (biased ? at::kByte : at::kChar),
               biased ? "qa must be [M, K] uint8 (int8 ^ 0x80)" : "qa must be [M, K] int8");
@@ -279,13 +291,13 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
       for (int64_t i = i0; i < i1; ++i) dst[i] = src[i] ^ 0x80;
     });
   }
-  at::Tensor h, lut, yb;
+  at::Tensor h, lu, yb;
   if (h_in.has_value() && h_in->defined()) {
-    TORCH_CHECK(lut_in.has_value() && lut_in->defined(), "low-rank h needs lut");
+    TORCH_CHECK(lora_up_in.has_value() && lora_up_in->defined(), "low-rank h needs lora_up");
     h = h_in->to(at::kFloat).contiguous();
-    lut = lut_in->to(at::kFloat).contiguous();
-    TORCH_CHECK(h.dim() == 2 && h.size(0) == M && lut.dim() == 2 && lut.size(0) == h.size(1) && lut.size(1) == N,
-                "low-rank operands must be h [M, R], lut [R, N]");
+    lu = lora_up_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(h.dim() == 2 && h.size(0) == M && lu.dim() == 2 && lu.size(0) == N && lu.size(1) == h.size(1),
+                "low-rank operands must be h [M, R], lora_up [N, R]");
   }
   if (ybias_in.has_value() && ybias_in->defined()) {
     yb = ybias_in->to(at::kFloat).contiguous();
@@ -293,7 +305,7 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
   }
   const float* HP = h.defined() && h.size(1) > 0 ? h.data_ptr<float>() : nullptr;
   const int64_t R = h.defined() ? h.size(1) : 0;
-  const float* LUTP = HP ? lut.data_ptr<float>() : nullptr;
+  const float* LUP = HP ? lu.data_ptr<float>() : nullptr;
   const float* YB = yb.defined() ? yb.data_ptr<float>() : nullptr;
   const uint8_t* A = Au.data_ptr<uint8_t>();
   const float* S = sa.data_ptr<float>();
@@ -319,6 +331,8 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
         bytes ? static_cast<int8_t*>(std::aligned_alloc(64, bytes)) : nullptr, &std::free);
     TORCH_CHECK(!bytes || scratch, "out of memory for the int4 expansion buffer");
     int64_t expanded = -1;
+    std::vector<float> lpanel(HP ? R * NC : 0);  // the current panel's lora_up^T slice
+    int64_t lpanel_nb = -1;
     const __m512i m0f = _mm512_set1_epi8(0x0F), c8 = _mm512_set1_epi8(8);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t nb = t / nm, mc = t % nm;
@@ -360,7 +374,11 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
                     Cp + m * Np + n0, Np, g0, g1, G);
         }
       }
-      if (HP || YB) lowrank_bias_rows(Cp, Np, m_lo, m_hi, n0, N, HP, R, LUTP, YB);
+      if (HP && lpanel_nb != nb) {
+        panel_lora_up(LUP, N, R, n0, lpanel.data());
+        lpanel_nb = nb;
+      }
+      if (HP || YB) lowrank_bias_rows(Cp, Np, m_lo, m_hi, n0, N, HP, R, lpanel.data(), YB);
     }
     if (amx) svdq_amx::release();
   });
@@ -373,11 +391,11 @@ at::Tensor gemm_packed(const at::Tensor& qa, const at::Tensor& sa, const at::Ten
   return gemm_core(qa, sa, Bp, bias, swt, N, G, false);
 }
 
-// Biased u8 activations, plus the fused epilogue Y += h @ lut (low-rank) + ybias.
+// Biased u8 activations, plus the fused epilogue Y += h @ lora_up^T (low-rank) + ybias.
 at::Tensor gemm_packed_u8(const at::Tensor& qa_u8, const at::Tensor& sa, const at::Tensor& Bp, const at::Tensor& bias,
                           const at::Tensor& swt, int64_t N, int64_t G, const std::optional<at::Tensor>& h,
-                          const std::optional<at::Tensor>& lut, const std::optional<at::Tensor>& ybias) {
-  return gemm_core(qa_u8, sa, Bp, bias, swt, N, G, true, h, lut, ybias);
+                          const std::optional<at::Tensor>& lora_up, const std::optional<at::Tensor>& ybias) {
+  return gemm_core(qa_u8, sa, Bp, bias, swt, N, G, true, h, lora_up, ybias);
 }
 
 // Turn the AMX blocks on/off (benchmarks, bit-identity tests); returns whether they are on
@@ -398,5 +416,5 @@ TORCH_LIBRARY(svdq_cpu_gemm, m) {
   m.def("amx_enabled", &amx_enabled);
   m.def("gemm_packed", &gemm_packed);
   m.def("gemm_packed_u8(Tensor qa_u8, Tensor sa, Tensor Bp, Tensor bias, Tensor swt, int N, int G, "
-        "Tensor? h=None, Tensor? lut=None, Tensor? ybias=None) -> Tensor", &gemm_packed_u8);
+        "Tensor? h=None, Tensor? lora_up=None, Tensor? ybias=None) -> Tensor", &gemm_packed_u8);
 }
