@@ -123,6 +123,7 @@ CASES = [  # (lead shape, n, k, g, wbits, abits, unsigned, shift, epilogue, smoo
     ((1,), 200, 256, 64, 8, 8, False, 0.0, "silu", False, True, False),
     ((130,), 64, 320, 64, 4, 8, False, 0.0, "none", True, False, True),
     ((2, 9), 96, 64, 16, 8, 4, True, 0.0, "relu", False, False, False),
+    ((40,), 130, 192, 64, 4, 4, False, 0.0, "none", True, True, True),  # a 32-row AMX block + tail, N tail
 ]
 
 
