@@ -124,13 +124,13 @@ const TileFn kTiles[MR + 1] = {nullptr,        micro_tile<1>, micro_tile<2>, mic
                                micro_tile<4>, micro_tile<5>, micro_tile<6>};
 
 // Epilogue of one task's rows [m_lo, m_hi) x panel columns [n0, n0 + NC):
-//   C += H @ L (low-rank up projection, rank R, fp32 FMAs in ascending j), then C += ybias.
-// H: [M, R] fp32; L: the panel's lora_up^T, [R][NC] fp32 (built per panel from lora_up [N, R]
-// by panel_lora_up, zero past N); ybias: [N] fp32 or null. Columns >= N (panel padding) are
-// computed on zeros and dropped by the caller.
+//   C += H @ L (low-rank up projection, fp32 FMAs in ascending j), then C += ybias.
+// H: [M, R] fp32; L: the panel's nonzero rows of lora_up^T, [nact][NC] fp32, row jj being
+// rank index js[jj] (built per panel by panel_lora_up, zero past N); ybias: [N] fp32 or null.
+// Columns >= N (panel padding) are computed on zeros and dropped by the caller.
 inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, int64_t m_hi, int64_t n0, int64_t N,
                               const float* __restrict H, int64_t R, const float* __restrict L,
-                              const float* __restrict yb) {
+                              const int32_t* __restrict js, int64_t nact, const float* __restrict yb) {
   __mmask16 mk[NV];
   for (int v = 0; v < NV; ++v) {
     const int64_t rem = N - (n0 + 16 * v);
@@ -147,8 +147,9 @@ inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, in
     if (H) {
       const float* h0 = H + m * R;
       const float* h1 = H + m1 * R;
-      for (int64_t j = 0; j < R; ++j) {
-        const float* l = L + j * NC;
+      for (int64_t jj = 0; jj < nact; ++jj) {
+        const int64_t j = js[jj];
+        const float* l = L + jj * NC;
         const __m512 l0 = _mm512_loadu_ps(l), l1 = _mm512_loadu_ps(l + 16), l2 = _mm512_loadu_ps(l + 32),
                      l3 = _mm512_loadu_ps(l + 48);
         const __m512 x0 = _mm512_set1_ps(h0[j]), x1 = _mm512_set1_ps(h1[j]);
@@ -169,15 +170,27 @@ inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, in
   }
 }
 
-// L[j][c] = lora_up[n0 + c][j] for the NC columns of the panel at n0 (0 past N): the panel's
-// slice of lora_up^T, so the epilogue reads rows of 64 columns. Built per panel (R x 64
+// The panel's slice of lora_up^T: L[jj][c] = lora_up[n0 + c][js[jj]] (0 past N) for the rank
+// indices js whose column slice is not all zero; returns their count. Built per panel (R x 64
 // floats) instead of transposing the whole [N, R] matrix on every call (that copy cost
-// 50-300 us per linear of a width-768 FLUX block, ~10% of the block).
-inline void panel_lora_up(const float* __restrict LU, int64_t N, int64_t R, int64_t n0, float* __restrict L) {
-  for (int64_t c = 0; c < NC; ++c) {
-    const int64_t n = n0 + c;
-    for (int64_t j = 0; j < R; ++j) L[j * NC + c] = n < N ? LU[n * R + j] : 0.0f;
+// 50-300 us per linear of a width-768 FLUX block, ~10% of the block). Skipping all-zero
+// slices matters for fused siblings: their lora_up is block-diagonal ([3N, 3R] for Q/K/V),
+// so a panel inside one sibling has R nonzero rank columns out of 3R (a third of the FMAs;
+// and the unfused layers never multiplied the other siblings' h by those zeros either).
+inline int64_t panel_lora_up(const float* __restrict LU, int64_t N, int64_t R, int64_t n0, float* __restrict L,
+                             int32_t* __restrict js) {
+  int64_t nact = 0;
+  for (int64_t j = 0; j < R; ++j) {
+    float* row = L + nact * NC;
+    bool any = false;
+    for (int64_t c = 0; c < NC; ++c) {
+      const int64_t n = n0 + c;
+      row[c] = n < N ? LU[n * R + j] : 0.0f;
+      any |= row[c] != 0.0f;
+    }
+    if (any) js[nact++] = static_cast<int32_t>(j);
   }
+  return nact;
 }
 
 // qw: [N, K] int8, sw: [N, K/G] fp32 ->
@@ -332,7 +345,8 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
     TORCH_CHECK(!bytes || scratch, "out of memory for the int4 expansion buffer");
     int64_t expanded = -1;
     std::vector<float> lpanel(HP ? R * NC : 0);  // the current panel's lora_up^T slice
-    int64_t lpanel_nb = -1;
+    std::vector<int32_t> ljs(HP ? R : 0);         // its nonzero rank indices
+    int64_t lpanel_nb = -1, lnact = 0;
     const __m512i m0f = _mm512_set1_epi8(0x0F), c8 = _mm512_set1_epi8(8);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t nb = t / nm, mc = t % nm;
@@ -375,10 +389,10 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
         }
       }
       if (HP && lpanel_nb != nb) {
-        panel_lora_up(LUP, N, R, n0, lpanel.data());
+        lnact = panel_lora_up(LUP, N, R, n0, lpanel.data(), ljs.data());
         lpanel_nb = nb;
       }
-      if (HP || YB) lowrank_bias_rows(Cp, Np, m_lo, m_hi, n0, N, HP, R, lpanel.data(), YB);
+      if (HP || YB) lowrank_bias_rows(Cp, Np, m_lo, m_hi, n0, N, HP, R, lpanel.data(), ljs.data(), lnact, YB);
     }
     if (amx) svdq_amx::release();
   });

@@ -243,3 +243,31 @@ def test_amx_env_var_turns_it_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "off"
+
+
+@needs_vnni
+def test_block_diagonal_lora_up_epilogue():
+    """Fused siblings give a block-diagonal lora_up ([3N, 3R]); the epilogue skips the all-zero
+    rank columns of each 64-column panel. The result must still be Y + h @ lora_up^T (fp32
+    accuracy), for sibling widths on and off the 64-column panel grid, with and without AMX."""
+    gen = torch.Generator().manual_seed(7)
+    for n_sib, m in ((64, 40), (50, 33), (96, 7)):
+        n, r, k, g = 3 * n_sib, 3 * 8, 128, 64
+        qa, sa, qw, sw = _data(m, n, k, g, "s4", seed=n_sib)
+        prep = prepare_weight(qw, sw, g)
+        lu = torch.zeros(n, r)
+        for i in range(3):
+            lu[i * n_sib:(i + 1) * n_sib, i * 8:(i + 1) * 8] = torch.randn(n_sib, 8, generator=gen)
+        h = torch.randn(m, r, generator=gen)
+        b = torch.randn(n, generator=gen)
+        qa_u8 = (qa.view(torch.uint8) ^ 0x80).contiguous()
+        for amx in (False, True):
+            cpu_gemm.set_amx(amx)
+            try:
+                y = cpu_gemm.gemm_prepared_u8(qa_u8, sa, prep.packed, n, g, h, lu, b)
+                y0 = cpu_gemm.gemm_prepared_u8(qa_u8, sa, prep.packed, n, g)
+            finally:
+                cpu_gemm.set_amx(True)
+            ref = y0.double() + h.double() @ lu.double().t() + b.double()
+            # fp32 FMAs over 8 nonzero terms + one bias add: a few ulps of the largest term
+            assert ((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6, (n_sib, m, amx)
