@@ -56,8 +56,8 @@ echo "proto exit $?"; tail -8 "$OUT/proto_w4a8.txt"
 fi
 
 if want gluon; then
-step "prototype: Gluon W8A8 with the rescale overlapped with wgmma (docs/kernels.md)"
-timeout ${GLUON_S:-60} python3 benchmarks/proto_gluon_grouped.py --out "$OUT" >"$OUT/proto_gluon.txt" 2>&1
+step "prototypes: Gluon W8A8 / W4A4 with the rescale overlapped with wgmma (docs/kernels.md)"
+timeout ${GLUON_S:-90} python3 benchmarks/proto_gluon_grouped.py --out "$OUT" >"$OUT/proto_gluon.txt" 2>&1
 echo "gluon exit $?"; tail -8 "$OUT/proto_gluon.txt"
 fi
 
