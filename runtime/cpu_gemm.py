@@ -11,7 +11,7 @@ fp32 rescale/accumulation, no bf16 anywhere):
   Where the CPU has AMX-INT8 and Linux grants the tile state (Sapphire Rapids and
   later), full 32-row blocks run on AMX tiles instead (``cpu_kernels/grouped_gemm_amx.cpp``,
   one ``TDPBUSD`` per 16x16 block and group of 64): same integer partials, same fold
-  order, bit-identical output, 1.7x the VNNI GEMM's speed on the 2-core dev VM.
+  order, bit-identical output, 1.3-1.7x the VNNI GEMM's speed on the 2-core dev VM.
   ``SVDQ_CPU_AMX=0`` or :func:`set_amx` turns it off.
   Built lazily on the first call with ``torch.utils.cpp_extension.load`` (cached in
   the torch extensions dir, ``$TORCH_EXTENSIONS_DIR``); OpenMP threads come from
