@@ -6,8 +6,8 @@ Not used by the library. Triton's ``tl.dot`` waits for every wgmma as soon as it
 when the result feeds anything but the next dot (here: the per-group float rescale), so the
 tensor cores idle during the rescale (``benchmarks/sass_report.py`` shows the ``pendings = 0``
 waits). Gluon exposes ``warpgroup_mma(..., is_async=True)`` and
-``warpgroup_mma_wait(num_outstanding=1)``: group g's wgmma is issued, then group g-1's result
-is waited for and rescaled while g runs. Loads are TMA copies into a STAGES-deep ring.
+``warpgroup_mma_wait``: group g's wgmma is issued, group g-1's (complete) partial is rescaled
+while g runs, then g is waited for. Loads are TMA copies into a STAGES-deep ring.
 
 Same numerics as the library's GEMMs (``codegen/gemm.py``: exact int32 partial per group of
 64, ``acc = fma(round(p * sw), sa, acc)`` with the magic-number conversion, groups in ascending
@@ -114,16 +114,18 @@ def grouped_w8a8_overlap_kernel(a_desc, w_desc, sa_ptr, sw_ptr, y_ptr, M, N, K, 
     mbarrier.expect(bars.index(last), NBYTES)
     _tma_load(a_desc, [off_m, last * GROUP], bars.index(last), a_bufs.index(last))
     _tma_load(w_desc, [off_n, last * GROUP], bars.index(last), w_bufs.index(last))
+    prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
 
+    # Each iteration issues group g's wgmma, rescales group g-1 (complete) while it runs, then
+    # waits for g. Only completed partials cross the loop's back edge: with an in-flight one
+    # carried instead (wait num_outstanding=1), Triton 3.6 copies its registers at the back
+    # edge and ptxas serialises every wgmma (ptxas info C7514; benchmarks/sass_report.py).
     for g in range(1, n_groups):
         slot = g % STAGES
         mbarrier.wait(bars.index(slot), phase=(g // STAGES) & 1)
         cur = warpgroup_mma(a_bufs.index(slot), w_bufs.index(slot).permute((1, 0)), zero, use_acc=False,
                             is_async=True)
-        # Group g-1 done (g stays in flight): its slot is free for group g-1+STAGES, and
-        # its partial is rescaled while the tensor cores run group g.
-        prev = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))
-        nxt = g - 1 + STAGES
+        nxt = g - 1 + STAGES  # group g-1 is done: its slot takes group g-1+STAGES
         if nxt < n_groups:
             ps = (g - 1) % STAGES
             mbarrier.expect(bars.index(ps), NBYTES)
@@ -131,8 +133,7 @@ def grouped_w8a8_overlap_kernel(a_desc, w_desc, sa_ptr, sw_ptr, y_ptr, M, N, K, 
             _tma_load(w_desc, [off_n, nxt * GROUP], bars.index(ps), w_bufs.index(ps))
         acc = _rescale(acc, prev, sa_ptr, sw_ptr, offs_m, offs_n, mask_m, g - 1, stride_sag, stride_swn, MAGIC_I,
                        MAGIC_F)
-        prev = cur
-    prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
+        prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur, ))
     acc = _rescale(acc, prev, sa_ptr, sw_ptr, offs_m, offs_n, mask_m, n_groups - 1, stride_sag, stride_swn, MAGIC_I,
                    MAGIC_F)
     for i in gl.static_range(STAGES):
@@ -208,14 +209,13 @@ def grouped_w4a4_overlap_kernel(w_desc, ae_desc, ao_desc, sa_ptr, sw_ptr, y_ptr,
 
     mbarrier.wait(bars.index(0), phase=0)
     prev = _w4a4_group_mma(w_bufs.index(0), ae_bufs.index(0), ao_bufs.index(0), zero, w_op)
+    prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
+    # As in the W8A8 kernel: issue group g, rescale g-1 (complete) meanwhile, wait for g.
     for g in range(1, n_groups):
         slot = g % STAGES
         mbarrier.wait(bars.index(slot), phase=(g // STAGES) & 1)
         cur = _w4a4_group_mma(w_bufs.index(slot), ae_bufs.index(slot), ao_bufs.index(slot), zero, w_op)
-        # Group g-1's two wgmmas are done (g's two stay in flight): rescale it meanwhile, and
-        # refill its slot with group g-1+STAGES.
-        prev = warpgroup_mma_wait(num_outstanding=2, deps=(prev, ))
-        nxt = g - 1 + STAGES
+        nxt = g - 1 + STAGES  # group g-1 is done: its slot takes group g-1+STAGES
         if nxt < n_groups:
             ps = (g - 1) % STAGES
             mbarrier.expect(bars.index(ps), NBYTES)
@@ -224,8 +224,7 @@ def grouped_w4a4_overlap_kernel(w_desc, ae_desc, ao_desc, sa_ptr, sw_ptr, y_ptr,
             _tma_load(ao_desc, [off_m, nxt * GROUP + HALF], bars.index(ps), ao_bufs.index(ps))
         acc = _rescale_t(acc, prev, sa_ptr, sw_ptr, offs_n, offs_m, mask_m, g - 1, stride_sag, stride_swn,
                          MAGIC_I, MAGIC_F)
-        prev = cur
-    prev = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
+        prev = warpgroup_mma_wait(num_outstanding=0, deps=(cur, ))
     acc = _rescale_t(acc, prev, sa_ptr, sw_ptr, offs_n, offs_m, mask_m, n_groups - 1, stride_sag, stride_swn,
                      MAGIC_I, MAGIC_F)
     for i in gl.static_range(STAGES):
@@ -252,7 +251,7 @@ def activations_even_odd(qa_packed: torch.Tensor, group: int = 64) -> torch.Tens
     return torch.cat([lo.view(m, -1, half), hi.view(m, -1, half)], dim=2).reshape(m, -1).to(torch.int8)
 
 
-W4A4_CONFIGS = [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 4)]  # BN, BM, warps, stages
+W4A4_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 4)]  # BN, BM, warps, stages
 
 
 def _descriptors_w4a4(qw_packed: torch.Tensor, a_eo: torch.Tensor, bn: int, bm: int, group: int = 64):
@@ -283,7 +282,7 @@ def run_w4a4(a_eo: torch.Tensor, sa_gm: torch.Tensor, qw_packed: torch.Tensor, s
     return y
 
 
-CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 4)]  # BM, BN, warps, stages
+CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3)]  # BM, BN, warps, stages: the ones without spills offline
 
 
 def _descriptors(qa: torch.Tensor, qw: torch.Tensor, bm: int, bn: int, group: int = 64) -> tuple[Any, Any]:

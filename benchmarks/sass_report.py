@@ -4,8 +4,9 @@ Triton compiles for any CUDA target without a device (``triton.compile`` with a
 ``GPUTarget``; ptxas and cuobjdump ship in the triton wheel), so the shape of the main
 loop can be checked on a CPU machine: registers and spills, shared memory, which MMA
 instruction the int8 ``tl.dot`` became (Hopper ``IGMMA`` = wgmma, Ampere-style ``IMMA`` =
-mma.sync, Blackwell ``UTCIMMA`` = tcgen05), how many wgmma waits with ``pendings = 0`` (the tensor cores idle
-until the result is back), barriers and shared-memory stores per kernel.
+mma.sync, Blackwell ``UTCIMMA`` = tcgen05), how many wgmma waits with ``pendings = 0``
+(the tensor cores idle until the result is back), whether ptxas serialised the wgmmas
+anyway (its ``C7514`` note), barriers and shared-memory stores per kernel.
 
 These are instruction counts of one binary, not timings: they say *why* a kernel may be
 slow, never how fast it is (docs/kernels.md). Timings come from ``benchmarks/gpu_run.sh``.
@@ -98,6 +99,26 @@ def _summarise(k: Any, num_warps: int) -> dict:
                               text=True, check=True).stdout
         res = subprocess.run([str(_bin_dir() / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
                              text=True, check=True).stdout
+        # ptxas again, verbose, on Triton's PTX: its "info (C75xx)" lines say when it gave up
+        # on the wgmma pipeline (C7514 "wgmma.mma_async instructions are serialized ...").
+        arch = int(k.metadata.target.arch)
+        ptx = Path(d) / "k.ptx"
+        ptx.write_text(k.asm["ptx"])
+        pv = subprocess.run([str(_bin_dir() / "ptxas"), "-v", f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", str(ptx),
+                             "-o", str(Path(d) / "v.cubin")], capture_output=True, text=True)
+    ptxas_notes = sorted({m.group(0) for m in re.finditer(r"\(C75\d\d\)[^\n]*", pv.stdout + pv.stderr)})
+    # Overlap, statically: the most float FMAs/converts issued between a wgmma and the wait
+    # that retires it (0: the tensor cores idle while the rescale runs).
+    overlap, run, open_wgmma = 0, 0, False
+    for m in _OP_RE.finditer(sass):
+        op = m.group(1)
+        if op.startswith(("IGMMA", "HGMMA", "QGMMA")):
+            open_wgmma, run = True, 0
+        elif op.startswith("WARPGROUP.DEPBAR"):
+            open_wgmma = False
+        elif open_wgmma and op.split(".")[0] in ("FFMA", "FMUL", "FADD", "I2F", "I2FP"):
+            run += 1
+            overlap = max(overlap, run)
     ops = collections.Counter(m.group(1).split(".")[0] for m in _OP_RE.finditer(sass))
     regs = int(re.search(r"REG:(\d+)", res).group(1))
     stack = int(re.search(r"STACK:(\d+)", res).group(1))
@@ -114,6 +135,9 @@ def _summarise(k: Any, num_warps: int) -> dict:
         "wgmma_waits_pendings": waits,
         "barriers": ops["BAR"], "shared_stores": ops["STS"], "shared_loads": ops["LDS"] + ops["LDSM"],
         "byte_permutes": ops["PRMT"], "ffma": ops["FFMA"], "sass_instructions": sum(ops.values()),
+        "ptxas_wgmma_serialized": any("C7514" in n or "serialized" in n for n in ptxas_notes),
+        "float_ops_under_wgmma": overlap,
+        "ptxas_notes": ptxas_notes,
     }
 
 
