@@ -164,7 +164,18 @@ def gemm_report(wbits: int, abits: int, block_m: int, block_n: int, warps: int, 
                            disable_mma_v3=disable_mma_v3)
 
 
-def prologue_report(block_m: int, warps: int, stages: int, *, arch: int) -> dict:
+def w4a16_report(block_m: int, block_n: int, *, arch: int, x_type: str = "*bf16") -> dict:
+    """The weight-only INT4 kernel of the AdaLN layers (codegen/w4a16.py), its GPU launch shape."""
+    from svdq_compile.codegen.w4a16 import w4a16_kernel
+
+    m, n, k = 2, 18432, 3072  # FLUX's AdaLN modulation: one row per sample
+    ints = dict(M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_qn=k // 2, stride_sn=k // 64)
+    ptrs = dict(x_ptr=x_type, qw_ptr="*i8", sw_ptr="*fp16", y_ptr="*fp32")
+    const = dict(GROUP=64, IEEE=x_type == "*fp32", BLOCK_M=block_m, BLOCK_N=block_n)
+    return compile_offline(w4a16_kernel, ints, ptrs, const, arch=arch, num_warps=4, num_stages=3)
+
+
+def prologue_report(block_m: int, warps: int, stages: int, *, arch: int, shift_type: str = "fp32") -> dict:
     """The library's prologue (codegen/prologue.py): smoothing, INT4 quantization, X' L2^T."""
     import torch
 
@@ -178,7 +189,7 @@ def prologue_report(block_m: int, warps: int, stages: int, *, arch: int) -> dict
     ints = dict(M=m, K=k, R=32, stride_xm=k, stride_xk=1, stride_ldr=k, stride_ldk=1, stride_qm=k // 2,
                 stride_sg=m, stride_hm=32)
     ptrs = dict(x_ptr="*bf16", smooth_ptr="*bf16", ld_ptr="*bf16", qa_ptr="*i8", sa_ptr="*fp32", h_ptr="*fp32",
-                shift="fp32")
+                shift=shift_type)
     return compile_offline(prologue_kernel, ints, ptrs, dict(_constexprs(spec), BLOCK_M=block_m), arch=arch,
                            num_warps=warps, num_stages=stages)
 
@@ -229,19 +240,26 @@ COMPAT_ARCHS = (80, 86, 89, 90, 100, 120)  # A100, RTX 30xx, RTX 40xx/L40, H100/
 
 
 def compat(out: str) -> int:
-    """Compile the W4A4 GEMM (128x128, 8 warps) and the prologue for every architecture of COMPAT_ARCHS."""
+    """Compile the W4A4 GEMM (128x128, 8 warps), the prologue (fp32 and fp64 shift) and the
+    W4A16 kernel (bf16 and fp32 activations) for every architecture of COMPAT_ARCHS."""
     rows = []
     for arch in COMPAT_ARCHS:
         try:
             r = {"arch": f"sm_{arch}", "compiles": True, **gemm_report(4, 4, 128, 128, 8, 3, arch=arch,
                                                                        disable_mma_v3=False)}
             r["prologue_registers"] = prologue_report(32, 4, 2, arch=arch)["registers"]
+            # Inductor passes Python floats to user kernels as fp64 (pytorch#190340): the
+            # prologue must compile with an fp64 shift too.
+            r["prologue_fp64_shift_registers"] = prologue_report(32, 4, 2, arch=arch, shift_type="fp64")["registers"]
+            r["w4a16_registers"] = w4a16_report(16, 64, arch=arch)["registers"]
+            r["w4a16_fp32_registers"] = w4a16_report(16, 64, arch=arch, x_type="*fp32")["registers"]
         except Exception as e:  # noqa: BLE001 - a failing architecture is the finding
             r = {"arch": f"sm_{arch}", "compiles": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         rows.append(r)
         print(f"sm_{arch}: " + (f"compiles, {r['mma']}, {r['registers']} registers, {r['stack_bytes']} B stack"
                                 if r["compiles"] else f"FAILS: {r['error']}"), flush=True)
-    info = {"what": "offline compile of the W4A4 GEMM and the prologue per architecture (static, not run)",
+    info = {"what": "offline compile of the W4A4 GEMM, the prologue and the W4A16 kernel per architecture "
+                    "(static, not run)",
             "triton": triton.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"), "rows": rows}
     os.makedirs(out, exist_ok=True)
     path = Path(out) / f"sass_compat_triton-{triton.__version__}.json"
@@ -254,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = Hopper)")
     ap.add_argument("--compat", action="store_true",
-                    help="only check that the W4A4 GEMM and the prologue compile for sm_80/86/89/90/100/120")
+                    help="only check that the GPU kernels compile for sm_80/86/89/90/100/120")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     if args.compat:
