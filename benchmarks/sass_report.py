@@ -135,6 +135,7 @@ def _summarise(k: Any, num_warps: int) -> dict:
         "wgmma_waits_pendings": waits,
         "barriers": ops["BAR"], "shared_stores": ops["STS"], "shared_loads": ops["LDS"] + ops["LDSM"],
         "byte_permutes": ops["PRMT"], "ffma": ops["FFMA"], "sass_instructions": sum(ops.values()),
+        "ptxas_verbose_ok": pv.returncode == 0,  # False: the two fields below say nothing
         "ptxas_wgmma_serialized": any("C7514" in n or "serialized" in n for n in ptxas_notes),
         "float_ops_under_wgmma": overlap,
         "ptxas_notes": ptxas_notes,
