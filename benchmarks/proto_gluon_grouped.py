@@ -118,8 +118,8 @@ def grouped_w8a8_overlap_kernel(a_desc, w_desc, sa_ptr, sw_ptr, y_ptr, M, N, K, 
 
     # Each iteration issues group g's wgmma, rescales group g-1 (complete) while it runs, then
     # waits for g. Only completed partials cross the loop's back edge: with an in-flight one
-    # carried instead (wait num_outstanding=1), Triton 3.6 copies its registers at the back
-    # edge and ptxas serialises every wgmma (ptxas info C7514; benchmarks/sass_report.py).
+    # carried instead (wait num_outstanding=1), Triton (3.6, 3.9) copies its registers at the
+    # back edge and ptxas serialises every wgmma (ptxas info C7514; benchmarks/sass_report.py).
     for g in range(1, n_groups):
         slot = g % STAGES
         mbarrier.wait(bars.index(slot), phase=(g // STAGES) & 1)

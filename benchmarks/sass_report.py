@@ -49,6 +49,14 @@ def _bin_dir() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for ``arch`` (releases pick different binaries)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(arch)
+    return str(getattr(tool, "path", tool))
+
+
 def compile_offline(fn: Any, ints: dict[str, int], ptr_types: dict[str, str], constexprs: dict[str, Any], *,
                     arch: int, num_warps: int, num_stages: int, disable_mma_v3: bool = False) -> dict:
     """Compile ``fn`` for ``sm_<arch>`` and summarise its SASS (see the module docstring).
@@ -104,7 +112,7 @@ def _summarise(k: Any, num_warps: int) -> dict:
         arch = int(k.metadata.target.arch)
         ptx = Path(d) / "k.ptx"
         ptx.write_text(k.asm["ptx"])
-        pv = subprocess.run([str(_bin_dir() / "ptxas"), "-v", f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", str(ptx),
+        pv = subprocess.run([_ptxas(arch), "-v", f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", str(ptx),
                              "-o", str(Path(d) / "v.cubin")], capture_output=True, text=True)
     ptxas_notes = sorted({m.group(0) for m in re.finditer(r"\(C75\d\d\)[^\n]*", pv.stdout + pv.stderr)})
     # Overlap, statically: the most float FMAs/converts issued between a wgmma and the wait
