@@ -398,26 +398,19 @@ def offline_report(arch: int = 90, configs: Any = None, w4a4_configs: Any = None
 
 def _offline_one(kernel: Any, sig: dict, shape: dict, cfg: tuple, mode: str, arch: int) -> dict:
     """Compile one Gluon kernel config for sm_<arch>; SASS summary (see sass_report)."""
-    import re
-
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from sass_report import _summarise  # noqa: E402  (benchmarks/ is on sys.path: offline_report)
+    from sass_report import _summarise, divisibility_attrs  # noqa: E402  (benchmarks/ on sys.path)
 
     warps, stages = cfg[2], cfg[3]
     m, n, k = shape["m"], shape["n"], shape["k"]
     const = dict(MAGIC_I=MAGIC_I, MAGIC_F=MAGIC_F, STAGES=stages, num_warps=warps)
     ints = dict(M=m, N=n, K=k, stride_sag=m, stride_swn=k // 64, stride_ym=n)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(sig)
-             if sig[p].startswith("*") or (p in ints and ints[p] % 16 == 0)}
     try:
-        kern = triton.compile(GluonASTSource(kernel, sig, const, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=warps))
-        r = _summarise(kern, warps)
-        r["wgmma_waits_num"] = [int(x) for x in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)",
-                                                           kern.asm["ttgir"])]
-        row = {"mode": mode, "config": cfg, "compiles": True, **r}
+        kern = triton.compile(GluonASTSource(kernel, sig, const, attrs=divisibility_attrs(sig, ints)),
+                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+        row = {"mode": mode, "config": cfg, "compiles": True, **_summarise(kern, warps)}
     except Exception as e:  # noqa: BLE001 - a config that does not compile is the finding
         row = {"mode": mode, "config": cfg, "compiles": False, "error": f"{type(e).__name__}: {str(e)[:600]}"}
     print(row, flush=True)

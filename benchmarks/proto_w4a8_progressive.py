@@ -141,6 +141,7 @@ def bench_rows(m: int = 4608, k: int = 3072, n: int = 3072) -> list[dict]:
 if __name__ == "__main__":
     import argparse
     import json
+    import os
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="directory for proto_w4a8.json")
@@ -150,8 +151,8 @@ if __name__ == "__main__":
         sys.exit(0)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "shape_mkn": [4608, 3072, 3072], "rows": bench_rows(),
-              "triton_env": {k: v for k, v in __import__("os").environ.items() if k == "DISABLE_MMA_V3"}}
+              "triton_env": {k: os.environ[k] for k in ("DISABLE_MMA_V3",) if k in os.environ}}
     if args.out:
-        __import__("os").makedirs(args.out, exist_ok=True)
+        os.makedirs(args.out, exist_ok=True)
         with open(f"{args.out}/proto_w4a8.json", "w") as f:
             json.dump(result, f, indent=1)

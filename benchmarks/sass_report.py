@@ -35,7 +35,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-__all__ = ["compile_offline", "gemm_report", "proto_report", "main"]
+__all__ = ["compile_offline", "divisibility_attrs", "gemm_report", "proto_report", "main"]
 
 # One FLUX linear (M = 4608 tokens, K = N = 3072): Triton specialises integer arguments
 # divisible by 16 (and equal to 1), which decides vector widths, so the offline compile
@@ -55,6 +55,13 @@ def _ptxas(arch: int) -> str:
 
     tool = get_ptxas(arch)
     return str(getattr(tool, "path", tool))
+
+
+def divisibility_attrs(sig: dict[str, str], ints: dict[str, int]) -> dict:
+    """The ``tt.divisibility`` hints a launch would give: pointers (16-byte aligned) and the
+    integer arguments whose launch value is a nonzero multiple of 16."""
+    return {(i,): [["tt.divisibility", 16]] for i, p in enumerate(sig)
+            if sig[p].startswith("*") or (sig[p] == "i32" and ints.get(p, 0) % 16 == 0 and ints.get(p, 0))}
 
 
 def compile_offline(fn: Any, ints: dict[str, int], ptr_types: dict[str, str], constexprs: dict[str, Any], *,
@@ -79,8 +86,7 @@ def compile_offline(fn: Any, ints: dict[str, int], ptr_types: dict[str, str], co
             const[p] = 1
         else:
             sig[p] = "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(sig)
-             if sig[p].startswith("*") or (sig[p] == "i32" and ints.get(p, 0) % 16 == 0 and ints.get(p, 0))}
+    attrs = divisibility_attrs(sig, ints)
     old = os.environ.get("DISABLE_MMA_V3")
     try:
         if disable_mma_v3:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 
 import pytest
 import torch
@@ -239,7 +240,7 @@ def test_amx_env_var_turns_it_off():
     import sys
 
     code = "from svdq_compile.runtime import cpu_gemm\nprint('on' if cpu_gemm.amx_enabled() else 'off')\n"
-    env = dict(__import__("os").environ, SVDQ_CPU_AMX="0")
+    env = dict(os.environ, SVDQ_CPU_AMX="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "off"
