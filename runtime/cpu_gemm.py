@@ -30,6 +30,7 @@ address would silently hit a stale entry.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -54,21 +55,57 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-ENV_BACKEND = "SVDQ_CPU_GEMM"  # "auto" (default), "torch" (force fallback), "vnni" (fail loudly)
-_SRC = Path(__file__).with_name("cpu_kernels") / "grouped_gemm_vnni.cpp"
-_SRC_QUANT = Path(__file__).with_name("cpu_kernels") / "quantize_act.cpp"  # fused activation quantizer
-_SRC_W4A16 = Path(__file__).with_name("cpu_kernels") / "w4a16.cpp"  # weight-only INT4 (see cpu_w4a16.py)
-_SRC_AMX = Path(__file__).with_name("cpu_kernels") / "grouped_gemm_amx.cpp"  # AMX blocks of the same GEMM
-_SOURCES = (_SRC, _SRC_QUANT, _SRC_W4A16, _SRC_AMX)
+ENV_BACKEND = "SVDQ_CPU_GEMM"  # "auto" (default), "torch" (force fallback), "vnni" (a C++ kernel or fail loudly)
+ENV_ISA = "SVDQ_CPU_ISA"  # force one ISA: amx | avx512_vnni | avx_vnni | avx2 | neon | torch
 ENV_AMX = "SVDQ_CPU_AMX"  # "0" keeps the GEMM on AVX512-VNNI even where AMX is available
+_KDIR = Path(__file__).with_name("cpu_kernels")
+_SRC = _KDIR / "grouped_gemm_vnni.cpp"
+_SRC_QUANT = _KDIR / "quantize_act.cpp"  # fused activation quantizer
+_SRC_W4A16 = _KDIR / "w4a16.cpp"  # weight-only INT4 (see cpu_w4a16.py)
+_SRC_AMX = _KDIR / "grouped_gemm_amx.cpp"  # AMX blocks of the same GEMM
+_SOURCES = (_SRC, _SRC_QUANT, _SRC_W4A16, _SRC_AMX)
+# The AVX2 / AVX-VNNI kernels (same ops, same bits; no AVX-512 instruction anywhere).
+_SOURCES_AVX2 = (_KDIR / "grouped_gemm_avx2.cpp", _KDIR / "quantize_act_avx2.cpp", _KDIR / "w4a16_avx2.cpp")
 # -ffp-contract=off: the quantizer must reproduce torch's separately rounded fp32 ops.
-_CFLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl",
-           "-mavx512vnni", "-fopenmp"]
+_COMMON = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
+_CFLAGS = _COMMON + ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni"]
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
 
-_lock = threading.Lock()
-_ops = None  # torch.ops.svdq_cpu_gemm once built
+
+class _Ext(NamedTuple):
+    """One C++ extension: its own translation units and -m flags, so an extension for a
+    smaller ISA builds and loads on CPUs (and compilers) without the bigger ones."""
+
+    name: str  # torch extension (build directory) name
+    namespace: str  # torch.ops.<namespace>
+    sources: tuple
+    cflags: tuple
+
+
+_EXTS = {
+    "avx512": _Ext("svdq_cpu_gemm_vnni", "svdq_cpu_gemm", _SOURCES, tuple(_CFLAGS)),
+    "avx_vnni": _Ext("svdq_cpu_gemm_avxvnni", "svdq_cpu_avxvnni", _SOURCES_AVX2,
+                     tuple(_COMMON + ["-mavx2", "-mfma", "-mf16c", "-mavxvnni", "-DSVDQ_AVXVNNI=1",
+                                      "-DSVDQ_NS=svdq_cpu_avxvnni"])),
+    "avx2": _Ext("svdq_cpu_gemm_avx2", "svdq_cpu_avx2", _SOURCES_AVX2,
+                 tuple(_COMMON + ["-mavx2", "-mfma", "-mf16c", "-DSVDQ_NS=svdq_cpu_avx2"])),
+}
+# Preference order of the automatic choice, with the extension and the /proc/cpuinfo flags
+# (CPUID bits the kernel also saw enabled in XCR0) each ISA needs.
+ISAS = ("amx", "avx512_vnni", "avx_vnni", "avx2", "neon", "torch")
+_ISA_EXT = {"amx": "avx512", "avx512_vnni": "avx512", "avx_vnni": "avx_vnni", "avx2": "avx2"}
+_ISA_FLAGS = {
+    "amx": _REQUIRED_FLAGS + ("amx_tile", "amx_int8"),
+    "avx512_vnni": _REQUIRED_FLAGS,
+    "avx_vnni": ("avx2", "fma", "f16c", "avx_vnni"),
+    "avx2": ("avx2", "fma", "f16c"),
+}
+
+_lock = threading.RLock()
+_ops = None  # torch.ops.<namespace> of the active ISA once built
+_isa: Optional[str] = None  # the active ISA (None until chosen; "torch" for the fallback)
 _unavailable: Optional[str] = None  # reason the fast path is off (logged once)
+_ext_ops: dict = {}  # extension key -> its loaded ops
 
 
 def _cpu_flags() -> set[str]:
@@ -82,70 +119,185 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _why_no_fast_path() -> Optional[str]:
-    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+def _is_x86_linux() -> bool:
+    return platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def isa_missing(isa: str) -> Optional[str]:
+    """None if this machine can run ``isa``'s kernels, else what it lacks (for messages)."""
+    if isa == "torch":
+        return None
+    if isa == "neon":
+        if platform.machine().lower() not in ("aarch64", "arm64"):
+            return f"not an ARM64 CPU ({platform.machine()})"
+        return "no NEON torch extension in this version (the NEON kernels are a standalone harness)"
+    if isa not in _ISA_FLAGS:
+        raise ValueError(f"unknown CPU ISA {isa!r} (one of {', '.join(ISAS)})")
+    if not _is_x86_linux():
         return f"not x86-64 Linux ({platform.system()} {platform.machine()})"
-    missing = [f for f in _REQUIRED_FLAGS if f not in _cpu_flags()]
+    flags = _cpu_flags()
+    missing = [f for f in _ISA_FLAGS[isa] if f not in flags]
     if missing:
         return f"CPU lacks {', '.join(missing)}"
+    return None
+
+
+def available_isas() -> list[str]:
+    """The ISAs this CPU can run, best first (always ends with "torch"); no build needed."""
+    return [isa for isa in ISAS if isa_missing(isa) is None]
+
+
+def _forced_isa() -> Optional[str]:
+    v = os.environ.get(ENV_ISA, "").strip().lower()
+    if not v or v == "auto":
+        return None
+    if v not in ISAS:
+        raise ValueError(f"{ENV_ISA}={v!r} is not one of {', '.join(ISAS)} (or auto)")
+    return v
+
+
+def _why_no_fast_path() -> Optional[str]:
+    """Why no C++ kernel can run here (None when at least one ISA can)."""
+    if not _is_x86_linux():
+        return f"not x86-64 Linux ({platform.system()} {platform.machine()})"
+    if not any(isa_missing(i) is None for i in _ISA_EXT):
+        return f"CPU lacks AVX2/FMA/F16C (for the AVX2 kernels: {isa_missing('avx2')})"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         return f"no C++ compiler ({cxx!r} not on PATH)"
-    for src in _SOURCES:
+    for src in _SOURCES + _SOURCES_AVX2:
         if not src.is_file():
             return f"kernel source missing: {src}"
     return None
 
 
+def _load_ext(key: str):
+    """Build (first use) or load one extension; returns its torch.ops namespace."""
+    ops = _ext_ops.get(key)
+    if ops is not None:
+        return ops
+    import time
+
+    from torch.utils.cpp_extension import load  # slow import: keep it lazy
+
+    ext = _EXTS[key]
+    # First use compiles the C++ kernels (~20-60 s on 2 cores), later processes load
+    # the cached build: say so, or the first quantized call looks hung.
+    _log.info("svdq_compile: loading the C++ CPU kernels for %s (the first use compiles them, ~20-60 s; "
+              "cached under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)", key)
+    t0 = time.perf_counter()
+    load(name=ext.name, sources=[str(p) for p in ext.sources], extra_cflags=list(ext.cflags),
+         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    ops = getattr(torch.ops, ext.namespace)
+    _ext_ops[key] = ops
+    _log.info("svdq_compile: C++ CPU kernels (%s) ready in %.1f s", key, time.perf_counter() - t0)
+    return ops
+
+
+def _activate(isa: str):
+    """Load ``isa``'s extension and make it the active one (raises if impossible)."""
+    global _ops, _isa, _unavailable
+    ops = _load_ext(_ISA_EXT[isa])
+    if _ISA_EXT[isa] == "avx512":
+        want_amx = isa == "amx"
+        if ops.set_amx(want_amx) != want_amx:
+            raise RuntimeError("SVDQ_CPU_ISA=amx but Linux did not grant the AMX tile state (arch_prctl)")
+    _ops, _isa, _unavailable = ops, isa, None
+    return ops
+
+
 def _load_ops():
-    """Build/load the VNNI kernel once per process; None (logged once) if impossible."""
-    global _ops, _unavailable
+    """Choose and build/load the ISA's kernels once per process; None (logged once) if impossible.
+
+    Automatic order: amx > avx512_vnni > avx_vnni > avx2 > torch ($SVDQ_CPU_ISA forces one;
+    a forced ISA this CPU cannot run is an error naming what it lacks)."""
+    global _ops, _unavailable, _isa
     if _ops is not None or _unavailable is not None:
         return _ops
     with _lock:
         if _ops is not None or _unavailable is not None:
             return _ops
+        forced = _forced_isa()
+        if forced == "torch":
+            _unavailable, _isa = f"forced by {ENV_ISA}=torch", "torch"
+            _log.info("svdq_compile: CPU kernels: torch fallback (%s)", _unavailable)
+            return None
+        if forced is not None:
+            missing = isa_missing(forced)
+            if missing:
+                raise RuntimeError(f"{ENV_ISA}={forced} cannot run here: {missing}")
         reason = _why_no_fast_path()
         if reason is None:
-            try:
-                import time
-
-                from torch.utils.cpp_extension import load  # slow import: keep it lazy
-
-                # First use compiles the C++ kernels (~20 s on 2 cores), later processes load
-                # the cached build: say so, or the first quantized call looks hung.
-                _log.info("svdq_compile: loading the C++ CPU kernels (the first use compiles them, ~20-60 s; "
-                          "cached under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)")
-                t0 = time.perf_counter()
-                load(
-                    name="svdq_cpu_gemm_vnni",
-                    sources=[str(p) for p in _SOURCES],
-                    extra_cflags=_CFLAGS,
-                    extra_ldflags=["-fopenmp"],
-                    is_python_module=False,
-                    verbose=False,
-                )
-                _ops = torch.ops.svdq_cpu_gemm
-                if os.environ.get(ENV_AMX, "1") == "0":
-                    _ops.set_amx(False)
-                _log.info("svdq_compile: C++ CPU kernels ready in %.1f s (AMX tiles %s)", time.perf_counter() - t0,
-                          "on" if _ops.amx_enabled() else "off")
-                return _ops
-            except Exception as e:  # compiler error, missing headers, ...
-                reason = f"building the C++ kernel failed: {type(e).__name__}: {e}"
-        _unavailable = reason
+            if forced is not None:
+                candidates = [forced]
+            else:
+                candidates = [i for i in _ISA_EXT if isa_missing(i) is None]
+                if "amx" in candidates and os.environ.get(ENV_AMX, "1") == "0":
+                    candidates.remove("amx")
+            for isa in candidates:
+                try:
+                    ops = _activate(isa)
+                except Exception as e:  # compiler error, missing headers, no AMX permission, ...
+                    if forced is not None:
+                        raise RuntimeError(f"{ENV_ISA}={forced}: building/loading its kernels failed: "
+                                           f"{type(e).__name__}: {e}") from e
+                    reason = f"building the {isa} kernels failed: {type(e).__name__}: {e}"
+                    _log.warning("svdq_compile: %s; trying the next ISA", reason)
+                    continue
+                _log.info("svdq_compile: CPU kernels: %s%s", isa, f" (forced by {ENV_ISA})" if forced else "")
+                return ops
+        _unavailable, _isa = reason, "torch"
         _log.warning("svdq_compile: fast CPU grouped GEMM unavailable (%s); using the torch fallback", reason)
         return None
 
 
+def active_isa() -> str:
+    """The ISA the CPU kernels run on ("amx", "avx512_vnni", "avx_vnni", "avx2" or "torch");
+    chooses (and builds) on first call."""
+    ops = _load_ops()
+    if ops is None:
+        return "torch"
+    if _isa in ("amx", "avx512_vnni"):  # set_amx() may have switched between the two
+        return "amx" if ops.amx_enabled() else "avx512_vnni"
+    return _isa or "torch"
+
+
+def set_isa(isa: str) -> str:
+    """Switch this process to ``isa`` (for tests and benchmarks); returns the previous one.
+    Weights prepared before keep working (each remembers the kernels it was packed for).
+    Raises if this CPU cannot run ``isa``."""
+    global _ops, _isa, _unavailable
+    with _lock:
+        prev = active_isa()
+        if isa == "torch":
+            _ops, _isa, _unavailable = None, "torch", f"set_isa('torch')"
+            return prev
+        missing = isa_missing(isa)
+        if missing:
+            raise RuntimeError(f"cannot use the {isa} kernels here: {missing}")
+        _activate(isa)
+        return prev
+
+
+@contextlib.contextmanager
+def use_isa(isa: str):
+    """``with use_isa("avx2"): ...`` runs the block on that ISA's kernels."""
+    prev = set_isa(isa)
+    try:
+        yield
+    finally:
+        set_isa(prev)
+
+
 def fast_backend_available() -> bool:
-    """True if the VNNI kernel is (or can be) loaded; builds it on first call."""
+    """True if a C++ kernel (any ISA) is (or can be) loaded; builds it on first call."""
     return _load_ops() is not None
 
 
 def set_amx(on: bool) -> bool:
     """Use AMX tiles for the grouped GEMM where the CPU and OS allow it (the default; the
-    results are bit-identical to the AVX512-VNNI kernel). Returns whether AMX is now on."""
+    results are bit-identical to the AVX512-VNNI kernel). Returns whether AMX is now on
+    (always False on the AVX2 / AVX-VNNI kernels)."""
     ops = _load_ops()
     return bool(ops.set_amx(bool(on))) if ops is not None else False
 
@@ -154,6 +306,30 @@ def amx_enabled() -> bool:
     """Whether the grouped GEMM currently runs its 32-row blocks on AMX tiles."""
     ops = _load_ops()
     return bool(ops.amx_enabled()) if ops is not None else False
+
+
+class _Packed(tuple):
+    """(Bp, bias, swt) of one extension's packing; ``.ext`` names that extension (the
+    layouts differ between the AVX-512, AVX-VNNI and AVX2 kernels)."""
+
+    ext: str = ""
+
+    def __new__(cls, items, ext: str):
+        obj = super().__new__(cls, items)
+        obj.ext = ext
+        return obj
+
+
+def _packed_ops(packed):
+    """The ops that can run a packed weight (the extension it was packed by)."""
+    ext = getattr(packed, "ext", "")
+    if ext:
+        return _load_ext(ext)
+    return _load_ops()
+
+
+def _active_ext() -> str:
+    return _ISA_EXT.get(_isa or "", "")
 
 
 def _backend(backend: Optional[str]) -> str:
@@ -222,7 +398,7 @@ def prepare_weight(
         if ops is None and b == "vnni":
             raise RuntimeError(f"VNNI CPU GEMM requested but unavailable: {_unavailable}")
         if ops is not None:
-            packed = tuple(ops.pack_weight(qw, sw, group_size, weight_bits == 4))
+            packed = _Packed(ops.pack_weight(qw, sw, group_size, weight_bits == 4), _active_ext())
     elif b == "vnni":
         raise RuntimeError(f"VNNI CPU GEMM cannot take qw {tuple(qw.shape)} {qw.dtype} with G={group_size}")
     return PreparedWeight(qw, sw, group_size, packed, weight_bits)
@@ -267,7 +443,7 @@ def grouped_int_gemm(
         usable = prep.packed is not None and b != "torch" and m > 0 and qa.dtype == torch.int8
         if usable and qa.device.type == "cpu":
             bp, bias, swt = prep.packed
-            return _ops.gemm_packed(qa, sa.float(), bp, bias, swt, prep.qw.shape[0], group_size)
+            return _packed_ops(prep.packed).gemm_packed(qa, sa.float(), bp, bias, swt, prep.qw.shape[0], group_size)
         if b == "vnni":
             raise RuntimeError("VNNI CPU GEMM cannot take these inputs (unprepared weight, dtype, device or empty)")
         return grouped_int_gemm_torch(qa, sa, prep.int_weight(), prep.sw, group_size)
@@ -347,4 +523,4 @@ def gemm_prepared_u8(
     else:
         lora_up = None
     # lora_up goes in as [N, R] (the kernel transposes one 64-column panel at a time).
-    return _ops.gemm_packed_u8(qa_u8, sa, bp, wsum, swt, n, group_size, h, lora_up, bias)
+    return _packed_ops(packed).gemm_packed_u8(qa_u8, sa, bp, wsum, swt, n, group_size, h, lora_up, bias)

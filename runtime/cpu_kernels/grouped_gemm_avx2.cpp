@@ -1,0 +1,617 @@
+// Exact grouped int8 GEMM for x86-64 CPUs without AVX-512: AVX2 (Haswell / Zen 1 and
+// later), and AVX-VNNI (256-bit VPDPBUSD, Alder Lake / Zen 5 client) when built with
+// -mavxvnni -DSVDQ_AVXVNNI=1. Same contract and the same numbers as the AVX-512 kernel of
+// grouped_gemm_vnni.cpp, bit for bit:
+//
+//   I_g[m, n] = sum_{k in group g} qa[m, k] * qw[n, k]          (int32, exact)
+//   Y[m, n]   = fold over g ascending: acc = g == 0 ? float(I_0) * (sa * sw)
+//                                                   : fma(float(I_g), sa * sw, acc)
+//   then (u8 entry point) Y += h @ lora_up^T (fp32 FMAs, ascending rank, the same
+//   all-zero-rank skipping per 64-column panel) and Y += bias.
+//
+// Any exact way of computing I_g gives the same int32, hence the same output. AVX2 has
+// no u8 x s8 -> s32 dot product, so each weight gets the exact layout that suits its range
+// (chosen when the weight is packed; recorded in the packed tensor's shape / dtype):
+//
+// - "U4" (every weight in [-8, 7]: int4 weights, W4A4 / W4A8): the weight is stored as
+//   u = w + 8 in [0, 15] and VPMADDUBSW(u8 weight, s8 activation) adds two products into
+//   one int16: |u0*a0 + u1*a1| <= 2 * 15 * 128 = 3840, so it never saturates, for any
+//   int8 activation. The int16 lanes then accumulate F k-quads before one VPMADDWD by 1
+//   widens them to int32, with F * 2 * 15 * max|a| <= 32767 (max|a| measured per call:
+//   F = 136 k-quads for signed 4-bit activations, 72 for unsigned, 8 for 8-bit ones), so
+//   no int16 sum can wrap either. The +8 is removed exactly per row: I = sum u*a - 8 *
+//   sum_k a. About 2 instructions per 32 multiply-adds.
+// - "W16" (any other int8 weight: W8A8, the per-token INT8 mode): both operands are
+//   sign-extended to int16 (VPMOVSXBW) and VPMADDWD gives exact int32 pair sums (the
+//   products of int8 values never saturate int16 x int16 -> int32). ~4 instructions per 32.
+// - "VNNI" (AVX-VNNI builds): the AVX-512 kernel's arithmetic at 256 bits: activations
+//   biased to u8 (a ^ 0x80 == a + 128), VPDPBUSD, and the exact correction -128 * sum_k w
+//   per column. One instruction per 32.
+//
+// The panel width is the AVX-512 kernel's 64 columns (so the low-rank epilogue skips the
+// same all-zero rank columns: a skipped fma(h, 0, acc) can differ from acc in the sign of
+// a zero or for an infinite h); micro-tiles are 6 rows x 16 columns (12 accumulators of
+// the 16 ymm registers).
+//
+// Large groups (the per-token mode runs G == K, K up to 12288): the K loop is blocked at
+// 256 k inside a group too, so one weight block (64 columns x 256 k = 16 KiB) stays in L1
+// while every row tile of the task uses it; the int32 partials of an unfinished group wait
+// in a small per-task buffer. int32 cannot overflow: |I| <= 255 * 128 * K < 2^31 for
+// K < 65793 (checked).
+//
+// Built by svdq_compile/runtime/cpu_gemm.py as its own extension (own -m flags) so that a
+// CPU without AVX-512 can build and load it; the ops appear as torch.ops.<SVDQ_NS>.*.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#ifndef SVDQ_NS
+#define SVDQ_NS svdq_cpu_avx2
+#endif
+#ifndef SVDQ_AVXVNNI
+#define SVDQ_AVXVNNI 0
+#endif
+
+namespace {
+
+constexpr int NC = 64;     // output columns per packed weight panel (as the AVX-512 kernel)
+constexpr int CS = 16;     // columns per micro-tile (2 ymm of 8 lanes)
+constexpr int MR = 6;      // rows per micro-tile
+constexpr int64_t MC = 96;  // rows per task (multiple of MR)
+constexpr int64_t KBQ = 64;  // k-quads per K block (256 k: a 16 KiB weight block)
+
+enum Layout : int { kU4 = 0, kW16 = 1, kVNNI = 2 };
+
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+#if SVDQ_AVXVNNI
+// In-place c += dot4(u8 a, s8 b), VEX-encoded (the EVEX form would need AVX512-VNNI).
+#define SVDQ_DPBUSD(c, a, b) asm("{vex} vpdpbusd %2, %1, %0" : "+x"(c) : "x"(a), "x"(b))
+#endif
+
+// Everything one micro-tile needs; pointers already offset to its first row / column.
+struct Tile {
+  const uint8_t* A;      // activations at row m: s8 (U4), int16 (W16, as bytes), u8 biased (VNNI)
+  int64_t lda;           // bytes per activation row
+  const float* sa;       // [.][ng] at row m
+  int64_t ng;
+  const int32_t* asum;   // U4: [.][ng] per-row group sums of the activations at row m
+  const int8_t* B;       // the panel, offset to this tile's 16 columns
+  const int32_t* bias;   // VNNI: [ng][Np] at the tile's first column
+  const float* swt;      // [ng][Np] at the tile's first column
+  int64_t Np;
+  float* C;              // output at (m, n), stride ldc
+  int64_t ldc;
+  int32_t* part;         // int32 partials of an unfinished group: [R][NC] at (m, tile column)
+  int64_t G4;            // k-quads per group
+  int64_t F;             // U4: k-quads per int16 chunk
+};
+
+#define SVDQ_ROW(r, X) if constexpr (R > r) { X(r) }
+#define SVDQ_ROWS(X) SVDQ_ROW(0, X) SVDQ_ROW(1, X) SVDQ_ROW(2, X) SVDQ_ROW(3, X) SVDQ_ROW(4, X) SVDQ_ROW(5, X)
+
+// Fold one row's exact int32 partials x0 | x1 (columns 0-7 | 8-15) of group g into C.
+inline void fold_row(const Tile& t, int r, int64_t g, __m256i x0, __m256i x1) {
+  const __m256 s = _mm256_set1_ps(t.sa[r * t.ng + g]);
+  const __m256 p0 = _mm256_mul_ps(s, _mm256_loadu_ps(t.swt + g * t.Np));
+  const __m256 p1 = _mm256_mul_ps(s, _mm256_loadu_ps(t.swt + g * t.Np + 8));
+  const __m256 f0 = _mm256_cvtepi32_ps(x0), f1 = _mm256_cvtepi32_ps(x1);
+  float* c = t.C + r * t.ldc;
+  // g == 0 stores round(I * p) (== fma(I, p, 0)): C needs no zero fill.
+  if (g == 0) {
+    _mm256_storeu_ps(c, _mm256_mul_ps(f0, p0));
+    _mm256_storeu_ps(c + 8, _mm256_mul_ps(f1, p1));
+  } else {
+    _mm256_storeu_ps(c, _mm256_fmadd_ps(f0, p0, _mm256_loadu_ps(c)));
+    _mm256_storeu_ps(c + 8, _mm256_fmadd_ps(f1, p1, _mm256_loadu_ps(c + 8)));
+  }
+}
+
+// The exact correction of a layout's operand bias, added to row r's int32 partials.
+template <int L>
+inline void correct(const Tile& t, int r, int64_t g, __m256i& x0, __m256i& x1) {
+  if constexpr (L == kU4) {  // weights stored as w + 8: remove 8 * sum_k a
+    const __m256i c = _mm256_set1_epi32(-8 * t.asum[r * t.ng + g]);
+    x0 = _mm256_add_epi32(x0, c);
+    x1 = _mm256_add_epi32(x1, c);
+  } else if constexpr (L == kVNNI) {  // activations stored as a + 128: remove 128 * sum_k w
+    x0 = _mm256_add_epi32(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.bias + g * t.Np)));
+    x1 = _mm256_add_epi32(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.bias + g * t.Np + 8)));
+  }
+}
+
+// k-quads [s0, s1) of group g for R rows: s0 == group start -> the partials start at 0,
+// else they come from t.part; s1 == group end -> folded into C, else stored to t.part.
+// The accumulators are named scalars (GCC spills arrays of vectors in a tile this tight).
+template <int R, int L>
+void segment(const Tile& t, int64_t g, int64_t s0, int64_t s1) {
+  const bool first = s0 == g * t.G4, last = s1 == (g + 1) * t.G4;
+  __m256i c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  const uint8_t* A = t.A;
+  const int64_t lda = t.lda;
+#define SVDQ_PART(r, v) reinterpret_cast<__m256i*>(t.part + (r) * NC + 8 * (v))
+  if constexpr (L == kU4) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    bool in_part = !first;  // t.part holds the partials so far
+    for (int64_t c0 = s0; c0 < s1; c0 += t.F) {
+      const int64_t c1 = std::min(s1, c0 + t.F);
+#define SVDQ_Z(r) c##r##0 = _mm256_setzero_si256(); c##r##1 = c##r##0;
+      SVDQ_ROWS(SVDQ_Z)
+#undef SVDQ_Z
+      for (int64_t q = c0; q < c1; ++q) {
+        const int8_t* bq = t.B + q * (NC * 4);
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bq));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bq + 32));
+#define SVDQ_DOT(r)                                                            \
+        {                                                                      \
+          const __m256i a = _mm256_set1_epi32(load_i32(A + (r) * lda + 4 * q)); \
+          c##r##0 = _mm256_add_epi16(c##r##0, _mm256_maddubs_epi16(b0, a));    \
+          c##r##1 = _mm256_add_epi16(c##r##1, _mm256_maddubs_epi16(b1, a));    \
+        }
+        SVDQ_ROWS(SVDQ_DOT)
+#undef SVDQ_DOT
+      }
+      const bool done = c1 == s1 && last;
+      if (done && !in_part) {  // the common case (whole group in one chunk): fold directly
+#define SVDQ_F(r)                                                                    \
+        {                                                                            \
+          __m256i x0 = _mm256_madd_epi16(c##r##0, ones), x1 = _mm256_madd_epi16(c##r##1, ones); \
+          correct<L>(t, r, g, x0, x1);                                               \
+          fold_row(t, r, g, x0, x1);                                                 \
+        }
+        SVDQ_ROWS(SVDQ_F)
+#undef SVDQ_F
+      } else {
+#define SVDQ_P(r)                                                                    \
+        {                                                                            \
+          __m256i x0 = _mm256_madd_epi16(c##r##0, ones), x1 = _mm256_madd_epi16(c##r##1, ones); \
+          if (in_part) {                                                             \
+            x0 = _mm256_add_epi32(x0, _mm256_load_si256(SVDQ_PART(r, 0)));          \
+            x1 = _mm256_add_epi32(x1, _mm256_load_si256(SVDQ_PART(r, 1)));          \
+          }                                                                          \
+          if (done) {                                                                \
+            correct<L>(t, r, g, x0, x1);                                             \
+            fold_row(t, r, g, x0, x1);                                               \
+          } else {                                                                   \
+            _mm256_store_si256(SVDQ_PART(r, 0), x0);                                 \
+            _mm256_store_si256(SVDQ_PART(r, 1), x1);                                 \
+          }                                                                          \
+        }
+        SVDQ_ROWS(SVDQ_P)
+#undef SVDQ_P
+        in_part = true;
+      }
+    }
+  } else {
+    if (first) {
+#define SVDQ_Z(r) c##r##0 = _mm256_setzero_si256(); c##r##1 = c##r##0;
+      SVDQ_ROWS(SVDQ_Z)
+#undef SVDQ_Z
+    } else {
+#define SVDQ_L(r) c##r##0 = _mm256_load_si256(SVDQ_PART(r, 0)); c##r##1 = _mm256_load_si256(SVDQ_PART(r, 1));
+      SVDQ_ROWS(SVDQ_L)
+#undef SVDQ_L
+    }
+    if constexpr (L == kW16) {
+      // [k-pairs][64][2] int8: 16 columns x 2 k = 32 bytes, sign-extended to 2 x 16 int16.
+      for (int64_t p = 2 * s0; p < 2 * s1; ++p) {
+        const int8_t* bp = t.B + p * (NC * 2);
+        const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bp)));
+        const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bp + 16)));
+#define SVDQ_DOT(r)                                                            \
+        {                                                                      \
+          const __m256i a = _mm256_set1_epi32(load_i32(A + (r) * lda + 4 * p)); \
+          c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(b0, a));       \
+          c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(b1, a));       \
+        }
+        SVDQ_ROWS(SVDQ_DOT)
+#undef SVDQ_DOT
+      }
+    } else {
+#if SVDQ_AVXVNNI
+      for (int64_t q = s0; q < s1; ++q) {
+        const int8_t* bq = t.B + q * (NC * 4);
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bq));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bq + 32));
+#define SVDQ_DOT(r)                                                            \
+        {                                                                      \
+          const __m256i a = _mm256_set1_epi32(load_i32(A + (r) * lda + 4 * q)); \
+          SVDQ_DPBUSD(c##r##0, a, b0);                                         \
+          SVDQ_DPBUSD(c##r##1, a, b1);                                         \
+        }
+        SVDQ_ROWS(SVDQ_DOT)
+#undef SVDQ_DOT
+      }
+#endif
+    }
+    if (last) {
+#define SVDQ_F(r) { correct<L>(t, r, g, c##r##0, c##r##1); fold_row(t, r, g, c##r##0, c##r##1); }
+      SVDQ_ROWS(SVDQ_F)
+#undef SVDQ_F
+    } else {
+#define SVDQ_S(r) _mm256_store_si256(SVDQ_PART(r, 0), c##r##0); _mm256_store_si256(SVDQ_PART(r, 1), c##r##1);
+      SVDQ_ROWS(SVDQ_S)
+#undef SVDQ_S
+    }
+  }
+#undef SVDQ_PART
+  (void)c00; (void)c01;
+}
+#undef SVDQ_ROW
+#undef SVDQ_ROWS
+
+// k-quads [q0, q1): whole groups, or a part of one group (G > 256).
+template <int R, int L>
+void micro(const Tile& t, int64_t q0, int64_t q1) {
+  for (int64_t s0 = q0; s0 < q1;) {
+    const int64_t g = s0 / t.G4;
+    const int64_t s1 = std::min(q1, (g + 1) * t.G4);
+    segment<R, L>(t, g, s0, s1);
+    s0 = s1;
+  }
+}
+
+template <int L>
+using MicroFn = void (*)(const Tile&, int64_t, int64_t);
+template <int L>
+constexpr MicroFn<L> kMicro[MR + 1] = {nullptr, micro<1, L>, micro<2, L>, micro<3, L>, micro<4, L>, micro<5, L>,
+                                       micro<6, L>};
+
+// Epilogue of rows [m_lo, m_hi) x panel columns [n0, n0 + NC), as the AVX-512 kernel's
+// lowrank_bias_rows: C += H @ L (fp32 FMAs, ascending rank), then C += ybias. L holds the
+// panel's nonzero rank rows of lora_up^T ([nact][NC], row jj = rank js[jj]); yb is the
+// bias padded with zeros to Np (columns >= N are computed and dropped by the caller).
+inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, int64_t m_hi, int64_t n0,
+                              const float* __restrict H, int64_t R, const float* __restrict L,
+                              const int32_t* __restrict js, int64_t nact, const float* __restrict yb) {
+  for (int64_t m = m_lo; m < m_hi; ++m) {
+    for (int half = 0; half < 2; ++half) {  // 32 columns at a time: 4 accumulators + 4 loads
+      float* c = C + m * ldc + n0 + 32 * half;
+      __m256 a0 = _mm256_loadu_ps(c), a1 = _mm256_loadu_ps(c + 8), a2 = _mm256_loadu_ps(c + 16),
+             a3 = _mm256_loadu_ps(c + 24);
+      if (H) {
+        const float* h = H + m * R;
+        for (int64_t jj = 0; jj < nact; ++jj) {
+          const float* l = L + jj * NC + 32 * half;
+          const __m256 x = _mm256_set1_ps(h[js[jj]]);
+          a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(l), a0);
+          a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(l + 8), a1);
+          a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(l + 16), a2);
+          a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(l + 24), a3);
+        }
+      }
+      if (yb) {
+        const float* y = yb + n0 + 32 * half;
+        a0 = _mm256_add_ps(a0, _mm256_loadu_ps(y));
+        a1 = _mm256_add_ps(a1, _mm256_loadu_ps(y + 8));
+        a2 = _mm256_add_ps(a2, _mm256_loadu_ps(y + 16));
+        a3 = _mm256_add_ps(a3, _mm256_loadu_ps(y + 24));
+      }
+      _mm256_storeu_ps(c, a0); _mm256_storeu_ps(c + 8, a1); _mm256_storeu_ps(c + 16, a2); _mm256_storeu_ps(c + 24, a3);
+    }
+  }
+}
+
+// The panel's slice of lora_up^T with its all-zero rank columns skipped (the AVX-512
+// kernel's panel_lora_up, same 64-column panels, so the same ranks are skipped).
+inline int64_t panel_lora_up(const float* __restrict LU, int64_t N, int64_t R, int64_t n0, float* __restrict L,
+                             int32_t* __restrict js) {
+  int64_t nact = 0;
+  for (int64_t j = 0; j < R; ++j) {
+    float* row = L + nact * NC;
+    bool any = false;
+    for (int64_t c = 0; c < NC; ++c) {
+      const int64_t n = n0 + c;
+      row[c] = n < N ? LU[n * R + j] : 0.0f;
+      any |= row[c] != 0.0f;
+    }
+    if (any) js[nact++] = static_cast<int32_t>(j);
+  }
+  return nact;
+}
+
+// w[n][k] of qw ([N, K] int8, or [N, K/2] packed int4: low nibble = even k).
+inline int8_t weight_at(const int8_t* q, int64_t row_bytes, bool int4, int64_t n, int64_t k) {
+  if (!int4) return q[n * row_bytes + k];
+  const uint8_t b = static_cast<uint8_t>(q[n * row_bytes + k / 2]);
+  const int v = (k & 1) ? (b >> 4) : (b & 15);
+  return static_cast<int8_t>(v >= 8 ? v - 16 : v);
+}
+
+// qw: [N, K] int8 (or [N, K/2] packed int4), sw: [N, K/G] ->
+//   Bp: U4: [NB, K/4, NC, 4] uint8 (w + 8) | W16: [NB, K/2, NC, 2] int8 | VNNI: [NB, K/4, NC, 4] int8,
+//   bias: VNNI: [ng, Np] int32 = -128 * sum_k w (others: [0]), swt: [ng, Np] fp32 (0 past N).
+std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& sw_in, int64_t G, bool int4) {
+  TORCH_CHECK(qw_in.dim() == 2 && qw_in.scalar_type() == at::kChar, "qw must be [N, K] int8 or [N, K/2] packed int4");
+  TORCH_CHECK(G > 0 && G % 4 == 0, "group size must be a positive multiple of 4");
+  const at::Tensor qw = qw_in.contiguous();
+  const at::Tensor sw = sw_in.to(at::kFloat).contiguous();
+  const int64_t N = qw.size(0), K = int4 ? 2 * qw.size(1) : qw.size(1), row_bytes = qw.size(1);
+  TORCH_CHECK(!int4 || K >= 8, "packed int4 weights need K >= 8");
+  TORCH_CHECK(K % G == 0, "K must be a multiple of the group size");
+  TORCH_CHECK(K < 65793, "K too large: the int32 group sums could overflow");
+  const int64_t ng = K / G, NB = (N + NC - 1) / NC, Np = NB * NC, K4 = K / 4;
+  TORCH_CHECK(sw.dim() == 2 && sw.size(0) == N && sw.size(1) == ng, "sw must be [N, K/G]");
+  const int8_t* q = qw.data_ptr<int8_t>();
+  int layout = kVNNI;
+  if (!SVDQ_AVXVNNI) {
+    bool small = int4;  // int4 weights are in [-8, 7] by construction
+    if (!small) {
+      const auto mm = at::aminmax(qw);
+      small = std::get<0>(mm).item<int8_t>() >= -8 && std::get<1>(mm).item<int8_t>() <= 7;
+    }
+    layout = small ? kU4 : kW16;
+  }
+  at::Tensor Bp = layout == kU4 ? at::empty({NB, K4, NC, 4}, qw.options().dtype(at::kByte))
+                  : layout == kW16 ? at::empty({NB, K / 2, NC, 2}, qw.options())
+                                   : at::empty({NB, K4, NC, 4}, qw.options());
+  at::Tensor bias = at::zeros({layout == kVNNI ? ng : 0, Np}, qw.options().dtype(at::kInt));
+  at::Tensor swt = at::zeros({ng, Np}, qw.options().dtype(at::kFloat));
+  swt.narrow(1, 0, N).copy_(sw.t());
+  uint8_t* bp = reinterpret_cast<uint8_t*>(Bp.data_ptr());
+  int32_t* bi = bias.data_ptr<int32_t>();
+  const int kw = layout == kW16 ? 2 : 4;  // k per column entry
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int8_t> col(K);
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      uint8_t* panel = bp + nb * K * NC;  // every layout: K bytes per column
+      for (int64_t c = 0; c < NC; ++c) {
+        const int64_t n = nb * NC + c;
+        if (n < N) {
+          for (int64_t k = 0; k < K; ++k) col[k] = weight_at(q, row_bytes, int4, n, k);
+        } else {
+          std::fill(col.begin(), col.end(), 0);  // padding columns: weight 0
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const int8_t w = col[k];
+          panel[(k / kw) * (NC * kw) + c * kw + k % kw] =
+              layout == kU4 ? static_cast<uint8_t>(w + 8) : static_cast<uint8_t>(w);
+        }
+        if (layout == kVNNI) {
+          for (int64_t g = 0; g < ng; ++g) {
+            int32_t s = 0;
+            for (int64_t k = g * G; k < (g + 1) * G; ++k) s += col[k];
+            bi[g * Np + n] = -128 * s;
+          }
+        }
+      }
+    }
+  });
+  return {Bp, bias, swt};
+}
+
+// qa: [M, K] int8 (biased = false) or u8 = qa ^ 0x80 (biased = true, straight from
+// quantize_act), sa: [M, K/G] fp32, packed weight from pack_weight -> [M, N] fp32.
+at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at::Tensor& Bp,
+                     const at::Tensor& bias, const at::Tensor& swt, int64_t N, int64_t G, bool biased,
+                     const std::optional<at::Tensor>& h_in = std::nullopt,
+                     const std::optional<at::Tensor>& lora_up_in = std::nullopt,
+                     const std::optional<at::Tensor>& ybias_in = std::nullopt) {
+  TORCH_CHECK(qa_in.dim() == 2 && qa_in.scalar_type() == (biased ? at::kByte : at::kChar),
+              biased ? "qa must be [M, K] uint8 (int8 ^ 0x80)" : "qa must be [M, K] int8");
+  const at::Tensor qa = qa_in.contiguous();
+  const at::Tensor sa = sa_in.to(at::kFloat).contiguous();
+  const int64_t M = qa.size(0), K = qa.size(1);
+  TORCH_CHECK(G > 0 && G % 4 == 0 && K % G == 0, "bad group size");
+  const int64_t ng = K / G, NB = Bp.size(0), Np = NB * NC, K4 = K / 4;
+  const int layout = Bp.scalar_type() == at::kByte ? kU4 : Bp.size(3) == 2 ? kW16 : kVNNI;
+  TORCH_CHECK(layout != kVNNI || SVDQ_AVXVNNI, "weight packed for AVX-VNNI, this build has no AVX-VNNI");
+  TORCH_CHECK(Bp.dim() == 4 && Bp.size(1) * Bp.size(3) == K && Bp.size(2) == NC, "packed weight does not match K");
+  TORCH_CHECK(swt.size(0) == ng && swt.size(1) == Np && (layout != kVNNI || (bias.size(0) == ng && bias.size(1) == Np)),
+              "bad packing");
+  TORCH_CHECK(sa.dim() == 2 && sa.size(0) == M && sa.size(1) == ng, "sa must be [M, K/G]");
+  TORCH_CHECK(N <= Np && N > Np - NC, "N does not match the packed weight");
+  if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, qa.options().dtype(at::kFloat));
+  at::Tensor C = at::empty({M, Np}, qa.options().dtype(at::kFloat));  // fully written (group 0 stores)
+
+  // The activation operand of the layout, one pass over qa (M * K bytes; parallel).
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(qa.data_ptr());
+  const uint8_t flip = biased ? 0x80 : 0x00;  // u8 -> s8 (U4, W16)
+  at::Tensor Aop, asum;
+  int64_t F = 1;
+  if (layout == kU4) {
+    // s8 activations, per-(row, group) sums for the +8 correction, and max |a| for the
+    // int16 chunk length F.
+    Aop = biased ? at::empty({M, K}, qa.options().dtype(at::kByte)) : qa;
+    asum = at::empty({M, ng}, qa.options().dtype(at::kInt));
+    uint8_t* dst = reinterpret_cast<uint8_t*>(Aop.data_ptr());
+    int32_t* as = asum.data_ptr<int32_t>();
+    std::atomic<int> amax_all{0};
+    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t r0, int64_t r1) {
+      const __m256i vflip = _mm256_set1_epi8(static_cast<char>(flip));
+      const __m256i bias8 = _mm256_set1_epi8(static_cast<char>(0x80));
+      __m256i vmin = _mm256_setzero_si256(), vmax = vmin;
+      int smin = 0, smax = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* s = src + r * K;
+        uint8_t* d = dst + r * K;
+        for (int64_t g = 0; g < ng; ++g) {
+          int64_t k = g * G;
+          const int64_t ke = k + G;
+          __m256i sad = _mm256_setzero_si256();
+          for (; k + 32 <= ke; k += 32) {
+            const __m256i a = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k)), vflip);
+            if (biased) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k), a);
+            vmin = _mm256_min_epi8(vmin, a);
+            vmax = _mm256_max_epi8(vmax, a);
+            // sum of (a + 128) as u8 via SAD against 0; the 128s are removed below
+            sad = _mm256_add_epi64(sad, _mm256_sad_epu8(_mm256_xor_si256(a, bias8), _mm256_setzero_si256()));
+          }
+          int64_t tot = _mm256_extract_epi64(sad, 0) + _mm256_extract_epi64(sad, 1) + _mm256_extract_epi64(sad, 2) +
+                        _mm256_extract_epi64(sad, 3);
+          tot -= 128 * ((ke - g * G) - (ke - k));
+          for (; k < ke; ++k) {
+            const int8_t a = static_cast<int8_t>(s[k] ^ flip);
+            if (biased) d[k] = static_cast<uint8_t>(a);
+            smin = std::min<int>(smin, a);
+            smax = std::max<int>(smax, a);
+            tot += a;
+          }
+          as[r * ng + g] = static_cast<int32_t>(tot);
+        }
+      }
+      alignas(32) int8_t lo[32], hi[32];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lo), vmin);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(hi), vmax);
+      for (int i = 0; i < 32; ++i) {
+        smin = std::min<int>(smin, lo[i]);
+        smax = std::max<int>(smax, hi[i]);
+      }
+      const int m = std::max(-smin, smax);
+      int cur = amax_all.load();
+      while (m > cur && !amax_all.compare_exchange_weak(cur, m)) {
+      }
+    });
+    const int amax = std::max(1, amax_all.load());
+    F = std::max<int64_t>(1, 32767 / (2 * 15 * amax));  // int16 lanes: F * 2 * 15 * max|a| <= 32767
+  } else if (layout == kW16) {
+    Aop = at::empty({M, K}, qa.options().dtype(at::kShort));
+    int16_t* dst = Aop.data_ptr<int16_t>();
+    at::parallel_for(0, M * K4, std::max<int64_t>(1, 16384), [&](int64_t i0, int64_t i1) {
+      const __m128i vflip = _mm_set1_epi8(static_cast<char>(flip));
+      int64_t i = 4 * i0;
+      const int64_t e = 4 * i1;
+      for (; i + 16 <= e; i += 16) {
+        const __m128i a = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)), vflip);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_cvtepi8_epi16(a));
+      }
+      for (; i < e; ++i) dst[i] = static_cast<int8_t>(src[i] ^ flip);
+    });
+  } else {  // VNNI: u8 = a ^ 0x80
+    if (biased) {
+      Aop = qa;
+    } else {
+      Aop = at::empty({M, K}, qa.options().dtype(at::kByte));
+      uint8_t* dst = Aop.data_ptr<uint8_t>();
+      at::parallel_for(0, M * K, 1 << 16, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) dst[i] = src[i] ^ 0x80;
+      });
+    }
+  }
+
+  at::Tensor h, lu, yb;
+  if (h_in.has_value() && h_in->defined()) {
+    TORCH_CHECK(lora_up_in.has_value() && lora_up_in->defined(), "low-rank h needs lora_up");
+    h = h_in->to(at::kFloat).contiguous();
+    lu = lora_up_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(h.dim() == 2 && h.size(0) == M && lu.dim() == 2 && lu.size(0) == N && lu.size(1) == h.size(1),
+                "low-rank operands must be h [M, R], lora_up [N, R]");
+  }
+  if (ybias_in.has_value() && ybias_in->defined()) {
+    const at::Tensor b = ybias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == N, "bias must have N elements");
+    yb = at::zeros({Np}, b.options());
+    yb.narrow(0, 0, N).copy_(b.view({N}));
+  }
+  const float* HP = h.defined() && h.size(1) > 0 ? h.data_ptr<float>() : nullptr;
+  const int64_t R = h.defined() ? h.size(1) : 0;
+  const float* LUP = HP ? lu.data_ptr<float>() : nullptr;
+  const float* YB = yb.defined() ? yb.data_ptr<float>() : nullptr;
+  const uint8_t* A = reinterpret_cast<const uint8_t*>(Aop.data_ptr());
+  const int64_t lda = layout == kW16 ? 2 * K : K;
+  const float* S = sa.data_ptr<float>();
+  const int32_t* AS = asum.defined() ? asum.data_ptr<int32_t>() : nullptr;
+  const int8_t* B = reinterpret_cast<const int8_t*>(Bp.data_ptr());
+  const int32_t* BI = bias.numel() ? bias.data_ptr<int32_t>() : nullptr;
+  const float* ST = swt.data_ptr<float>();
+  float* Cp = C.data_ptr<float>();
+  const int64_t G4 = G / 4;
+  // K blocks: whole groups when a group fits in one, else KBQ-sized parts of a group.
+  const int64_t kbq = G4 >= KBQ ? KBQ : G4 * std::max<int64_t>(1, KBQ / G4);
+  const bool split = G4 > KBQ;  // groups span several K blocks: partials wait in `part`
+  const int64_t nm = (M + MC - 1) / MC;
+
+  at::parallel_for(0, NB * nm, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> lpanel(HP ? R * NC : 0);  // the current panel's lora_up^T slice
+    std::vector<int32_t> ljs(HP ? R : 0);         // its nonzero rank indices
+    int64_t lpanel_nb = -1, lnact = 0;
+    // U4 chunks and split groups keep int32 partials here: [MC][NC], 32-byte aligned.
+    const bool need_part = split || (layout == kU4 && F < G4);
+    std::vector<int32_t> part_buf(need_part ? MC * NC + 8 : 0);
+    int32_t* part = need_part ? reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(part_buf.data()) + 31) &
+                                                           ~static_cast<uintptr_t>(31))
+                              : nullptr;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t nb = t / nm, mc = t % nm;
+      const int64_t n0 = nb * NC, m_lo = mc * MC, m_hi = std::min(M, m_lo + MC);
+      const int8_t* panel = B + nb * K * NC;
+      for (int64_t q0 = 0; q0 < K4; q0 += kbq) {
+        const int64_t q1 = std::min(K4, q0 + kbq);
+        for (int64_t m = m_lo; m < m_hi; m += MR) {
+          const int r = static_cast<int>(std::min<int64_t>(MR, m_hi - m));
+          for (int j = 0; j < NC / CS; ++j) {
+            Tile tl;
+            tl.A = A + m * lda;
+            tl.lda = lda;
+            tl.sa = S + m * ng;
+            tl.ng = ng;
+            tl.asum = AS ? AS + m * ng : nullptr;
+            tl.B = panel + (layout == kW16 ? 2 : 4) * CS * j;
+            tl.bias = BI ? BI + n0 + CS * j : nullptr;
+            tl.swt = ST + n0 + CS * j;
+            tl.Np = Np;
+            tl.C = Cp + m * Np + n0 + CS * j;
+            tl.ldc = Np;
+            tl.part = part ? part + (m - m_lo) * NC + CS * j : nullptr;
+            tl.G4 = G4;
+            tl.F = F;
+            if (layout == kU4) {
+              kMicro<kU4>[r](tl, q0, q1);
+            } else if (layout == kW16) {
+              kMicro<kW16>[r](tl, q0, q1);
+            } else {
+              kMicro<kVNNI>[r](tl, q0, q1);
+            }
+          }
+        }
+      }
+      if (HP && lpanel_nb != nb) {
+        lnact = panel_lora_up(LUP, N, R, n0, lpanel.data(), ljs.data());
+        lpanel_nb = nb;
+      }
+      if (HP || YB) lowrank_bias_rows(Cp, Np, m_lo, m_hi, n0, HP, R, lpanel.data(), ljs.data(), lnact, YB);
+    }
+  });
+  if (Np == N) return C;
+  return C.narrow(1, 0, N).contiguous();
+}
+
+at::Tensor gemm_packed(const at::Tensor& qa, const at::Tensor& sa, const at::Tensor& Bp, const at::Tensor& bias,
+                       const at::Tensor& swt, int64_t N, int64_t G) {
+  return gemm_core(qa, sa, Bp, bias, swt, N, G, false);
+}
+
+at::Tensor gemm_packed_u8(const at::Tensor& qa_u8, const at::Tensor& sa, const at::Tensor& Bp, const at::Tensor& bias,
+                          const at::Tensor& swt, int64_t N, int64_t G, const std::optional<at::Tensor>& h,
+                          const std::optional<at::Tensor>& lora_up, const std::optional<at::Tensor>& ybias) {
+  return gemm_core(qa_u8, sa, Bp, bias, swt, N, G, true, h, lora_up, ybias);
+}
+
+// No AMX in these builds (same op names as the AVX-512 extension).
+bool set_amx(bool) { return false; }
+bool amx_enabled() { return false; }
+
+}  // namespace
+
+// TORCH_LIBRARY stringifies its argument: expand SVDQ_NS first.
+#define SVDQ_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+SVDQ_LIBRARY(SVDQ_NS, m) {
+  m.def("pack_weight", &pack_weight);
+  m.def("set_amx", &set_amx);
+  m.def("amx_enabled", &amx_enabled);
+  m.def("gemm_packed", &gemm_packed);
+  m.def("gemm_packed_u8(Tensor qa_u8, Tensor sa, Tensor Bp, Tensor bias, Tensor swt, int N, int G, "
+        "Tensor? h=None, Tensor? lora_up=None, Tensor? ybias=None) -> Tensor", &gemm_packed_u8);
+}

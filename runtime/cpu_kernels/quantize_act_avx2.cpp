@@ -1,0 +1,270 @@
+// Fused dynamic per-token-group activation quantizer for AVX2 CPUs (no AVX-512): the
+// same op as quantize_act.cpp, bit for bit (q, scale, x' and h), and so bit-identical to
+// runtime/quantize.py::quantize_activation(runtime/reference.py::smooth_input(x, smooth)):
+//
+//   x' = float(x) / smooth;  v = x' + shift (if shift != 0);
+//   amax = max |v| (signed) | max max(v, 0) (unsigned);  scale = amax / qmax (1 unless > 0);
+//   q = clamp(floor(v / scale + 0.5), qmin, qmax)
+//
+// Every step is one correctly rounded IEEE fp32 operation in the torch order (compiled with
+// -ffp-contract=off: no FMA contraction), so the lane width does not matter for q, scale
+// and x'. The low-rank down projection h = X' L2^T is a sum, so its order matters: it
+// reproduces the AVX-512 kernel's 16 lanes exactly (two ymm per accumulator: lane l sums
+// k = l (mod 16) with FMAs in ascending k, zero-filled tail lanes, then GCC's
+// _mm512_reduce_add_ps tree), hence bit-identical h on both ISAs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#ifndef SVDQ_NS
+#define SVDQ_NS svdq_cpu_avx2
+#endif
+
+namespace {
+
+// 8 lanes of x as fp32 (exact conversions); n < 8: lanes >= n read as 0.
+inline __m256 cvt8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 cvt8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 cvt8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <typename T>
+inline __m256 load8(const T* p, int64_t n) {
+  if (n >= 8) return cvt8(p);
+  T tmp[8];
+  std::memset(static_cast<void*>(tmp), 0, sizeof(tmp));  // all-zero bits: 0.0 in every type
+  std::memcpy(static_cast<void*>(tmp), p, static_cast<size_t>(n) * sizeof(T));
+  return cvt8(tmp);
+}
+inline void store8(float* p, __m256 v, int64_t n) {
+  if (n >= 8) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    std::memcpy(p, tmp, static_cast<size_t>(n) * sizeof(float));
+  }
+}
+
+// The lane sum of a 16-lane accumulator held as lo (lanes 0-7) | hi (8-15), in the order of
+// GCC's _mm512_reduce_add_ps: (hi + lo), then upper + lower 4, then [0]+[2] | [1]+[3], then
+// their sum.
+inline float reduce16(__m256 lo, __m256 hi) {
+  const __m256 t3 = _mm256_add_ps(hi, lo);
+  const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+  const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1)));
+}
+
+// h[i][j] = sum_k xr[i][k] * ld[j][k] for up to 4 rows, with the AVX-512 kernel's lane
+// structure (see the file comment). 2 ranks x 2 rows per pass keep 8 accumulators in
+// registers; the order inside each accumulator lane is unchanged by that blocking.
+inline void lora_down_rows(const float* const* xr, int rb, const float* __restrict ld, int64_t R, int64_t K,
+                           float* __restrict h) {
+  const int64_t kmain = K - K % 16;
+  const int64_t tail = K - kmain;
+  // zero-padded copies of the tail (the AVX-512 kernel's masked loads read 0 there)
+  alignas(32) float xt[4][16], wt[2][16];
+  for (int i0 = 0; i0 < rb; i0 += 2) {
+    const int ib = std::min(2, rb - i0);
+    const float* x0 = xr[i0];
+    const float* x1 = xr[i0 + ib - 1];
+    for (int64_t j0 = 0; j0 < R; j0 += 2) {
+      const float* w0 = ld + j0 * K;
+      const float* w1 = ld + std::min<int64_t>(j0 + 1, R - 1) * K;
+      __m256 a00l = _mm256_setzero_ps(), a00h = a00l, a01l = a00l, a01h = a00l;
+      __m256 a10l = a00l, a10h = a00l, a11l = a00l, a11h = a00l;
+#define SVDQ_STEP(X0, X1, W0, W1)                                                                  \
+      {                                                                                          \
+        const __m256 w0l = _mm256_loadu_ps(W0), w0h = _mm256_loadu_ps((W0) + 8);                 \
+        const __m256 w1l = _mm256_loadu_ps(W1), w1h = _mm256_loadu_ps((W1) + 8);                 \
+        __m256 xl = _mm256_loadu_ps(X0), xh = _mm256_loadu_ps((X0) + 8);                         \
+        a00l = _mm256_fmadd_ps(xl, w0l, a00l); a00h = _mm256_fmadd_ps(xh, w0h, a00h);             \
+        a01l = _mm256_fmadd_ps(xl, w1l, a01l); a01h = _mm256_fmadd_ps(xh, w1h, a01h);             \
+        xl = _mm256_loadu_ps(X1); xh = _mm256_loadu_ps((X1) + 8);                                \
+        a10l = _mm256_fmadd_ps(xl, w0l, a10l); a10h = _mm256_fmadd_ps(xh, w0h, a10h);             \
+        a11l = _mm256_fmadd_ps(xl, w1l, a11l); a11h = _mm256_fmadd_ps(xh, w1h, a11h);             \
+      }
+      for (int64_t k = 0; k < kmain; k += 16) SVDQ_STEP(x0 + k, x1 + k, w0 + k, w1 + k)
+      if (tail) {
+        std::memset(xt, 0, sizeof(xt));
+        std::memset(wt, 0, sizeof(wt));
+        std::memcpy(xt[0], x0 + kmain, tail * sizeof(float));
+        std::memcpy(xt[1], x1 + kmain, tail * sizeof(float));
+        std::memcpy(wt[0], w0 + kmain, tail * sizeof(float));
+        std::memcpy(wt[1], w1 + kmain, tail * sizeof(float));
+        SVDQ_STEP(xt[0], xt[1], wt[0], wt[1])
+      }
+#undef SVDQ_STEP
+      h[i0 * R + j0] = reduce16(a00l, a00h);
+      if (j0 + 1 < R) h[i0 * R + j0 + 1] = reduce16(a01l, a01h);
+      if (ib > 1) {
+        h[(i0 + 1) * R + j0] = reduce16(a10l, a10h);
+        if (j0 + 1 < R) h[(i0 + 1) * R + j0 + 1] = reduce16(a11l, a11h);
+      }
+    }
+  }
+}
+
+// Low byte of each int32 lane (the AVX-512 kernel's _mm512_cvtepi32_epi8 truncation: the
+// int32 0x80000000 of a NaN becomes 0, as torch's float -> int8 cast gives).
+inline void store_low_bytes(int8_t* dst, __m256i v, uint8_t bias, int64_t n) {
+  alignas(32) int32_t tmp[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int8_t>(static_cast<uint8_t>(tmp[i]) ^ bias);
+}
+
+template <typename T>
+void quantize_rows(const T* __restrict X, const float* __restrict smooth, int64_t M, int64_t K, int64_t G,
+                   float qmin, float qmax, bool is_unsigned, float shift, bool has_shift, bool biased,
+                   int8_t* __restrict Q, float* __restrict S, float* __restrict XS,
+                   const float* __restrict LD, int64_t R, float* __restrict H) {
+  const int64_t ng = K / G;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    constexpr int RB = 4;  // rows per block (the low-rank dot reuses each L2^T load)
+    std::vector<float> scratch(XS ? 0 : RB * K);
+    const float* rows[RB];
+    int rb = 0;
+    const __m256 vshift = _mm256_set1_ps(shift);
+    const __m256 vhalf = _mm256_set1_ps(0.5f);
+    const __m256 vqmin = _mm256_set1_ps(qmin);
+    const __m256 vqmax = _mm256_set1_ps(qmax);
+    const __m256 vzero = _mm256_setzero_ps();
+    const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const uint8_t qbias = biased ? 0x80 : 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* x = X + r * K;
+      float* v = XS ? XS + r * K : scratch.data() + rb * K;
+      // pass 1: x' = float(x) / smooth
+      for (int64_t k = 0; k < K; k += 8) {
+        const int64_t n = K - k;
+        __m256 a = load8<T>(x + k, n);
+        if (smooth) {
+          // padded lanes divide 0 by 1 (no spurious 0/0); they are never stored
+          __m256 d = n >= 8 ? _mm256_loadu_ps(smooth + k) : _mm256_set1_ps(1.0f);
+          if (n < 8) {
+            alignas(32) float tmp[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+            std::memcpy(tmp, smooth + k, n * sizeof(float));
+            d = _mm256_load_ps(tmp);
+          }
+          a = _mm256_div_ps(a, d);
+        }
+        store8(v + k, a, n);
+      }
+      int8_t* q = Q + r * K;
+      float* s = S + r * ng;
+      for (int64_t g = 0; g < ng; ++g) {
+        const float* vg = v + g * G;
+        // pass 2: group absmax (padded lanes are masked out of the max and NaN test)
+        __m256 amax = vzero;
+        bool nan = false;
+        for (int64_t j = 0; j < G; j += 8) {
+          const int64_t n = G - j;
+          __m256 a = load8<float>(vg + j, n);
+          if (has_shift) a = _mm256_add_ps(a, vshift);
+          __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+              _mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+          nan |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q), valid)) != 0;
+          a = is_unsigned ? _mm256_max_ps(a, vzero) : _mm256_and_ps(a, vabs);
+          amax = _mm256_blendv_ps(amax, _mm256_max_ps(amax, a), valid);
+        }
+        const __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(amax, 1), _mm256_castps256_ps128(amax));
+        const __m128 m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float mx = std::max(_mm_cvtss_f32(m2), _mm_cvtss_f32(_mm_shuffle_ps(m2, m2, 1)));
+        float sc = mx / qmax;
+        if (nan || !(sc > 0.0f)) sc = 1.0f;  // torch: amax propagates NaN, NaN > 0 is false
+        s[g] = sc;
+        const __m256 vs = _mm256_set1_ps(sc);
+        // pass 3: q = clamp(floor(v / scale + 0.5))
+        for (int64_t j = 0; j < G; j += 8) {
+          const int64_t n = std::min<int64_t>(G - j, 8);
+          __m256 a = load8<float>(vg + j, n);
+          if (has_shift) a = _mm256_add_ps(a, vshift);
+          a = _mm256_add_ps(_mm256_div_ps(a, vs), vhalf);
+          a = _mm256_round_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+          // operand order keeps NaN (max/min return the 2nd operand on NaN) like torch.clamp
+          a = _mm256_min_ps(vqmax, _mm256_max_ps(vqmin, a));
+          store_low_bytes(q + g * G + j, _mm256_cvtps_epi32(a), qbias, n);
+        }
+      }
+      rows[rb++] = v;
+      if (LD && (rb == RB || r + 1 == r1)) {
+        lora_down_rows(rows, rb, LD, R, K, H + (r + 1 - rb) * R);
+        rb = 0;
+      } else if (!LD) {
+        rb = 0;
+      }
+    }
+  });
+}
+
+// Same signature and contract as quantize_act.cpp's op.
+std::vector<at::Tensor> quantize_act(const at::Tensor& x_in, const std::optional<at::Tensor>& smooth_in, int64_t G,
+                                     int64_t qmin, int64_t qmax, bool is_unsigned, double shift, bool emit_xs,
+                                     bool biased, const std::optional<at::Tensor>& lora_down_in) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
+  TORCH_CHECK(x_in.device().is_cpu(), "x must be on the CPU");
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x must be float32, bfloat16 or float16");
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  TORCH_CHECK(G > 0 && K % G == 0, "K must be a multiple of the group size");
+  TORCH_CHECK(qmax > 0 && qmin < qmax && qmin >= -128 && qmax <= 127, "bad integer grid");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor smooth;
+  if (smooth_in.has_value() && smooth_in->defined()) {
+    smooth = smooth_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(smooth.numel() == K, "smooth must have K elements");
+  }
+  at::Tensor ld;
+  if (lora_down_in.has_value() && lora_down_in->defined()) {
+    ld = lora_down_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(ld.dim() == 2 && ld.size(1) == K && ld.size(0) > 0, "lora_down must be [R, K]");
+  }
+  const int64_t R = ld.defined() ? ld.size(0) : 0;
+  at::Tensor h = at::empty({M, R}, x.options().dtype(at::kFloat));
+  at::Tensor q = at::empty({M, K}, x.options().dtype(biased ? at::kByte : at::kChar));
+  at::Tensor s = at::empty({M, K / G}, x.options().dtype(at::kFloat));
+  at::Tensor xs = emit_xs ? at::empty({M, K}, x.options().dtype(at::kFloat)) : at::Tensor();
+  if (M == 0 || K == 0) return {q, s, emit_xs ? xs : at::empty({0}, s.options()), h.zero_()};
+  const float* sm = smooth.defined() ? smooth.data_ptr<float>() : nullptr;
+  const float fshift = static_cast<float>(shift);
+  int8_t* qp = reinterpret_cast<int8_t*>(q.data_ptr());
+  float* sp = s.data_ptr<float>();
+  float* xp = emit_xs ? xs.data_ptr<float>() : nullptr;
+  const float fqmin = static_cast<float>(qmin), fqmax = static_cast<float>(qmax);
+  const bool has_shift = shift != 0.0;
+  const float* ldp = ld.defined() ? ld.data_ptr<float>() : nullptr;
+  float* hp = h.data_ptr<float>();
+  if (dt == at::kFloat) {
+    quantize_rows(x.data_ptr<float>(), sm, M, K, G, fqmin, fqmax, is_unsigned, fshift, has_shift, biased, qp, sp, xp,
+                  ldp, R, hp);
+  } else if (dt == at::kBFloat16) {
+    quantize_rows(x.data_ptr<at::BFloat16>(), sm, M, K, G, fqmin, fqmax, is_unsigned, fshift, has_shift, biased, qp,
+                  sp, xp, ldp, R, hp);
+  } else {
+    quantize_rows(x.data_ptr<at::Half>(), sm, M, K, G, fqmin, fqmax, is_unsigned, fshift, has_shift, biased, qp, sp,
+                  xp, ldp, R, hp);
+  }
+  return {q, s, emit_xs ? xs : at::empty({0}, s.options()), h};
+}
+
+}  // namespace
+
+#define SVDQ_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+SVDQ_LIBRARY_FRAGMENT(SVDQ_NS, m) {
+  m.def(
+      "quantize_act(Tensor x, Tensor? smooth, int G, int qmin, int qmax, bool is_unsigned, float shift, "
+      "bool emit_xs, bool biased, Tensor? lora_down=None) -> Tensor[]",
+      &quantize_act);
+}
