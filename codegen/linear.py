@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ..runtime.cpu import quantized_linear_cpu
-from ..runtime.ops import check_linear_args
+from ..runtime.op_args import bind
+from ..runtime.ops import check_args
 from .gemm import run_gemm
 from .launch import interpreting
 from .prologue import run_prologue
 from .w4a16 import run_w4a16, try_run_w4a16, w4a16_supported
 from .spec import LORA_PRECISIONS, KernelSpec
+from .per_token_linear import per_token_linear
 
 __all__ = ["quantized_linear_triton", "make_spec", "default_lora_precision", "is_tracing"]
 
@@ -137,38 +139,34 @@ def _inner_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def quantized_linear_triton(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    wscales: torch.Tensor,
-    smooth: Optional[torch.Tensor],
-    lora_down: Optional[torch.Tensor],
-    lora_up: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    gate: Optional[torch.Tensor],
-    group_size: int,
-    weight_bits: int,
-    act_bits: int,
-    act_unsigned: bool,
-    act_shift: float,
-    epilogue: str,
-    *,
+    *args: Any,
     lora_precision: Optional[str] = None,
     wrap: bool = False,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """x: [..., K] -> [..., N] in x.dtype: fused prologue + grouped int GEMM + epilogue.
 
+    Arguments: those of ``svdq::linear`` (:class:`runtime.op_args.LinearArgs`), positional
+    or by name, or one ``LinearArgs``.
     Same numerics as :func:`runtime.reference.quantized_linear_reference` (bit-exact
     quantized integers, fp32 accumulation). ``wrap`` launches through ``wrap_triton``
     (used by the ``svdq::triton_linear`` triton_op so tracing sees the kernels).
     """
+    a = bind(*args, **kwargs)
     # ---- check
-    check_linear_args(x, qweight, wscales, group_size, weight_bits, act_bits, epilogue)
+    check_args(a)
+    x, qweight, wscales, smooth = a.x, a.qweight, a.wscales, a.smooth
+    lora_down, lora_up, bias, residual, gate = a.lora_down, a.lora_up, a.bias, a.residual, a.gate
+    group_size, weight_bits, act_bits, act_shift = a.group_size, a.weight_bits, a.act_bits, a.act_shift
     n = wscales.shape[0]
     _check_operands(x, n, smooth, lora_down, lora_up, bias, residual, gate)
+    if a.per_token:
+        if interpreting() and x.is_cuda:
+            raise RuntimeError("svdq_compile.codegen: TRITON_INTERPRET=1 cannot run CUDA tensors")
+        return per_token_linear(a, lora_precision=lora_precision, wrap=wrap)
     spec = make_spec(
         x, smooth, lora_down, bias, residual, gate, group_size, weight_bits, act_bits,
-        act_unsigned, epilogue, lora_precision,
+        a.act_unsigned, a.epilogue, lora_precision,
     )
     # Weight-only layers (e.g. AdaLN modulation, a few rows) keep the torch path for the
     # low-rank branch and epilogue, with the Triton INT4 product for the matmul.
@@ -182,10 +180,7 @@ def quantized_linear_triton(
         # Traced (wrap): no fallback inside a graph; eager: fall back once on a kernel error.
         product = None if not w4a16 else (
             (lambda x2, qw, sw, g: run_w4a16(x2, qw, sw, g, wrap=True)) if wrap else try_run_w4a16)
-        return quantized_linear_cpu(
-            x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
-            group_size, weight_bits, act_bits, act_unsigned, act_shift, epilogue, w4a16_product=product,
-        )
+        return quantized_linear_cpu(a, w4a16_product=product)
 
     # ---- allocate / lay out
     lead = tuple(x.shape[:-1])

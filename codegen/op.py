@@ -12,10 +12,11 @@ or default configs only (see :func:`.autotune.choose_config`).
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any
 
 import torch
 
+from ..runtime.op_args import with_signature
 from .linear import quantized_linear_triton
 
 __all__ = ["TRITON_OP_AVAILABLE", "triton_linear"]
@@ -25,27 +26,9 @@ log = logging.getLogger(__name__)
 TRITON_OP_AVAILABLE = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
 
-def _triton_linear_impl(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    wscales: torch.Tensor,
-    smooth: Optional[torch.Tensor],
-    lora_down: Optional[torch.Tensor],
-    lora_up: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    gate: Optional[torch.Tensor],
-    group_size: int,
-    weight_bits: int,
-    act_bits: int,
-    act_unsigned: bool,
-    act_shift: float,
-    epilogue: str,
-) -> torch.Tensor:
-    return quantized_linear_triton(
-        x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
-        group_size, weight_bits, act_bits, act_unsigned, act_shift, epilogue, wrap=True,
-    )
+@with_signature  # triton_op infers its schema from the signature: LinearArgs' list
+def _triton_linear_impl(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return quantized_linear_triton(*args, wrap=True, **kwargs)
 
 
 triton_linear = None

@@ -9,12 +9,13 @@ branch and epilogue run in X's dtype).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..runtime.epilogue import finish_output
+from ..runtime.op_args import bind
 from .gemm import run_gemm
 from .linear import make_spec
 from .prologue import run_prologue
@@ -22,24 +23,16 @@ from .prologue import run_prologue
 __all__ = ["unfused_quantized_linear"]
 
 
-def unfused_quantized_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    wscales: torch.Tensor,
-    smooth: Optional[torch.Tensor],
-    lora_down: Optional[torch.Tensor],
-    lora_up: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    gate: Optional[torch.Tensor],
-    group_size: int,
-    weight_bits: int,
-    act_bits: int,
-    act_unsigned: bool,
-    act_shift: float,
-    epilogue: str,
-) -> torch.Tensor:
-    """Same signature and math as ``quantized_linear_triton``, without the fusions."""
+def unfused_quantized_linear(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Same arguments and math as ``quantized_linear_triton``, without the fusions
+    (group scheme only: the per-token schemes' unfused form is the library composition)."""
+    a = bind(*args, **kwargs)
+    if a.per_token:
+        raise ValueError("unfused_quantized_linear: per-token schemes are not supported")
+    x, qweight, wscales, smooth = a.x, a.qweight, a.wscales, a.smooth
+    lora_down, lora_up, bias, residual, gate = a.lora_down, a.lora_up, a.bias, a.residual, a.gate
+    group_size, weight_bits, act_bits = a.group_size, a.weight_bits, a.act_bits
+    act_unsigned, act_shift, epilogue = a.act_unsigned, a.act_shift, a.epilogue
     lead = tuple(x.shape[:-1])
     k = x.shape[-1]
     n = wscales.shape[0]

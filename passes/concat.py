@@ -23,8 +23,9 @@ def concat_packed(packs: Sequence[PackedLinear]) -> PackedLinear:
     s0 = first.spec
     for p in packs[1:]:
         s = p.spec
-        same = (s.in_features, s.group_size, s.weight_bits, s.act_bits, s.act_unsigned, s.act_shift)
-        if same != (s0.in_features, s0.group_size, s0.weight_bits, s0.act_bits, s0.act_unsigned, s0.act_shift):
+        same = (s.in_features, s.group_size, s.weight_bits, s.act_bits, s.act_unsigned, s.act_shift, s.scheme)
+        if same != (s0.in_features, s0.group_size, s0.weight_bits, s0.act_bits, s0.act_unsigned, s0.act_shift,
+                    s0.scheme):
             raise ValueError("concat_packed: sibling layers differ in input quantization")
         if (p.smooth is None) != (first.smooth is None) or (
             p.smooth is not None and not torch.equal(p.smooth, first.smooth)
@@ -50,8 +51,11 @@ def concat_packed(packs: Sequence[PackedLinear]) -> PackedLinear:
     spec = LinearSpec(
         in_features=s0.in_features, out_features=n_tot, group_size=s0.group_size,
         weight_bits=s0.weight_bits, act_bits=s0.act_bits, act_unsigned=s0.act_unsigned,
-        act_shift=s0.act_shift, rank=r_tot,
+        act_shift=s0.act_shift, rank=r_tot, scheme=s0.scheme,
     )
+    # Per-token schemes: zero points and channel scales are per output row, like qweight.
+    extra = {name: torch.cat([getattr(p, name) for p in packs])
+             for name in ("wzeros", "wchannel") if getattr(first, name) is not None}
     return PackedLinear(
         spec=spec,
         qweight=torch.cat([p.qweight for p in packs]),
@@ -61,4 +65,5 @@ def concat_packed(packs: Sequence[PackedLinear]) -> PackedLinear:
         lora_up=up,
         bias=bias,
         meta={"fused": len(packs)},
+        **extra,
     )

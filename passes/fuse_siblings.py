@@ -25,7 +25,7 @@ ALIAS_KEY = "svdq_sibling_aliases"  # gm.meta: [(sibling packs, fused pack)] to 
 
 log = logging.getLogger(__name__)
 
-_SCALARS = ("group_size", "weight_bits", "act_bits", "act_unsigned", "act_shift")
+_SCALARS = ("group_size", "weight_bits", "act_bits", "act_unsigned", "act_shift", "scheme")
 
 
 def _key(gm: fx.GraphModule, node: fx.Node):
@@ -51,7 +51,8 @@ def _alias_into(packs: list[PackedLinear], fused: PackedLinear) -> int:
         for p in packs:
             n, r = p.spec.out_features, p.rank
             for t, big, lo, cnt in ((p.qweight, fused.qweight, n0, n), (p.wscales, fused.wscales, n0, n),
-                                    (p.bias, fused.bias, n0, n), (p.lora_down, fused.lora_down, r0, r)):
+                                    (p.bias, fused.bias, n0, n), (p.lora_down, fused.lora_down, r0, r),
+                                    (p.wzeros, fused.wzeros, n0, n), (p.wchannel, fused.wchannel, n0, n)):
                 if t is None or big is None or cnt == 0:
                     continue
                 view = big[lo:lo + cnt]

@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from svdq_compile.runtime.op_args import ARG, ARG_NAMES
+from svdq_compile.runtime.ops import spec_args
 from svdq_compile.runtime.packed import LinearSpec, PackedLinear
 
 __all__ = ["SVDQ_OP", "ARG", "is_svdq", "canonicalize", "packed_of", "insert_op", "attr", "GraphTensors", "add_buffer",
@@ -20,10 +22,8 @@ __all__ = ["SVDQ_OP", "ARG", "is_svdq", "canonicalize", "packed_of", "insert_op"
 
 SVDQ_OP = torch.ops.svdq.linear.default
 
-# Positional argument index of each svdq::linear input (see runtime/ops.py).
-ARG = {name: i for i, name in enumerate(
-    ["x", "qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "residual", "gate",
-     "group_size", "weight_bits", "act_bits", "act_unsigned", "act_shift", "epilogue"])}
+# ARG: positional index of each svdq::linear input (runtime/op_args.py, the one argument list).
+assert tuple(a.name for a in SVDQ_OP._schema.arguments) == ARG_NAMES, "op schema out of sync with LinearArgs"
 
 
 def is_svdq(node: Any) -> bool:
@@ -119,11 +119,12 @@ def packed_of(gm: fx.GraphModule, node: fx.Node, tensors: Optional[GraphTensors]
         in_features=wscales.shape[1] * a[ARG["group_size"]], out_features=wscales.shape[0],
         group_size=a[ARG["group_size"]], weight_bits=a[ARG["weight_bits"]], act_bits=a[ARG["act_bits"]],
         act_unsigned=a[ARG["act_unsigned"]], act_shift=a[ARG["act_shift"]],
-        rank=0 if down is None else down.shape[0],
+        rank=0 if down is None else down.shape[0], scheme=a[ARG["scheme"]],
     )
     return PackedLinear(
         spec, attr(gm, a[ARG["qweight"]], tensors), wscales, attr(gm, a[ARG["smooth"]], tensors), down,
         attr(gm, a[ARG["lora_up"]], tensors), attr(gm, a[ARG["bias"]], tensors),
+        attr(gm, a[ARG["wzeros"]], tensors), attr(gm, a[ARG["wchannel"]], tensors),
     )
 
 
@@ -148,13 +149,7 @@ def insert_op(
     """Insert ``svdq::linear(x, <p's tensors as buffers>)`` at the current insert point."""
     safe = "".join(c if c.isalnum() else "_" for c in tag)
     t = {k: add_buffer(gm, f"svdq_{safe}_{k}", v) for k, v in p.tensors().items()}
-    s = p.spec
-    return gm.graph.call_function(
-        SVDQ_OP,
-        (x, t["qweight"], t["wscales"], t.get("smooth"), t.get("lora_down"), t.get("lora_up"),
-         t.get("bias"), residual, gate, s.group_size, s.weight_bits, s.act_bits, s.act_unsigned,
-         s.act_shift, epilogue),
-    )
+    return gm.graph.call_function(SVDQ_OP, tuple(spec_args(x, p.spec, t, epilogue, residual, gate)))
 
 
 def replace_op(gm: fx.GraphModule, op: fx.Node, at: fx.Node, **changes: Any) -> fx.Node:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from svdq_compile.config import SVDQuantConfig
 from svdq_compile.decompose import LayerTarget
-from svdq_compile.runtime.packed import mode_bits
+from svdq_compile.runtime.packed import mode_bits, mode_scheme
+from svdq_compile.auto_mode import AUTO, auto_choice
 
 from .find_linears import LinearSite
 
@@ -80,13 +81,19 @@ def plan_sites(sites: list[LinearSite], config: SVDQuantConfig) -> tuple[list[Si
             skipped.append((s.name, reason))
             log.info("svdquant: keeping %s in floating point: %s", s.name, reason)
             continue
-        mode = _override(s.name, config.mode_overrides, config.mode)
+        requested = _override(s.name, config.mode_overrides, None)
+        why = "mode_overrides" if requested is not None else "mode option"
+        requested = config.mode if requested is None else requested
+        mode = requested
+        if requested == AUTO:
+            mode, why = auto_choice(s.weight.device)
         wbits, abits = mode_bits(mode)
         rank = int(_override(s.name, config.rank_overrides, config.rank))
         unsigned = bool(config.unsigned_after_act and abits == 4 and nonneg_producer(s.x))
         target = LayerTarget(
             weight_bits=wbits, act_bits=abits, group_size=config.group_size, rank=rank,
-            act_unsigned=unsigned, refine_iters=config.refine_iters,
+            act_unsigned=unsigned, refine_iters=config.refine_iters, scheme=mode_scheme(mode),
+            mode_reason=why,
         )
         # Sites reading the same node share lambda whether or not they are fused later.
         key = (s.x, target)

@@ -25,7 +25,7 @@ of 4, empty input): the original vectorised-torch path.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +34,15 @@ from . import cpu_gemm
 from .cpu_gemm import grouped_int_gemm
 from .cpu_w4a16 import w4a16_dequantize, w4a16_linear
 from .epilogue import apply_epilogue, finish_output
+from .op_args import LinearArgs, bind
+from .per_token import expanded_weight, quantize_tokens
 from .quantize import dequantize_groups, quantize_activation
 from .reference import int_weight, smooth_input
 
-__all__ = ["quantized_linear_cpu", "cached_prepared_weight", "CACHE_ATTR"]
+__all__ = ["quantized_linear_cpu", "cached_prepared_weight", "cached_expanded_weight", "CACHE_ATTR"]
 
 CACHE_ATTR = "_svdq_cpu_prep"  # attribute set on the qweight tensor
+PT_CACHE_ATTR = "_svdq_cpu_pt"  # per-token schemes: expanded / prepared weight, also on qweight
 
 
 class _CacheEntry(NamedTuple):
@@ -136,6 +139,78 @@ def _fast_path(
     return cpu_gemm.gemm_prepared_u8(qa, sa, prep.packed, wscales.shape[0], group_size, h, lora_up, bias)
 
 
+class _Guard(NamedTuple):
+    """Detects any change of one tensor since the guard was taken (see :func:`_entry_valid`)."""
+
+    tensor: torch.Tensor  # the tensor itself, or a private copy for inference tensors
+    version: Optional[int]
+    meta: tuple
+
+    @staticmethod
+    def take(t: torch.Tensor) -> "_Guard":
+        inf = t.is_inference()
+        return _Guard(t.clone() if inf else t, None if inf else t._version, _qmeta(t))
+
+    def holds(self, t: torch.Tensor) -> bool:
+        if self.meta != _qmeta(t):
+            return False
+        if self.version is None:
+            return torch.equal(self.tensor, t)
+        return self.tensor is t and not t.is_inference() and self.version == t._version
+
+
+def cached_expanded_weight(a: LinearArgs, fast: bool) -> tuple[torch.Tensor, Optional[cpu_gemm.PreparedWeight]]:
+    """The per-token scheme's [N, K] 8-bit weight (and, with ``fast``, the C++ kernel's
+    prepared copy of it, one group spanning K, ``wchannel`` as the per-column scale),
+    cached on ``qweight`` and rebuilt when any of the weight tensors changed."""
+    key = (a.scheme, a.group_size, fast)
+    watched = tuple(t for t in (a.qweight, a.wscales, a.wzeros, a.wchannel) if t is not None)
+    e = getattr(a.qweight, PT_CACHE_ATTR, None)
+    if e is not None and e[0] == key and len(e[1]) == len(watched) and all(g.holds(t) for g, t in zip(e[1], watched)):
+        return e[2], e[3]
+    w8 = expanded_weight(a.scheme, a.qweight, a.wscales, a.wzeros, a.wchannel, a.group_size)  # [N, K]
+    prep = None
+    if fast:
+        k = w8.shape[1]
+        prep = cpu_gemm.prepare_weight(w8, a.wchannel.float()[:, None], k, weight_bits=8, backend="auto")
+        w8 = None if prep.packed is not None else w8
+        if w8 is None:
+            prep = prep._replace(qw=prep.qw[:, :0])  # the kernel's copy is all it needs; drop [N, K]
+    try:
+        setattr(a.qweight, PT_CACHE_ATTR, (key, tuple(_Guard.take(t) for t in watched), w8, prep))
+    except (AttributeError, RuntimeError):
+        pass
+    return w8, prep
+
+
+def _per_token_linear(a: LinearArgs, x2: torch.Tensor) -> torch.Tensor:
+    """[M, N] fp32 ``(qa @ w8^T) * sa * c + (X' L2^T) L1^T + bias`` of a per-token scheme."""
+    k = x2.shape[1]
+    n = a.n
+    fast = (a.scheme == "int8" and x2.shape[0] > 0 and cpu_gemm.fast_backend_available()
+            and cpu_gemm._backend(None) != "torch" and k % 4 == 0)
+    w8, prep = cached_expanded_weight(a, fast)
+    if prep is not None and prep.packed is not None:
+        # The C++ grouped GEMM with one group spanning K is exactly the per-token GEMM: one
+        # exact int32 sum over K, then y = I * sa[m] * c[n], then the low-rank/bias epilogue.
+        res = cpu_gemm.quantize_activation_fused(x2, a.smooth, 8, k, biased=True, lora_down=a.lora_down)
+        if res is not None:
+            qa, sa, _, h = res
+            return cpu_gemm.gemm_prepared_u8(qa, sa, prep.packed, n, k, h, a.lora_up, a.bias)
+        w8 = expanded_weight(a.scheme, a.qweight, a.wscales, a.wzeros, a.wchannel, a.group_size)
+    if w8 is None:
+        w8 = expanded_weight(a.scheme, a.qweight, a.wscales, a.wzeros, a.wchannel, a.group_size)
+    xs = smooth_input(x2, a.smooth)  # [M, K] fp32
+    qa, sa = quantize_tokens(xs, a.scheme)
+    # fp32 GEMM of the 8-bit values (products exact, fp32 accumulation), rescale at the end.
+    y = (qa.float() @ w8.float().t()) * sa[:, None] * a.wchannel.float()[None, :]
+    if a.lora_down is not None:
+        y = y + (xs @ a.lora_down.float().t()) @ a.lora_up.float().t()
+    if a.bias is not None:
+        y = y + a.bias.float()
+    return y
+
+
 # Packed byte -> (even, odd) signed nibble values: one gather replaces the shifts,
 # masks, sign fixes and interleave of unpack_int4 (weight-only layers dequantize per call).
 _NIBBLE_LUT = torch.tensor(
@@ -157,33 +232,29 @@ def dequantize_weight(qweight: torch.Tensor, wscales: torch.Tensor, group_size: 
 
 
 def quantized_linear_cpu(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    wscales: torch.Tensor,
-    smooth: Optional[torch.Tensor],
-    lora_down: Optional[torch.Tensor],
-    lora_up: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    gate: Optional[torch.Tensor],
-    group_size: int,
-    weight_bits: int,
-    act_bits: int,
-    act_unsigned: bool,
-    act_shift: float,
-    epilogue: str,
+    *args: Any,
     w4a16_product: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]] = None,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """The quantized linear in torch (and the C++ kernels on CPU).
 
+    Arguments: those of ``svdq::linear`` (:class:`.op_args.LinearArgs`), positional or by
+    name, or one ``LinearArgs``.
     ``w4a16_product(x2d, qweight, wscales, group_size) -> [M, N] fp32`` replaces the
     dequantize + matmul of weight-only layers (the GPU path passes its Triton kernel);
     it receives the input in its own dtype when there is no smoothing.
     """
+    a = bind(*args, **kwargs)
+    x, qweight, wscales, smooth = a.x, a.qweight, a.wscales, a.smooth
+    lora_down, lora_up, bias, residual, gate = a.lora_down, a.lora_up, a.bias, a.residual, a.gate
+    group_size, weight_bits, act_bits = a.group_size, a.weight_bits, a.act_bits
+    act_unsigned, act_shift, epilogue = a.act_unsigned, a.act_shift, a.epilogue
     lead = x.shape[:-1]
     k = x.shape[-1]
     n = wscales.shape[0]
     x2 = x.reshape(-1, k)
+    if a.per_token:  # bias already added
+        return _finish_inplace(_per_token_linear(a, x2), lead, n, None, epilogue, gate, residual).to(x.dtype)
     y = _fast_path(x2, qweight, wscales, smooth, lora_down, lora_up, group_size, weight_bits,
                    act_bits, act_unsigned, act_shift, bias)
     if y is not None:  # bias already added

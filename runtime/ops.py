@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
 from .cpu import quantized_linear_cpu
-from .packed import EPILOGUES, PackedLinear
+from .op_args import SCHEMA, LinearArgs, bind
+from .packed import EPILOGUES, LinearSpec, PackedLinear
+from .per_token import PER_TOKEN_SCHEMES, SCHEMES
 
-__all__ = ["svdq_linear", "linear_from_packed", "check_linear_args", "register_triton_impl", "triton_on_cpu"]
+__all__ = ["svdq_linear", "linear_from_packed", "check_linear_args", "check_args", "register_triton_impl",
+           "triton_on_cpu", "packed_args", "spec_args"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,9 @@ def check_linear_args(
     weight_bits: int,
     act_bits: int,
     epilogue: str,
+    scheme: str = "group",
+    wzeros: Optional[torch.Tensor] = None,
+    wchannel: Optional[torch.Tensor] = None,
 ) -> None:
     """Raise a clear error for inputs the kernels would otherwise mis-handle."""
     if x.dtype not in _FLOAT_INPUTS:
@@ -40,6 +46,8 @@ def check_linear_args(
         )
     if x.dim() < 1:
         raise ValueError("svdq.linear: input must have at least one dimension")
+    if wscales.dim() != 2:
+        raise ValueError(f"svdq.linear: wscales must be [N, K/G], got {list(wscales.shape)}")
     n, groups = wscales.shape
     k = groups * group_size
     if x.shape[-1] != k:
@@ -53,49 +61,46 @@ def check_linear_args(
         raise ValueError(f"svdq.linear: unsupported mode w{weight_bits}a{act_bits}")
     if epilogue not in EPILOGUES:
         raise ValueError(f"svdq.linear: unknown epilogue {epilogue!r}; expected one of {EPILOGUES}")
-    if x.device != qweight.device:
-        raise ValueError(
-            f"svdq.linear: input is on {x.device} but the quantized weights are on {qweight.device}"
-        )
+    if scheme not in SCHEMES:
+        raise ValueError(f"svdq.linear: unknown scheme {scheme!r}; expected one of {SCHEMES}")
+    if scheme in PER_TOKEN_SCHEMES:
+        if (weight_bits, act_bits) != (4, 8):
+            raise ValueError(f"svdq.linear: scheme {scheme!r} is w4a8 only, got w{weight_bits}a{act_bits}")
+        if wchannel is None or tuple(wchannel.shape) != (n,):
+            raise ValueError(f"svdq.linear: scheme {scheme!r} needs wchannel [{n}]")
+        if scheme == "int8" and (wzeros is None or wzeros.shape != wscales.shape or wzeros.dtype != torch.int8
+                                 or wscales.dtype != torch.int8):
+            raise ValueError(f"svdq.linear: scheme 'int8' needs int8 wscales and wzeros [{n}, {groups}]")
+    for name, t in (("qweight", qweight), ("wscales", wscales), ("wzeros", wzeros), ("wchannel", wchannel)):
+        if t is not None and x.device != t.device:
+            what = "the quantized weights are" if name == "qweight" else f"{name} is"
+            raise ValueError(f"svdq.linear: input is on {x.device} but {what} on {t.device}")
 
 
-@torch.library.custom_op("svdq::linear", mutates_args=())
-def svdq_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    wscales: torch.Tensor,
-    smooth: Optional[torch.Tensor],
-    lora_down: Optional[torch.Tensor],
-    lora_up: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    gate: Optional[torch.Tensor],
-    group_size: int,
-    weight_bits: int,
-    act_bits: int,
-    act_unsigned: bool,
-    act_shift: float,
-    epilogue: str,
-) -> torch.Tensor:
-    check_linear_args(x, qweight, wscales, group_size, weight_bits, act_bits, epilogue)
-    if _TRITON_IMPL is not None and (x.is_cuda or _TRITON_ON_CPU):
-        return _TRITON_IMPL(
-            x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
-            group_size, weight_bits, act_bits, act_unsigned, act_shift, epilogue,
-        )
-    if x.is_cuda:
+def check_args(a: LinearArgs) -> None:
+    """:func:`check_linear_args` on a bound argument list."""
+    check_linear_args(a.x, a.qweight, a.wscales, a.group_size, a.weight_bits, a.act_bits, a.epilogue,
+                      a.scheme, a.wzeros, a.wchannel)
+
+
+def _svdq_linear_impl(*args: Any, **kwargs: Any) -> torch.Tensor:
+    a = bind(*args, **kwargs)
+    check_args(a)
+    if _TRITON_IMPL is not None and (a.x.is_cuda or _TRITON_ON_CPU):
+        return _TRITON_IMPL(a)
+    if a.x.is_cuda:
         _warn_no_triton()
-    return quantized_linear_cpu(
-        x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
-        group_size, weight_bits, act_bits, act_unsigned, act_shift, epilogue,
-    )
+    return quantized_linear_cpu(a)
 
 
-@svdq_linear.register_fake
-def _(x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
-      group_size, weight_bits, act_bits, act_unsigned, act_shift, epilogue):
-    n = wscales.shape[0]
-    return x.new_empty((*x.shape[:-1], n))
+def _svdq_linear_fake(*args: Any, **kwargs: Any) -> torch.Tensor:
+    a = bind(*args, **kwargs)
+    return a.x.new_empty((*a.x.shape[:-1], a.n))
+
+
+# The schema comes from LinearArgs (runtime/op_args.py), the one place the arguments are listed.
+svdq_linear = torch.library.custom_op("svdq::linear", _svdq_linear_impl, mutates_args=(), schema=SCHEMA)
+svdq_linear.register_fake(_svdq_linear_fake)
 
 
 _TRITON_IMPL = None
@@ -106,7 +111,7 @@ _warned = False
 
 
 def register_triton_impl(fn) -> None:
-    """Install the Triton implementation (called by ``svdq_compile.codegen``)."""
+    """Install the Triton implementation ``fn(a: LinearArgs) -> Tensor`` (called by ``svdq_compile.codegen``)."""
     global _TRITON_IMPL
     _TRITON_IMPL = fn
 
@@ -137,8 +142,23 @@ def linear_from_packed(
     gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Convenience eager call of the op with a :class:`PackedLinear`."""
-    s = p.spec
-    return torch.ops.svdq.linear(
-        x, p.qweight, p.wscales, p.smooth, p.lora_down, p.lora_up, p.bias, residual, gate,
-        s.group_size, s.weight_bits, s.act_bits, s.act_unsigned, s.act_shift, epilogue,
+    return torch.ops.svdq.linear(*packed_args(x, p, epilogue, residual, gate))
+
+
+def packed_args(
+    x: Any, p: PackedLinear, epilogue: str = "none", residual: Any = None, gate: Any = None,
+) -> LinearArgs:
+    """The op's argument list for ``p`` applied to ``x``."""
+    return spec_args(x, p.spec, p.tensors(), epilogue, residual, gate)
+
+
+def spec_args(
+    x: Any, spec: LinearSpec, t: Mapping[str, Any], epilogue: str = "none", residual: Any = None, gate: Any = None,
+) -> LinearArgs:
+    """The op's argument list from a spec and its tensors by :meth:`PackedLinear.tensors` key
+    (tensors, or the graph nodes standing for them)."""
+    return LinearArgs(
+        x, t["qweight"], t["wscales"], t.get("smooth"), t.get("lora_down"), t.get("lora_up"), t.get("bias"),
+        residual, gate, spec.group_size, spec.weight_bits, spec.act_bits, spec.act_unsigned, spec.act_shift,
+        epilogue, t.get("wzeros"), t.get("wchannel"), spec.scheme,
     )

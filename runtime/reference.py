@@ -14,6 +14,7 @@ import torch
 
 from .epilogue import finish_output
 from .packing import unpack_int4
+from .per_token import expanded_weight, quantize_tokens
 from .quantize import dequantize_groups, quantize_activation
 
 __all__ = ["smooth_input", "quantized_linear_reference", "int_weight"]
@@ -50,19 +51,32 @@ def quantized_linear_reference(
     act_shift: float = 0.0,
     epilogue: str = "none",
     compute_dtype: torch.dtype = torch.float64,
+    wzeros: Optional[torch.Tensor] = None,
+    wchannel: Optional[torch.Tensor] = None,
+    scheme: str = "group",
 ) -> torch.Tensor:
-    """x: [..., K] -> [..., N] in x.dtype. See module docstring for the math."""
+    """x: [..., K] -> [..., N] in x.dtype. See module docstring for the math.
+
+    Per-token schemes (``"int8"``, ``"fp8"``, :mod:`.per_token`): the 8-bit product of the
+    quantized activations and the expanded weights, rescaled by ``sa[m] * c[n]``.
+    """
     lead = x.shape[:-1]
     k = x.shape[-1]
     n = wscales.shape[0]
     xs = smooth_input(x.reshape(-1, k), smooth)  # [M, K] fp32
-    w_dq = dequantize_groups(int_weight(qweight, weight_bits), wscales, group_size)  # [N, K] fp32
-    if act_bits == 16:
-        a_dq = xs
+    if scheme != "group":
+        qa, sa = quantize_tokens(xs, scheme)  # [M, K] int8/e4m3, [M] fp32
+        e = expanded_weight(scheme, qweight, wscales, wzeros, wchannel, group_size)  # [N, K] int8/e4m3
+        acc = qa.to(compute_dtype) @ e.to(compute_dtype).t()  # exact: 8-bit products, float64 sums
+        y = acc * sa.to(compute_dtype)[:, None] * wchannel.to(compute_dtype)[None, :]
     else:
-        qa, sa = quantize_activation(xs, act_bits, group_size, unsigned=act_unsigned, shift=act_shift)
-        a_dq = dequantize_groups(qa, sa, group_size)  # [M, K] fp32, exact products
-    y = a_dq.to(compute_dtype) @ w_dq.to(compute_dtype).t()  # [M, N]
+        w_dq = dequantize_groups(int_weight(qweight, weight_bits), wscales, group_size)  # [N, K] fp32
+        if act_bits == 16:
+            a_dq = xs
+        else:
+            qa, sa = quantize_activation(xs, act_bits, group_size, unsigned=act_unsigned, shift=act_shift)
+            a_dq = dequantize_groups(qa, sa, group_size)  # [M, K] fp32, exact products
+        y = a_dq.to(compute_dtype) @ w_dq.to(compute_dtype).t()  # [M, N]
     if lora_down is not None:
         # The low-rank branch reads the *unquantized* smoothed input.
         h = xs.to(compute_dtype) @ lora_down.to(compute_dtype).t()  # [M, r]

@@ -118,6 +118,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], config: Optional[Any] 
         entry["alpha"] = p.meta.get("alpha")
         entry["beta"] = p.meta.get("beta")
         entry["sqnr_db"] = p.meta.get("sqnr_db")
+        entry["mode_reason"] = p.meta.get("mode_reason")
         layers[name] = entry
     manifest = {
         "format": "svdq_compile",
@@ -175,8 +176,8 @@ def read_artifact(path: Union[str, os.PathLike], verify: bool = True) -> tuple[d
                 if _sha256(t) != entry["sha256"][k]:
                     raise ArtifactError(f"corrupted artifact {path}: checksum mismatch for {name}.{k} (tampered or damaged)")
         try:
-            out[name] = PackedLinear(spec=spec, meta={"alpha": entry.get("alpha"), "beta": entry.get("beta"),
-                                                      "sqnr_db": entry.get("sqnr_db")}, **parts)
+            meta = {k: entry.get(k) for k in ("alpha", "beta", "sqnr_db", "mode_reason") if entry.get(k) is not None}
+            out[name] = PackedLinear(spec=spec, meta=meta, **parts)
         except ValueError as e:
             raise ArtifactError(f"corrupted artifact {path}: layer {name}: {e}") from None
     return manifest, out

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from .calibration import LayerStats, attach_stats, stats_of
 from .config import SVDQuantConfig
+from svdq_compile.auto_mode import AUTO
 from svdq_compile.runtime.packed import mode_bits
 from .pipeline import CompileReport, quantize_graph
 from .versions import tensor_version as _version
@@ -128,7 +129,8 @@ class SVDQuantCompiled:
 
     def _needs_activation_stats(self) -> bool:
         # Weight-only modes (A16) need no activation statistics.
-        return mode_bits(self.config.mode)[1] != 16 or bool(self.config.mode_overrides)
+        return (self.config.mode == AUTO or mode_bits(self.config.mode)[1] != 16
+                or bool(self.config.mode_overrides))
 
     def _weight_key(self, inputs: Sequence[Any]) -> tuple:
         return tuple(id(inputs[i]) for i in self._widx)

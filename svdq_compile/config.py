@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
+from svdq_compile.auto_mode import AUTO
 from svdq_compile.runtime.packed import MODES
 
 __all__ = ["SVDQuantConfig", "DEFAULT_SKIP", "DEFAULT_MODE_OVERRIDES"]
@@ -23,7 +24,10 @@ class SVDQuantConfig:
     """How to quantize. Every field is also a ``torch.compile(..., options={...})`` key.
 
     Attributes:
-        mode: ``w4a4`` (default), ``w4a8``, ``w8a8``, ``w4a16`` or ``w8a16``.
+        mode: ``auto`` (default: per device, the fastest mode whose quality is at least
+            W4A4's, see :mod:`svdq_compile.auto_mode`), ``w4a4`` (the paper's numerics),
+            ``w4a8-int8`` / ``w4a8-fp8`` (INT4 weights, 8-bit per-token activations),
+            ``w4a8``, ``w8a8`` (group-wise 8-bit activations), ``w4a16`` or ``w8a16``.
         rank: rank of the 16-bit low-rank branch (0 disables it).
         group_size: quantization group along K for weights and activations.
         smooth: apply SmoothQuant-style smoothing before quantization.
@@ -56,7 +60,7 @@ class SVDQuantConfig:
         dump_graphs: directory to write the graph before/after each pass (debugging).
     """
 
-    mode: str = "w4a4"
+    mode: str = "auto"
     rank: int = 32
     group_size: int = 64
     smooth: bool = True
@@ -82,11 +86,12 @@ class SVDQuantConfig:
     dump_graphs: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {sorted(MODES)}, got {self.mode!r}")
+        valid = sorted(MODES) + [AUTO]
+        if self.mode not in valid:
+            raise ValueError(f"mode must be one of {valid}, got {self.mode!r}")
         for _, m in self.mode_overrides:
-            if m not in MODES:
-                raise ValueError(f"mode_overrides: unknown mode {m!r}; expected one of {sorted(MODES)}")
+            if m not in valid:
+                raise ValueError(f"mode_overrides: unknown mode {m!r}; expected one of {valid}")
         if self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
         if self.group_size <= 0 or self.group_size % 2:

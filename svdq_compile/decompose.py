@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
 from svdq_compile.runtime.cpu import quantized_linear_cpu
+from svdq_compile.runtime.ops import packed_args
 from svdq_compile.runtime.packed import LinearSpec, PackedLinear
+from svdq_compile.runtime.per_token import dequantized_weight, quantize_weight_fp8, quantize_weight_progressive
 from svdq_compile.runtime.quantize import dequantize_groups, quantize_weight
 
 __all__ = [
@@ -50,6 +52,8 @@ class LayerTarget:
     rank: int = 32
     act_unsigned: bool = False
     refine_iters: int = 0
+    scheme: str = "group"  # "group", or a per-token scheme ("int8", "fp8"; runtime/per_token.py)
+    mode_reason: str = field(default="", compare=False)  # why this mode (explain()); not part of the key
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -181,9 +185,22 @@ def low_rank(
     return u * root, root[:, None] * vh
 
 
-def _quant_residual(res: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, scales = quantize_weight(res.float(), bits, group)
-    return q, scales, dequantize_groups(q, scales, group).double()
+def _quant_residual(res: torch.Tensor, target: LayerTarget) -> tuple[dict, torch.Tensor]:
+    """Quantize the residual in the target's scheme -> (PackedLinear weight fields, [N, K] float64 dequantized)."""
+    group = target.group_size
+    if target.scheme == "int8":
+        pw = quantize_weight_progressive(res, group)
+        fields = {"qweight": pw.qweight, "wscales": pw.wscales, "wzeros": pw.wzeros, "wchannel": pw.wchannel}
+    elif target.scheme == "fp8":
+        fw = quantize_weight_fp8(res, group)
+        fields = {"qweight": fw.qweight, "wscales": fw.wscales, "wchannel": fw.wchannel}
+    else:
+        q, scales = quantize_weight(res.float(), target.weight_bits, group)
+        return ({"qweight": PackedLinear.pack_weight(q, target.weight_bits), "wscales": scales},
+                dequantize_groups(q, scales, group).double())
+    dq = dequantized_weight(target.scheme, fields["qweight"], fields["wscales"], fields.get("wzeros"),
+                            fields["wchannel"], group)
+    return fields, dq.double()
 
 
 def decompose_layer(
@@ -218,7 +235,7 @@ def decompose_layer(
     lr_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
     up_s, down_s = up.to(lr_dtype), down.to(lr_dtype)
     lr = up_s.double() @ down_s.double()
-    q, scales, res_dq = _quant_residual(w - lr, target.weight_bits, target.group_size)
+    qf, res_dq = _quant_residual(w - lr, target)
     err = (w - lr - res_dq).norm().item()
     for _ in range(target.refine_iters if rank else 0):
         # L = SVD_r(W' - Q(W' - L)): give the low-rank branch what the quantizer misses.
@@ -228,11 +245,11 @@ def decompose_layer(
             up2, down2 = low_rank(w - res_dq, rank, seed=seed, exact=exact_svd)
         up2_s, down2_s = up2.to(lr_dtype), down2.to(lr_dtype)
         lr2 = up2_s.double() @ down2_s.double()
-        q2, scales2, res_dq2 = _quant_residual(w - lr2, target.weight_bits, target.group_size)
+        qf2, res_dq2 = _quant_residual(w - lr2, target)
         err2 = (w - lr2 - res_dq2).norm().item()
         if err2 >= err * (1 - 1e-4):  # stopped improving
             break
-        up_s, down_s, q, scales, res_dq, err = up2_s, down2_s, q2, scales2, res_dq2, err2
+        up_s, down_s, qf, res_dq, err = up2_s, down2_s, qf2, res_dq2, err2
     b = None if bias is None else bias.detach().double()
     if act_shift:
         # Q(X' + s) R^T ~= X' R^T + s * rowsum(R): subtract the constant in the bias.
@@ -247,27 +264,21 @@ def decompose_layer(
         act_unsigned=target.act_unsigned,
         act_shift=float(act_shift),
         rank=rank,
+        scheme=target.scheme,
     )
     out_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     return PackedLinear(
         spec=spec,
-        qweight=PackedLinear.pack_weight(q, target.weight_bits),
-        wscales=scales,
+        **qf,
         smooth=None if smooth is None else smooth.float().contiguous(),
         lora_down=down_s.contiguous() if rank else None,
         lora_up=up_s.contiguous() if rank else None,
         bias=None if b is None else b.to(out_dtype),
-        meta={"weight_error": err},
+        meta={"weight_error": err, "mode_reason": target.mode_reason} if target.mode_reason else {"weight_error": err},
     )
 
 
 def quantized_output(p: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     """Run the quantized layer on CPU in fp32: x: [T, K] -> [T, N]."""
-    s = p.spec
-    return quantized_linear_cpu(
-        x.float(), p.qweight, p.wscales, p.smooth,
-        None if p.lora_down is None else p.lora_down.float(),
-        None if p.lora_up is None else p.lora_up.float(),
-        None if p.bias is None else p.bias.float(),
-        None, None, s.group_size, s.weight_bits, s.act_bits, s.act_unsigned, s.act_shift, "none",
-    )
+    f32 = {k: (v.float() if k in ("lora_down", "lora_up", "bias") else v) for k, v in p.tensors().items()}
+    return quantized_linear_cpu(packed_args(x.float(), p.with_(**f32)))

@@ -25,7 +25,7 @@ def explain(model: nn.Module, as_dict: bool = False) -> Any:
             "name": name, "shape": [s.out_features, s.in_features],
             "mode": s.mode + ("u" if s.act_unsigned else ""),
             "alpha": p.meta.get("alpha"), "beta": p.meta.get("beta"), "rank": p.rank,
-            "sqnr_db": p.meta.get("sqnr_db"), "bytes": p.nbytes(),
+            "sqnr_db": p.meta.get("sqnr_db"), "bytes": p.nbytes(), "mode_reason": p.meta.get("mode_reason"),
             "fp16_bytes": 2 * s.in_features * s.out_features + (2 * s.out_features if p.bias is not None else 0),
         })
     reports = last_reports()
@@ -42,12 +42,18 @@ def explain(model: nn.Module, as_dict: bool = False) -> Any:
                        "ratio_vs_fp16": fp_bytes / q_bytes if q_bytes else None}}
     if as_dict:
         return info
-    lines = [f"{'layer':40s} {'shape':>13s} {'mode':7s} {'alpha':>5s} {'rank':>4s} {'SQNR dB':>8s} {'bytes':>10s}"]
+    lines = [f"{'layer':40s} {'shape':>13s} {'mode':9s} {'alpha':>5s} {'rank':>4s} {'SQNR dB':>8s} {'bytes':>10s}"]
     for r in rows:
         a = "-" if r["alpha"] is None else f"{r['alpha']:.2f}"
         q = "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
-        lines.append(f"{r['name'][:40]:40s} {'x'.join(map(str, r['shape'])):>13s} {r['mode']:7s} {a:>5s} "
+        lines.append(f"{r['name'][:40]:40s} {'x'.join(map(str, r['shape'])):>13s} {r['mode']:9s} {a:>5s} "
                      f"{r['rank']:>4d} {q:>8s} {r['bytes']:>10d}")
+    # Why each mode: one line per distinct reason (auto's device rule, an override, the option).
+    reasons: dict[str, list[str]] = {}
+    for r in rows:
+        reasons.setdefault(f"{r['mode']} <- {r['mode_reason'] or 'mode option'}", []).append(r["name"])
+    for why, names in reasons.items():
+        lines.append(f"mode {why} ({len(names)} layers)")
     t = info["totals"]
     if rows:
         lines.append(f"{len(rows)} layers, {q_bytes} bytes quantized vs {fp_bytes} in 16-bit "

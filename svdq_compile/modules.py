@@ -16,7 +16,7 @@ from svdq_compile.runtime.packed import LinearSpec, PackedLinear
 
 __all__ = ["SVDQLinear"]
 
-_KEYS = ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias")
+_KEYS = ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "wzeros", "wchannel")
 
 
 class SVDQLinear(nn.Module):
@@ -64,7 +64,7 @@ class SVDQLinear(nn.Module):
         rank = 0 if self.lora_down is None else int(self.lora_down.shape[0])
         spec = LinearSpec(**{**self.spec.__dict__, "rank": rank})
         return PackedLinear(spec, self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias,
-                            meta=self.meta)
+                            self.wzeros, self.wchannel, meta=self.meta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_from_packed(x, self.packed)

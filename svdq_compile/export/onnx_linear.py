@@ -34,6 +34,7 @@ import onnx_ir as ir
 import torch
 
 from svdq_compile.runtime.packing import pack_int4, unpack_int4
+from svdq_compile.runtime.per_token import FP8_MAX, expanded_weight
 from svdq_compile.runtime.quantize import qrange
 
 from .onnx_placeholder import ATTRIBUTES, INPUT_NAMES, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
@@ -80,6 +81,17 @@ class _Builder:
             self._consts[key] = self.initializer(name, ir.Tensor(array, name=name))
         return self._consts[key]
 
+    def const_tensor(self, tensor: ir.TensorProtocol) -> ir.Value:
+        """A small constant of a dtype numpy cannot key on (e.g. a float8 zero point)."""
+        key = ("tensor", str(tensor.dtype), tuple(tensor.shape), tensor.tobytes())
+        if key not in self._consts:
+            name = f"{_PREFIX}/const_{len(self._consts)}"
+            while name in self.graph.initializers:
+                name += "_"
+            tensor.name = name
+            self._consts[key] = self.initializer(name, tensor)
+        return self._consts[key]
+
     def f32(self, value: float) -> ir.Value:
         return self.const(np.array(value, dtype=np.float32))
 
@@ -113,6 +125,47 @@ def _weight_tensor(qweight: np.ndarray, weight_bits: int, name: str) -> ir.Tenso
     return ir.PackedTensor(packed, ir.DataType.INT4, shape=ir.Shape([k, n]), name=name)
 
 
+def _per_token_weight(ins: dict, scheme: str, group: int, layer: str, name: str) -> tuple[ir.TensorProtocol, np.ndarray]:
+    """Per-token schemes: the expanded 8-bit operand as an INT8 / FLOAT8E4M3FN [K, N] tensor
+    (bit-identical to the kernels' operand) and the [N] fp32 channel scale."""
+    t = {key: (None if ins[key] is None else torch.from_numpy(np.ascontiguousarray(_const_array(ins[key], key, layer))))
+         for key in ("qweight", "wscales", "wzeros", "wchannel")}
+    e = expanded_weight(scheme, t["qweight"].view(torch.int8), t["wscales"], t["wzeros"], t["wchannel"], group)
+    et = e.t().contiguous()  # [K, N]
+    if scheme == "int8":
+        tensor = ir.Tensor(et.numpy(), dtype=ir.DataType.INT8, name=name)
+    else:
+        import ml_dtypes  # onnx_ir's own dependency: numpy float8 dtypes
+
+        tensor = ir.Tensor(et.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn),
+                           dtype=ir.DataType.FLOAT8E4M3FN, name=name)
+    return tensor, t["wchannel"].float().numpy()
+
+
+def _per_token_activation(b: "_Builder", xs: ir.Value, scheme: str) -> ir.Value:
+    """Dequantized per-token activations: int8 ``clip(floor(x'/s + 0.5))`` with s = absmax/127,
+    or fp8 ``RNE_sat(x'/s)`` with s = absmax/448 (QuantizeLinear to FLOAT8E4M3FN rounds to
+    nearest even and saturates, as torch's cast does)."""
+    qmax = 127.0 if scheme == "int8" else FP8_MAX
+    absmax = b.op("ReduceMax", [b.op("Abs", [xs]), b.i64([-1])], {"keepdims": 1}, "absmax")
+    s = b.op("Div", [absmax, b.f32(qmax)], name="act_scale_raw")
+    s = b.op("Where", [b.op("Greater", [s, b.f32(0.0)]), s, b.f32(1.0)], name="act_scale")
+    v = b.op("Div", [xs, s])
+    if scheme == "int8":
+        q = b.op("Clip", [b.op("Floor", [b.op("Add", [v, b.f32(0.5)])]), b.f32(-128.0), b.f32(127.0)], name="act_int")
+    else:
+        zero = b.const_tensor(ir.Tensor(np.zeros((), dtype=np.uint8).view(_fp8_np()), dtype=ir.DataType.FLOAT8E4M3FN))
+        q8 = b.op("QuantizeLinear", [v, b.f32(1.0), zero], {"saturate": 1}, "act_fp8")
+        q = b.op("DequantizeLinear", [q8, b.f32(1.0)], name="act_fp8_value")
+    return b.op("Mul", [q, s], name="act_dequant")
+
+
+def _fp8_np():
+    import ml_dtypes
+
+    return ml_dtypes.float8_e4m3fn
+
+
 def _transposed(v: ir.Value, name: str) -> ir.TensorProtocol:
     """A constant [a, b] tensor as a new [b, a] tensor of the same dtype."""
     arr = np.ascontiguousarray(v.const_value.numpy().T)
@@ -129,6 +182,7 @@ def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced:
     attrs = {a: node.attributes[a].value for a in ATTRIBUTES}
     group, wbits, abits = int(attrs["group_size"]), int(attrs["weight_bits"]), int(attrs["act_bits"])
     unsigned, shift, epilogue = bool(attrs["act_unsigned"]), float(attrs["act_shift"]), str(attrs["epilogue"])
+    scheme = str(attrs.get("scheme", "group"))
     qweight, wscales = ins["qweight"], ins["wscales"]
     layer = _layer_name(qweight, index)
     b.scope = f"{layer}#{index}" if qweight in weights else layer
@@ -138,10 +192,17 @@ def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced:
         ws = _const_array(wscales, "wscales", layer)
         n, groups = ws.shape
         k = groups * group
-        w = b.initializer(f"{layer}.qweight_{'int4' if wbits == 4 else 'int8'}_kn",
-                          _weight_tensor(_const_array(qweight, "qweight", layer), wbits, f"{layer}.w"))
-        scale_arr = np.ascontiguousarray(ws.astype(np.float32).T)  # exact fp16 -> fp32, [K/G, N]
-        scale = b.initializer(f"{layer}.wscales_f32_kn", ir.Tensor(scale_arr, name=f"{layer}.wscales_f32_kn"))
+        if scheme == "group":
+            w = b.initializer(f"{layer}.qweight_{'int4' if wbits == 4 else 'int8'}_kn",
+                              _weight_tensor(_const_array(qweight, "qweight", layer), wbits, f"{layer}.w"))
+            scale_arr = np.ascontiguousarray(ws.astype(np.float32).T)  # exact fp16 -> fp32, [K/G, N]
+            scale = b.initializer(f"{layer}.wscales_f32_kn", ir.Tensor(scale_arr, name=f"{layer}.wscales_f32_kn"))
+        else:
+            # The expanded 8-bit operand (what the GEMM multiplies) with the channel scale on axis 1.
+            wt, chan = _per_token_weight(ins, scheme, group, layer, f"{layer}.w")
+            w = b.initializer(f"{layer}.qweight_{scheme}_kn", wt)
+            scale = b.initializer(f"{layer}.wchannel_f32", ir.Tensor(chan, name=f"{layer}.wchannel_f32"))
+            replaced.update(v for v in (ins["wzeros"], ins["wchannel"]) if v is not None)
         down = up = None
         if ins["lora_down"] is not None:
             _const_array(ins["lora_down"], "lora_down", layer)
@@ -163,7 +224,9 @@ def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced:
     else:
         keep, xf = [-1], b.op("Reshape", [b.to_f32(x), b.i64([-1, k])], name="x2d")
     xs = xf if ins["smooth"] is None else b.op("Div", [xf, b.to_f32(ins["smooth"])], name="x_smoothed")
-    if abits == 16:
+    if scheme != "group":
+        a = _per_token_activation(b, xs, scheme)
+    elif abits == 16:
         a = xs
     else:
         qmin, qmax = qrange(abits, unsigned)
@@ -176,7 +239,10 @@ def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced:
         v = b.op("Add", [b.op("Div", [g, s]), b.f32(0.5)])
         q = b.op("Clip", [b.op("Floor", [v]), b.f32(float(qmin)), b.f32(float(qmax))], name="act_int")
         a = b.op("Reshape", [b.op("Mul", [q, s]), b.i64(keep + [k])], name="act_dequant")
-    w_dq = b.op("DequantizeLinear", [w, scale], {"axis": 0, "block_size": group}, "weight")
+    if scheme == "group":
+        w_dq = b.op("DequantizeLinear", [w, scale], {"axis": 0, "block_size": group}, "weight")
+    else:
+        w_dq = b.op("DequantizeLinear", [w, scale], {"axis": 1}, "weight")
     y = b.op("MatMul", [a, w_dq], name="y_int")
     if down is not None:
         h = b.op("MatMul", [xs, b.to_f32(down)], name="lowrank_down")

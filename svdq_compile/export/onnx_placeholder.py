@@ -17,13 +17,15 @@ from __future__ import annotations
 import onnxscript
 from onnx.defs import OpSchema
 
+from svdq_compile.runtime.op_args import ARG_NAMES, TENSOR_ARGS, bind, with_signature
+
 __all__ = ["PLACEHOLDER_DOMAIN", "PLACEHOLDER_OP", "INPUT_NAMES", "ATTRIBUTES", "translate_svdq_linear"]
 
 PLACEHOLDER_DOMAIN = "svdq.export"
 PLACEHOLDER_OP = "QuantLinear"
 # Tensor inputs of svdq::linear, in its schema order; missing optional ones become "".
-INPUT_NAMES = ("x", "qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "residual", "gate")
-ATTRIBUTES = ("group_size", "weight_bits", "act_bits", "act_unsigned", "act_shift", "epilogue")
+INPUT_NAMES = TENSOR_ARGS  # runtime/op_args.py
+ATTRIBUTES = tuple(n for n in ARG_NAMES if n not in TENSOR_ARGS)
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
@@ -42,9 +44,10 @@ def _schema() -> OpSchema:
         OpSchema.Attribute("act_unsigned", attr.INT, "1 = unsigned activation grid"),
         OpSchema.Attribute("act_shift", attr.FLOAT, "added before unsigned quantization"),
         OpSchema.Attribute("epilogue", attr.STRING, "elementwise op after the bias"),
+        OpSchema.Attribute("scheme", attr.STRING, "group | int8 | fp8 (per-token activation schemes)"),
     ]
-    constraints = [("T", _FLOATS, ""), ("S", _FLOATS, "")]
-    constraints += [(f"T_{n}", _FLOATS, "") for n in INPUT_NAMES[3:]]
+    constraints = [("T", _FLOATS, ""), ("S", _FLOATS + ["tensor(int8)"], "")]
+    constraints += [(f"T_{n}", ["tensor(int8)"] if n == "wzeros" else _FLOATS, "") for n in INPUT_NAMES[3:]]
     return OpSchema(PLACEHOLDER_OP, PLACEHOLDER_DOMAIN, 1, "svdq::linear, expanded after export",
                     inputs=inputs, outputs=[fp("y", "T")], type_constraints=constraints, attributes=attributes)
 
@@ -53,10 +56,11 @@ _OPSET = onnxscript.values.Opset(PLACEHOLDER_DOMAIN, 1)
 _OP = onnxscript.values.Op(_OPSET, PLACEHOLDER_OP, _schema())
 
 
-def translate_svdq_linear(x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
-                          group_size, weight_bits, act_bits, act_unsigned, act_shift, epilogue):
+@with_signature
+def translate_svdq_linear(*args, **kwargs):
     """``custom_translation_table`` entry for ``torch.ops.svdq.linear.default``."""
-    return _OP(x, qweight, wscales, smooth, lora_down, lora_up, bias, residual, gate,
-               group_size=int(group_size), weight_bits=int(weight_bits), act_bits=int(act_bits),
-               act_unsigned=int(bool(act_unsigned)), act_shift=float(act_shift), epilogue=str(epilogue))
-
+    a = bind(*args, **kwargs)
+    return _OP(*(getattr(a, n) for n in INPUT_NAMES),
+               group_size=int(a.group_size), weight_bits=int(a.weight_bits), act_bits=int(a.act_bits),
+               act_unsigned=int(bool(a.act_unsigned)), act_shift=float(a.act_shift), epilogue=str(a.epilogue),
+               scheme=str(a.scheme))

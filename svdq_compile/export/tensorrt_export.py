@@ -83,6 +83,10 @@ class _TRTLinear(nn.Module):
         super().__init__()
         p = m.packed
         s = p.spec
+        if s.scheme != "group":
+            raise ValueError(f"svdq_compile.export_tensorrt: layer {m.name!r} uses mode {s.mode}; the TensorRT "
+                             "plugin covers the group-scaled modes (w4a4, w4a8, w8a8, w4a16) only. Quantize with "
+                             "mode='w4a4' for TensorRT, or export ONNX (export_onnx supports every mode)")
         k, n = s.in_features, s.out_features
         dtype = p.lora_down.dtype if p.lora_down is not None else torch.float32
         dev = p.qweight.device
