@@ -3,11 +3,13 @@
 # block benchmarks. Everything lands in $OUT (fetched back) with per-step time limits,
 # so one slow step cannot eat the others' budget.
 #   usage (on the GPU machine, repo root): bash benchmarks/gpu_run.sh
-#   STEPS=tests,diag,proto,gluon,mmav2 bash benchmarks/gpu_run.sh   # a subset (the default
-#   runs all steps, ~12 min with the limits below: split it over two calls, e.g. the line
-#   above, ~9 min, then STEPS=kernels,suites)
+#   STEPS=tests,diag,mmav2 bash benchmarks/gpu_run.sh   # a subset (the default runs all
+#   steps, up to ~12 min with the limits below: split it over two calls, e.g. the line
+#   above, up to ~6 min, then STEPS=kernels,suites, up to ~6 min)
+# What needs no GPU (the offline SASS analysis of the kernels) is not here:
+#   python -m benchmarks.analysis.sass_report [--compat]
 set -u
-STEPS=${STEPS:-tests,kernels,diag,proto,gluon,mmav2,suites}
+STEPS=${STEPS:-tests,kernels,diag,mmav2,suites}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/svdq_gpu_out}
@@ -49,26 +51,13 @@ timeout ${DIAG_S:-90} python3 benchmarks/gpu_diag.py --out "$OUT" >"$OUT/gpu_dia
 echo "gpu_diag exit $?"; tail -20 "$OUT/gpu_diag.txt"
 fi
 
-if want proto; then
-step "prototype: W4A8 with no float op in the K loop (design decision, docs/kernels.md)"
-timeout ${PROTO_S:-60} python3 benchmarks/proto_w4a8_progressive.py --out "$OUT" >"$OUT/proto_w4a8.txt" 2>&1
-echo "proto exit $?"; tail -8 "$OUT/proto_w4a8.txt"
-fi
-
-if want gluon; then
-step "prototypes: Gluon W8A8 / W4A4 with the rescale overlapped with wgmma (docs/kernels.md)"
-timeout ${GLUON_S:-90} python3 benchmarks/proto_gluon_grouped.py --out "$OUT" >"$OUT/proto_gluon.txt" 2>&1
-echo "gluon exit $?"; tail -8 "$OUT/proto_gluon.txt"
-fi
-
 if want mmav2; then
-step "diag + proto again with DISABLE_MMA_V3=1 (mma.sync instead of wgmma; docs/kernels.md)"
-# Triton 3.6 waits for every wgmma right after issuing it when the operand tile was
-# unpacked in the loop (wait 0: no overlap with the rescale); mma.sync has no such wait.
+step "diag again with DISABLE_MMA_V3=1 (mma.sync instead of wgmma; docs/kernels.md)"
+# Triton waits for every wgmma of the grouped GEMM right after issuing it (wait 0: no
+# overlap with the per-group rescale); mma.sync has no such wait.
 # Separate Triton and tuning caches: the switch must not reuse wgmma binaries or configs.
 DISABLE_MMA_V3=1 TRITON_CACHE_DIR=/tmp/triton_mmav2 SVDQ_CACHE_DIR=/tmp/svdq_mmav2 \
-  timeout ${MMAV2_S:-120} bash -c "python3 benchmarks/gpu_diag.py --out '$OUT/mmav2' && \
-  python3 benchmarks/proto_w4a8_progressive.py --out '$OUT/mmav2'" >"$OUT/mmav2.txt" 2>&1
+  timeout ${MMAV2_S:-90} python3 benchmarks/gpu_diag.py --out "$OUT/mmav2" >"$OUT/mmav2.txt" 2>&1
 echo "mmav2 exit $?"; tail -12 "$OUT/mmav2.txt"
 fi
 

@@ -1,10 +1,11 @@
-"""benchmarks/sass_report.py: offline (no-GPU) compilation of the GEMM for Hopper.
+"""benchmarks/analysis/sass_report.py: offline (no-GPU) compilation of the GPU kernels.
 
-The structural claims in docs/kernels.md (which MMA the int8 tl.dot becomes, the wgmma
-waits with pendings = 0) come from this tool; this checks it still compiles the library
-kernel offline and tells the two lowerings apart. It runs in a subprocess because the
+The structural claims in docs/kernels.md (which MMA each tl.dot becomes, the wgmma waits
+with pendings = 0 in the main loop, ptxas serialisation notes) come from this tool; these
+tests check it still compiles the kernels offline, tells the lowerings apart and counts
+every MMA family (FP8 wgmma is ``QGMMA``). The compiles run in a subprocess because the
 codegen tests import the kernels under TRITON_INTERPRET=1 (interpreted kernels cannot be
-compiled).
+compiled). Without ptxas/cuobjdump in the triton wheel they are skipped.
 """
 from __future__ import annotations
 
@@ -19,36 +20,104 @@ import pytest
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
-_CODE = """
+_PRELUDE = """
 import json
-from benchmarks import sass_report
-if not (sass_report._bin_dir() / "cuobjdump").exists():
+from benchmarks.analysis import sass_report
+tools = sass_report._bin_dir()
+if not ((tools / "cuobjdump").exists() and (tools / "ptxas").exists()):
     print(json.dumps(None))
-else:
-    print(json.dumps([sass_report.gemm_report(8, 8, 128, 64, 4, 4, arch=90, disable_mma_v3=d) for d in (False, True)]))
+    raise SystemExit(0)
 """
 
 
-def test_library_gemm_compiles_for_hopper_with_both_lowerings():
+def _run(code: str, timeout: int = 300):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DISABLE_MMA_V3")}
-    out = subprocess.run([sys.executable, "-c", _CODE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
+    out = subprocess.run([sys.executable, "-c", _PRELUDE + code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
-    if rows is None:
-        pytest.skip("this triton wheel ships no cuobjdump/ptxas")
-    wg, ms = rows
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if res is None:
+        pytest.skip("this triton wheel ships no cuobjdump/ptxas (needed to read the SASS offline)")
+    return res
+
+
+def test_library_gemm_compiles_for_hopper_with_both_lowerings():
+    wg, ms = _run("print(json.dumps([sass_report.gemm_report(8, 8, 128, 64, 4, 4, arch=90, disable_mma_v3=d) "
+                  "for d in (False, True)]))")
+    # int8 main loop; the tf32 wgmmas are the low-rank up projection in the epilogue
     assert wg["mma"] == "wgmma" and wg["wgmma"] > 0 and wg["mma_sync"] == 0
+    assert set(wg["mma_by_kind"]) == {"int8", "tf32"}, wg["mma_ops"]
     # Triton waits for every wgmma of the grouped GEMM at once (its result feeds the
     # per-group float rescale, not the next dot): the structural limit docs/kernels.md names.
     assert wg["wgmma_waits_pendings"] and set(wg["wgmma_waits_pendings"]) == {0}
-    assert ms["mma"] == "mma.sync" and ms["wgmma"] == 0 and ms["mma_sync"] > 0
-    assert ms["wgmma_waits_pendings"] == []
+    assert wg["main_loop_waits_pendings"] and wg["main_loop_wait0"] == len(wg["main_loop_waits_pendings"])
+    assert ms["mma"] == "mma.sync" and ms["wgmma"] == 0 and ms["mma_sync"] > 0 and "int8" in ms["mma_by_kind"]
+    assert ms["wgmma_waits_pendings"] == [] and ms["main_loop_waits_pendings"] == []
     for r in (wg, ms):
         assert 0 < r["registers"] <= 255 and r["ctas_per_sm"] >= 1
 
 
+def test_fp8_gemm_counts_as_wgmma_and_keeps_one_in_flight():
+    """A minimal FP8 (e4m3) GEMM for sm_90, both operands from memory, fp32 accumulator over
+    all of K, rescale after the loop: FP8 wgmma (QGMMA) is counted (it used to read
+    ``wgmma: 0, mma: none``), Triton keeps one wgmma in flight in the loop (pendings = 1,
+    the only 0 is the wait after it), ptxas does not serialise, nothing spills."""
+    r = _run("print(json.dumps(sass_report.probe_report('fp8e4nv', arch=90)))")
+    assert r["mma"] == "wgmma" and r["wgmma"] > 0 and r["mma_kind"] == "fp8", r
+    assert all(op.startswith("QGMMA.") and op.endswith(".E4M3.E4M3") for op in r["mma_ops"]), r["mma_ops"]
+    assert r["main_loop_waits_pendings"] and r["main_loop_wait0"] == 0, r["wgmma_waits_pendings"]
+    assert r["ptxas_verbose_ok"] and r["ptxas_serialization_codes"] == [], r["ptxas_notes"]
+    assert r["stack_bytes"] == 0 and r["spill_store_bytes"] == 0
+
+
+def test_main_loop_waits_parser():
+    """Waits are attributed to the innermost loop that issues a wgmma; the one after the
+    loop is not a main-loop wait."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.analysis.sass_report import main_loop_waits, mma_summary
+
+    ttgir = """
+    %0 = scf.for %i = %c0 to %n step %c1 iter_args(%acc = %z) -> (tensor<..>) : i32 {
+      %1 = ttng.warp_group_dot %a, %b, %acc {isAsync = true} : ...
+      %2:3 = ttng.warp_group_dot_wait %1, %a, %b {pendings = 1 : i32} : ...
+      %3 = scf.if %c -> (i32) {
+        scf.yield %x : i32
+      } else {
+        scf.yield %y : i32
+      } loc(#loc3)
+      scf.yield %2#0 : tensor<..>
+    } loc(#loc1)
+    %4 = ttng.warp_group_dot_wait %0 {pendings = 0 : i32} : ...
+    %5 = scf.for %j = %c0 to %n step %c1 iter_args(%s = %z) -> (f32) : i32 {
+      %6 = ttng.warp_group_dot_wait %q {pendings = 0 : i32} : ...
+      scf.yield %s : f32
+    } {tt.num_stages = 1 : i32}
+    """
+    assert main_loop_waits(ttgir) == [1]
+    sass = """
+        /*0100*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR8], R24 ;
+        /*0110*/                   HGMMA.64x32x16.F32.BF16 R88, R24, gdesc[UR12], R88 ;
+        /*0120*/              @P0  QMMA.16832.F32.E4M3.E4M3 R104, R160.reuse.ROW, R136.COL, R104 ;
+        /*0130*/                   UTCQMMA gdesc[UR24], gdesc[UR14], tmem[UR19], tmem[UR16], idesc[UR17], UPT ;
+    """
+    s = mma_summary(sass)
+    assert (s["mma"], s["wgmma"], s["mma_sync"], s["tcgen05_mma"]) == ("tcgen05", 2, 1, 1)
+    assert s["mma_by_kind"] == {"fp8": 3, "bf16": 1}
+
+
+def test_old_import_path_is_the_same_module():
+    """benchmarks/sass_report.py is a shim for code written against the old location."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import sass_report as old
+    from benchmarks.analysis import sass_report as new
+
+    assert old is new and old.compile_offline is new.compile_offline
+
+
 def test_refuses_interpreted_kernels():
-    from benchmarks import sass_report  # noqa: E402  (imported here: needs ROOT on sys.path)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.analysis import sass_report
 
     import triton
 
@@ -60,28 +129,3 @@ def test_refuses_interpreted_kernels():
         pytest.skip("not running under TRITON_INTERPRET=1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         sass_report.compile_offline(k, {}, {"x_ptr": "*fp32"}, {}, arch=90, num_warps=4, num_stages=1)
-
-
-_GLUON = """
-import json, sys
-sys.path.insert(0, "benchmarks")
-import proto_gluon_grouped as p
-print(json.dumps(p.offline_report(90, [(128, 128, 8, 3)], [(128, 128, 8, 3)])))
-"""
-
-
-def test_gluon_prototypes_overlap_the_rescale_with_wgmma():
-    """benchmarks/proto_gluon_grouped.py (not run on a GPU yet) must compile for sm_90 with
-    the rescale issued while a wgmma is in flight (float ops between a wgmma and the wait that
-    retires it), without ptxas serialising the wgmmas (its C7514 note) and without spills."""
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DISABLE_MMA_V3")}
-    out = subprocess.run([sys.executable, "-c", _GLUON], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    for row in json.loads(out.stdout.strip().splitlines()[-1]):
-        assert row["compiles"], row.get("error")
-        assert row["mma"] == "wgmma", row
-        assert row["ptxas_verbose_ok"] and not row["ptxas_wgmma_serialized"], row["ptxas_notes"]
-        assert row["float_ops_under_wgmma"] > 0, row  # the library kernel has 0-5 (serialised)
-        assert row["stack_bytes"] == 0, row
