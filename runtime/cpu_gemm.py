@@ -257,9 +257,10 @@ def active_isa() -> str:
     ops = _load_ops()
     if ops is None:
         return "torch"
-    if _isa in ("amx", "avx512_vnni"):  # set_amx() may have switched between the two
+    ext = _active_ext()
+    if ext == "avx512":  # set_amx() may have switched between the two
         return "amx" if ops.amx_enabled() else "avx512_vnni"
-    return _isa or "torch"
+    return ext or "torch"  # the other extensions are named after their ISA
 
 
 def set_isa(isa: str) -> str:
@@ -329,7 +330,9 @@ def _packed_ops(packed):
 
 
 def _active_ext() -> str:
-    return _ISA_EXT.get(_isa or "", "")
+    """The extension key of the active ops (derived from the ops themselves: tests swap
+    ``_ops`` in and out)."""
+    return next((key for key, ops in _ext_ops.items() if ops is _ops and _ops is not None), "")
 
 
 def _backend(backend: Optional[str]) -> str:

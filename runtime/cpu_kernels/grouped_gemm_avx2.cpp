@@ -97,8 +97,8 @@ inline int32_t load_i32(const void* p) {
 #define SVDQ_DPBUSD2(c0, c1, P, b0, b1)                                                          \
   {                                                                                            \
     __m256i t0_;                                                                               \
-    asm("vpbroadcastd %[a], %[t0]\n\t{vex} vpdpbusd %[w0], %[t0], %[x0]\n\t"                    \
-        "{vex} vpdpbusd %[w1], %[t0], %[x1]"                                                     \
+    asm("vpbroadcastd %[a], %[t0]\n\t%{vex%} vpdpbusd %[w0], %[t0], %[x0]\n\t"                    \
+        "%{vex%} vpdpbusd %[w1], %[t0], %[x1]"                                                     \
         : [x0] "+x"(c0), [x1] "+x"(c1), [t0] "=&x"(t0_)                                        \
         : [a] "m"(*reinterpret_cast<const int32_t*>(P)), [w0] "x"(b0), [w1] "x"(b1));          \
   }

@@ -1,8 +1,10 @@
-"""Exactness of the CPU grouped integer GEMM (VNNI kernel and torch fallback).
+"""Exactness of the CPU grouped integer GEMM (C++ kernels and torch fallback).
 
 Oracle: the formula evaluated in float64 (every product and 64-term sum is exact there).
-The first test that needs the VNNI kernel builds it (~20-60 s cold, cached afterwards in
-the torch extensions dir); on CPUs without AVX512-VNNI those tests are skipped.
+"vnni" below means the C++ kernels of the best ISA this CPU runs (AMX / AVX512-VNNI /
+AVX-VNNI / AVX2, see ``cpu_gemm.active_isa()``); the first test that needs them builds
+them (~20-60 s cold, cached afterwards in the torch extensions dir). Bit-exactness of every
+ISA against one oracle is in test_cpu_isa.py.
 """
 from __future__ import annotations
 
@@ -66,9 +68,11 @@ def _check(y, qa, sa, qw, sw, g, elem_tol=None):
 _TOL = {"vnni": None, "torch": 2e-5}
 
 
-needs_vnni = pytest.mark.skipif(
-    not cpu_gemm.fast_backend_available(), reason="AVX512-VNNI kernel unavailable on this machine"
-)
+def _no_kernel_reason() -> str:
+    return f"no C++ CPU kernel runs here ({cpu_gemm._unavailable})"
+
+
+needs_vnni = pytest.mark.skipif(not cpu_gemm.fast_backend_available(), reason=_no_kernel_reason())
 
 SHAPES = list(itertools.product((1, 17, 130), (5, 96, 200), (64, 192, 512)))
 
@@ -77,7 +81,7 @@ SHAPES = list(itertools.product((1, 17, 130), (5, 96, 200), (64, 192, 512)))
 @pytest.mark.parametrize("act", list(RANGES))
 def test_exact_odd_shapes(backend, act):
     if backend == "vnni" and not cpu_gemm.fast_backend_available():
-        pytest.skip("AVX512-VNNI kernel unavailable")
+        pytest.skip(_no_kernel_reason())
     for i, (m, n, k) in enumerate(SHAPES):
         qa, sa, qw, sw = _data(m, n, k, 64, act, w_int8=(act == "s8"), seed=i)
         y = grouped_int_gemm(qa, sa, qw, sw, 64, backend=backend)
@@ -174,7 +178,7 @@ def test_unavailable_kernel_logs_once_and_falls_back(monkeypatch, caplog):
 @pytest.mark.parametrize("backend", ["vnni", "torch"])
 def test_prepare_from_packed_int4(backend):
     if backend == "vnni" and not cpu_gemm.fast_backend_available():
-        pytest.skip("AVX512-VNNI kernel unavailable")
+        pytest.skip(_no_kernel_reason())
     from svdq_compile.runtime.packing import pack_int4
 
     for i, (m, n, k) in enumerate([(17, 5, 64), (130, 200, 192), (1, 96, 512), (9, 70, 16)]):
@@ -187,9 +191,13 @@ def test_prepare_from_packed_int4(backend):
         assert (prep4.packed is not None) == (backend == "vnni")
         y4 = grouped_int_gemm(qa, sa, prep4, None, g)
         assert torch.equal(y4, grouped_int_gemm(qa, sa, prep8, None, g))
-        if backend == "vnni":
+        if backend == "vnni" and prep4.packed.ext == "avx2":
+            # AVX2: weights within [-8, 7] take the U4 layout (u8 w + 8) from either input
+            assert prep4.packed[0].dtype == prep8.packed[0].dtype == torch.uint8
+            assert all(torch.equal(a, b) for a, b in zip(prep4.packed, prep8.packed))
+        elif backend == "vnni":
             bp4, bp8 = prep4.packed[0], prep8.packed[0]
-            if g % 8 == 0:  # int4 inputs keep 4 bits per weight: k-quad pairs in nibbles
+            if g % 8 == 0 and prep4.packed.ext == "avx512":  # int4 inputs keep 4 bits per weight: k-quad pairs in nibbles
                 assert bp4.dtype == torch.uint8 and 2 * bp4.numel() == bp8.numel()
                 b = bp4.to(torch.int16)
                 lo, hi = ((b & 15) ^ 8) - 8, (((b >> 4) & 15) ^ 8) - 8  # sign-extended nibbles

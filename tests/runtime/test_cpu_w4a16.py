@@ -8,7 +8,9 @@ from svdq_compile.runtime.cpu import _NIBBLE_LUT, dequantize_weight, quantized_l
 from svdq_compile.runtime.packing import pack_int4
 from svdq_compile.runtime.quantize import quantize_weight
 
-needs_kernels = pytest.mark.skipif(not cpu_gemm.fast_backend_available(), reason="C++ CPU kernels unavailable")
+needs_kernels = pytest.mark.skipif(
+    not cpu_gemm.fast_backend_available(), reason=f"no C++ CPU kernel runs here ({cpu_gemm._unavailable})"
+)
 
 
 def _layer(n=48, k=256, group=64, seed=0):
