@@ -31,6 +31,9 @@ from .spec import KernelSpec
 __all__ = [
     "GemmConfig",
     "PrologueConfig",
+    "PtGemmConfig",
+    "AutotuneError",
+    "pt_gemm_candidates",
     "m_bucket",
     "gemm_candidates",
     "prologue_candidates",
@@ -61,7 +64,26 @@ class PrologueConfig:
     num_stages: int
 
 
-Config = TypeVar("Config", GemmConfig, PrologueConfig)
+@dataclass(frozen=True)
+class PtGemmConfig:
+    """Per-token GEMM (:mod:`.gemm_pt`): the fused kernel's tile (one accumulator over K in
+    BLOCK_K steps), or with ``library`` the library composition (``torch._scaled_mm`` /
+    ``torch._int_mm``, then the epilogue kernel on this tile; block_k unused)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    library: bool = False
+
+
+class AutotuneError(RuntimeError):
+    """Every candidate config failed to compile or launch (callers fall back to torch)."""
+
+
+Config = TypeVar("Config", GemmConfig, PrologueConfig, PtGemmConfig)
 
 
 def m_bucket(m: int) -> int:
@@ -92,6 +114,47 @@ _GPU_PROLOGUE = [
     PrologueConfig(32, 4, 3),
     PrologueConfig(64, 8, 3),
 ]
+
+
+# Per-token GEMM (8-bit x 8-bit, no float work in the K loop). Hopper: 128x128x128 with
+# 8 warps (two consumer warpgroups, m64n128k32 wgmma) and 3-4 stages of A and B tiles
+# (32 KiB per stage); the fp32 accumulator takes 64 registers per thread at 128x128x8 warps,
+# 128 at 128x256. Few tokens: 64-row tiles (one wgmma M) and more programs along N.
+_INTERP_PT_GEMM = [PtGemmConfig(64, 64, 64, 2, 1, 1)]  # large tiles: fewer interpreted programs
+_GPU_PT_GEMM_LARGE_M = [
+    PtGemmConfig(128, 128, 128, 8, 8, 4),
+    PtGemmConfig(128, 128, 128, 8, 8, 3),
+    PtGemmConfig(128, 128, 64, 8, 8, 4),
+    PtGemmConfig(128, 64, 128, 8, 4, 4),
+    PtGemmConfig(64, 128, 128, 8, 4, 4),
+]
+_GPU_PT_GEMM_SMALL_M = [
+    PtGemmConfig(64, 64, 128, 1, 4, 4),
+    PtGemmConfig(64, 128, 128, 1, 4, 4),
+    PtGemmConfig(16, 64, 128, 1, 4, 4),
+]
+# The composition's epilogue pass is memory-bound: one tile shape per M range.
+_PT_LIBRARY = {False: PtGemmConfig(64, 128, 32, 8, 4, 1, True), True: PtGemmConfig(16, 128, 32, 1, 4, 1, True)}
+
+
+def pt_gemm_candidates(m: int, n: int, k: int, scheme: str, library: bool) -> list[PtGemmConfig]:
+    """Configs for the per-token GEMM (first = heuristic default); ``library``: the library
+    composition can run this shape here (it joins the candidates, so tuning picks the faster
+    of fused kernel and composition per shape bucket and the mode is never slower than it).
+
+    INT8 on a GPU puts the composition first: Triton's Hopper pipeliner serialises every
+    wgmma of a non-fp32 accumulator (DESIGN 2.1), ``torch._int_mm`` (cuBLASLt) does not.
+    """
+    small = m <= 64
+    if interpreting():
+        fused = list(_INTERP_PT_GEMM)
+        lib = [PtGemmConfig(64, 64, 64, 2, 1, 1, True)]
+    else:
+        fused = list(_GPU_PT_GEMM_SMALL_M if small else _GPU_PT_GEMM_LARGE_M)
+        lib = [_PT_LIBRARY[small]]
+    if not library:
+        return fused
+    return lib + fused if scheme == "int8" and not interpreting() else fused + lib
 
 
 def gemm_candidates(m: int, n: int, k: int) -> list[GemmConfig]:
@@ -215,7 +278,7 @@ def _choose_uncached(
         if ms < best_ms:
             best, best_ms = cfg, ms
     if not math.isfinite(best_ms):
-        raise RuntimeError(f"svdq autotune: every {kind} config failed for {key}")
+        raise AutotuneError(f"svdq autotune: every {kind} config failed for {key}")
     log.info("svdq autotune %s: %s (%.4f ms)", key, best, best_ms)
     log.debug("svdq autotune %s timings: %s", key, timings)
     cache.put(key, asdict(best))

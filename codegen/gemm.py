@@ -17,19 +17,20 @@ and a bitcast instead of the slower ``cvt``), and the scale multiply is two FMAs
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from .autotune import GemmConfig, choose_config, gemm_candidates
-from .epilogue import apply_activation
+from .epilogue import finish_tile
 from .launch import interpreting, launch
 from .spec import KernelSpec
 from .tiling import grouped_tile
 
-__all__ = ["gemm_kernel", "run_gemm", "broadcast_operand"]
+__all__ = ["gemm_kernel", "run_gemm", "broadcast_operand", "EpilogueInputs", "epilogue_operands",
+           "epilogue_constexprs"]
 
 # 0x4B400000 is the fp32 bit pattern of 1.5 * 2**23. For |p| < 2**22, the integer
 # 0x4B400000 + p is the bit pattern of the fp32 value 1.5 * 2**23 + p (the ulp there is
@@ -148,37 +149,12 @@ def gemm_kernel(
         a_ptrs += A_BYTES
         w_ptrs += W_BYTES
 
-    if HAS_LORA:
-        offs_r = tl.arange(0, R_PAD)
-        rmask = offs_r < R
-        hh = tl.load(h_ptr + rm[:, None] * stride_hm + offs_r[None, :], mask=rmask[None, :], other=0.0)
-        lu = tl.load(  # lora_up^T tile: [R_PAD, BN]
-            lu_ptr + rn[None, :] * stride_lun + offs_r[:, None] * stride_lur,
-            mask=rmask[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        acc = tl.dot(hh, lu, acc, input_precision=LORA_PRECISION)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + rn).to(tl.float32)  # [BN]
-        acc = acc + b[None, :]
-    acc = apply_activation(acc, ACT)
-    if HAS_GATE:
-        g_off = (rm // gate_t) * stride_gb + (rm % gate_t) * stride_gt
-        gt = tl.load(gate_ptr + g_off[:, None] + rn[None, :] * stride_gn).to(tl.float32)
-        acc = acc * gt
-    if HAS_RES:
-        r_off = (rm // res_t) * stride_rb + (rm % res_t) * stride_rt
-        rs = tl.load(res_ptr + r_off[:, None] + rn[None, :] * stride_rn).to(tl.float32)
-        acc = acc + rs
-
-    if ROUND_BF16:
-        # Triton's CPU interpreter truncates fp32 -> bf16; round to nearest even by hand
-        # (GPU conversions already do) so interpreter results equal torch's bit for bit.
-        bits = acc.to(tl.int32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536 == 0xFFFF0000
-        acc = tl.where(acc == acc, bits.to(tl.float32, bitcast=True), acc)  # keep NaNs
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    finish_tile(
+        acc, offs_m, offs_n, rm, rn, M, N, R, h_ptr, lu_ptr, bias_ptr, gate_ptr, res_ptr, y_ptr,
+        stride_hm, stride_lun, stride_lur, gate_t, stride_gb, stride_gt, stride_gn,
+        res_t, stride_rb, stride_rt, stride_rn, stride_ym,
+        HAS_LORA, R_PAD, LORA_PRECISION, HAS_BIAS, ACT, HAS_GATE, HAS_RES, ROUND_BF16,
+    )
 
 
 def broadcast_operand(
@@ -209,6 +185,61 @@ def broadcast_operand(
         return v, max(m, 1), 0, v.stride(0), v.stride(1)
 
 
+class EpilogueInputs(NamedTuple):
+    """Tensors of the fused epilogue (None when absent); gate/residual broadcast to (*lead, N)."""
+
+    h: Optional[torch.Tensor]  # [M, r] fp32 low-rank activations
+    lora_up: Optional[torch.Tensor]  # [N, r]
+    bias: Optional[torch.Tensor]  # [N]
+    gate: Optional[torch.Tensor]
+    residual: Optional[torch.Tensor]
+
+
+def epilogue_operands(
+    y: torch.Tensor, e: EpilogueInputs, spec: KernelSpec, lead: tuple[int, ...], dummy: torch.Tensor
+) -> dict:
+    """Run-time arguments of :func:`.epilogue.finish_tile`, by kernel parameter name.
+
+    ``dummy`` is a read-only placeholder for absent operands (never dereferenced).
+    """
+    h, lora_up, bias, gate, residual = e
+    n = y.shape[1]
+    lora = spec.has_lora
+    if gate is not None:
+        gate_v, gate_t, sgb, sgt, sgn = broadcast_operand(gate, lead, n)
+    else:
+        gate_v, gate_t, sgb, sgt, sgn = dummy, 1, 0, 0, 0
+    if residual is not None:
+        res_v, res_t, srb, srt, srn = broadcast_operand(residual, lead, n)
+    else:
+        res_v, res_t, srb, srt, srn = dummy, 1, 0, 0, 0
+    return dict(
+        h_ptr=h if lora else dummy, lu_ptr=lora_up if lora else dummy,
+        bias_ptr=bias if bias is not None else dummy, gate_ptr=gate_v, res_ptr=res_v, y_ptr=y,
+        R=spec.rank,
+        stride_hm=h.stride(0) if lora else 0,
+        stride_lun=lora_up.stride(0) if lora else 0,
+        stride_lur=lora_up.stride(1) if lora else 0,
+        gate_t=gate_t, stride_gb=sgb, stride_gt=sgt, stride_gn=sgn,
+        res_t=res_t, stride_rb=srb, stride_rt=srt, stride_rn=srn,
+        stride_ym=y.stride(0),
+    )
+
+
+def epilogue_constexprs(spec: KernelSpec) -> dict:
+    """Compile-time arguments of :func:`.epilogue.finish_tile` for ``spec``."""
+    return dict(
+        HAS_LORA=spec.has_lora,
+        R_PAD=spec.rank_pad,
+        LORA_PRECISION=spec.lora_precision,
+        HAS_BIAS=spec.has_bias,
+        ACT=spec.act_code,
+        HAS_GATE=spec.has_gate,
+        HAS_RES=spec.has_residual,
+        ROUND_BF16=spec.out_dtype == torch.bfloat16 and interpreting(),
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def _constexprs(spec: KernelSpec) -> dict:
     """Compile-time parameters of the GEMM for ``spec`` (one Triton binary each)."""
@@ -220,16 +251,9 @@ def _constexprs(spec: KernelSpec) -> dict:
         GROUP=g,
         A_BYTES=g // 2 if spec.act_bits == 4 else g,
         W_BYTES=g // 2 if spec.weight_bits == 4 else g,
-        HAS_LORA=spec.has_lora,
-        R_PAD=spec.rank_pad,
-        LORA_PRECISION=spec.lora_precision,
-        HAS_BIAS=spec.has_bias,
-        ACT=spec.act_code,
-        HAS_GATE=spec.has_gate,
-        HAS_RES=spec.has_residual,
         MAGIC_I=_MAGIC_I,
         MAGIC_F=_MAGIC_F,
-        ROUND_BF16=spec.out_dtype == torch.bfloat16 and interpreting(),
+        **epilogue_constexprs(spec),
     )
 
 
@@ -263,39 +287,20 @@ def run_gemm(
     y = out if out is not None else torch.empty((m, n), dtype=spec.out_dtype, device=dev)
     if m == 0 or n == 0:
         return y
-    r = spec.rank
-    dummy = wscales  # read-only placeholder for absent operands (never dereferenced)
-    h_arg = h if spec.has_lora else dummy
-    lu_arg = lora_up if spec.has_lora else dummy
-    if gate is not None:
-        gate_v, gate_t, sgb, sgt, sgn = broadcast_operand(gate, lead, n)
-    else:
-        gate_v, gate_t, sgb, sgt, sgn = dummy, 1, 0, 0, 0
-    if residual is not None:
-        res_v, res_t, srb, srt, srn = broadcast_operand(residual, lead, n)
-    else:
-        res_v, res_t, srb, srt, srn = dummy, 1, 0, 0, 0
+    # wscales: read-only placeholder for absent operands (never dereferenced)
+    epi = epilogue_operands(y, EpilogueInputs(h, lora_up, bias, gate, residual), spec, lead, wscales)
     const = _constexprs(spec)
 
     def run(cfg: GemmConfig) -> None:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        args = (
-            qa, sa, qweight, wscales, h_arg, lu_arg,
-            bias if bias is not None else dummy, gate_v, res_v, y,
-            m, n, k, r,
-            qa.stride(0), sa.stride(0), sa.stride(1), qweight.stride(0), wscales.stride(0),
-            h.stride(0) if spec.has_lora else 0,
-            lora_up.stride(0) if spec.has_lora else 0,
-            lora_up.stride(1) if spec.has_lora else 0,
-            gate_t, sgb, sgt, sgn,
-            res_t, srb, srt, srn,
-            y.stride(0),
-        )
         kwargs = dict(
-            const, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+            epi, qa_ptr=qa, sa_ptr=sa, qw_ptr=qweight, sw_ptr=wscales, M=m, N=n, K=k,
+            stride_qam=qa.stride(0), stride_sam=sa.stride(0), stride_sag=sa.stride(1),
+            stride_qwn=qweight.stride(0), stride_swn=wscales.stride(0),
+            **const, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        launch(gemm_kernel, grid, args, kwargs, wrap=wrap, device=dev)
+        launch(gemm_kernel, grid, (), kwargs, wrap=wrap, device=dev)
 
     if config is None:
         config = choose_config(

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ..runtime.per_token import SCHEMES
+
 __all__ = ["KernelSpec", "ACTIVATIONS", "LORA_PRECISIONS", "rank_pad"]
 
 # Epilogue activation name -> integer code used as a constexpr inside the kernels.
@@ -52,6 +54,8 @@ class KernelSpec:
         has_bias / has_gate / has_residual: fused epilogue operands.
         in_dtype: dtype of X; out_dtype: dtype of Y (the op keeps X's dtype).
         lora_precision: ``tl.dot`` input precision of the two low-rank products.
+        scheme: ``"group"`` (group scales on both operands: :mod:`.gemm`) or a per-token
+            scheme ``"int8"`` / ``"fp8"`` (runtime/per_token.py: :mod:`.gemm_pt`).
     """
 
     weight_bits: int = 4
@@ -67,8 +71,13 @@ class KernelSpec:
     in_dtype: torch.dtype = torch.bfloat16
     out_dtype: torch.dtype = torch.bfloat16
     lora_precision: str = "ieee"
+    scheme: str = "group"
 
     def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.scheme != "group" and (self.weight_bits, self.act_bits, self.act_unsigned) != (4, 8, False):
+            raise ValueError(f"scheme {self.scheme!r} is w4a8 (signed 8-bit activations) only")
         if self.weight_bits not in (4, 8):
             raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
         if self.act_bits not in (4, 8, 16):
@@ -123,6 +132,7 @@ class KernelSpec:
             f"_{self.epilogue}_sm{int(self.has_smooth)}b{int(self.has_bias)}g{int(self.has_gate)}"
             f"r{int(self.has_residual)}_{str(self.in_dtype)[6:]}-{str(self.out_dtype)[6:]}"
             f"_{self.lora_precision}"
+            + ("" if self.scheme == "group" else f"_pt-{self.scheme}")  # group keys unchanged
         )
 
     def without_lora(self) -> "KernelSpec":

@@ -1,0 +1,108 @@
+"""Per-token schemes (``w4a8-int8``, ``w4a8-fp8``) on the Triton side: check -> allocate -> launch.
+
+Three launches (numerics: runtime/per_token.py; oracle: runtime/reference.py):
+
+1. :mod:`.prologue_pt`: X -> 8-bit activations, per-token scales, ``X' L2^T``;
+2. :mod:`.expand_weight`: INT4 weight -> [N, K] 8-bit operand (per call, or a per-layer
+   copy with ``SVDQ_KEEP_EXPANDED=1``);
+3. :mod:`.gemm_pt`: one accumulator over K, rescale + low-rank + epilogue after the loop;
+   or the library composition (:mod:`.library_pt`), whichever tuning found faster.
+
+Failures: in eager mode any compile/launch error of these kernels (including "every
+config failed" from the autotuner) falls back to the torch implementation
+(:func:`runtime.cpu.quantized_linear_cpu`, which runs on CUDA too), logged once as a
+WARNING; that spec then stays on the fallback for the process. While ``torch.compile``
+traces the op (fake tensors) nothing runs, so there is nothing to catch.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from ..runtime.cpu import quantized_linear_cpu
+from ..runtime.op_args import LinearArgs
+from .expand_weight import expanded_operand
+from .gemm import EpilogueInputs
+from .gemm_pt import run_gemm_pt
+from .prologue_pt import run_prologue_pt
+from .spec import KernelSpec
+
+__all__ = ["per_token_linear", "check_per_token_args", "unsupported_reason"]
+
+log = logging.getLogger(__name__)
+
+# (spec, device) whose kernels failed in this process: they use the torch path from then on.
+_FAILED: set = set()
+_FAILED_LOCK = threading.Lock()
+_WARNED: list = []
+
+
+def check_per_token_args(a: LinearArgs) -> None:
+    """What ``check_args`` leaves to the per-token kernels (dtypes of the scale tensors)."""
+    if not a.wchannel.dtype.is_floating_point:
+        raise TypeError(f"svdq.linear: wchannel must be a floating tensor, got {a.wchannel.dtype}")
+    if a.scheme == "fp8" and not a.wscales.dtype.is_floating_point:
+        raise TypeError(f"svdq.linear: scheme 'fp8' needs floating group scales (wscales), got {a.wscales.dtype}")
+
+
+def unsupported_reason(a: LinearArgs) -> Optional[str]:
+    """None when the kernels cover this call, else why the torch path runs instead."""
+    if a.x.is_cuda and a.scheme == "fp8" and torch.cuda.get_device_capability(a.x.device) < (8, 9):
+        return "FP8 tensor cores need sm_89+"
+    return None
+
+
+def _spec(a: LinearArgs, lora_precision: Optional[str]) -> KernelSpec:
+    from .linear import make_spec  # deferred: .linear imports this module
+
+    spec = make_spec(a.x, a.smooth, a.lora_down, a.bias, a.residual, a.gate, a.group_size, a.weight_bits,
+                     a.act_bits, a.act_unsigned, a.epilogue, lora_precision)
+    return replace(spec, scheme=a.scheme)
+
+
+def _run(a: LinearArgs, spec: KernelSpec, *, wrap: bool, eager: bool) -> torch.Tensor:
+    from .linear import _inner_contiguous
+
+    x = a.x
+    lead = tuple(x.shape[:-1])
+    k = x.shape[-1]
+    x2d = x.reshape(-1, k)  # a view whenever possible (strides go to the kernel)
+    smooth = None if a.smooth is None else a.smooth.contiguous()
+    qa, sa, h = run_prologue_pt(x2d, smooth, a.lora_down, spec, wrap=wrap, tune=eager)
+    w8 = expanded_operand(a, wrap=wrap, eager=eager)
+    inputs = EpilogueInputs(h if spec.has_lora else None, _inner_contiguous(a.lora_up),
+                            None if a.bias is None else a.bias.contiguous(), a.gate, a.residual)
+    y = run_gemm_pt(qa, sa, w8, a.wchannel.contiguous(), inputs, spec, lead, wrap=wrap, tune=eager)
+    return y.reshape(*lead, a.n)
+
+
+def per_token_linear(a: LinearArgs, *, lora_precision: Optional[str] = None, wrap: bool = False) -> torch.Tensor:
+    """x: [..., K] -> [..., N] for a per-token scheme (arguments already checked by the caller)."""
+    from .linear import is_tracing
+
+    check_per_token_args(a)
+    reason = unsupported_reason(a)
+    if reason is not None:
+        log.debug("svdq.linear: torch path for scheme %r (%s)", a.scheme, reason)
+        return quantized_linear_cpu(a)
+    spec = _spec(a, lora_precision)
+    if is_tracing(a.x):
+        return _run(a, spec, wrap=wrap, eager=False)
+    key = (spec, a.x.device)
+    if key in _FAILED:
+        return quantized_linear_cpu(a)
+    try:
+        return _run(a, spec, wrap=wrap, eager=True)
+    except Exception as e:  # noqa: BLE001 - compile/launch errors of generated kernels
+        with _FAILED_LOCK:
+            _FAILED.add(key)
+            first = not _WARNED
+            _WARNED.append(key)
+        (log.warning if first else log.debug)(
+            "svdq_compile: the Triton %s kernels failed (%s: %s); layers of this kind use the torch path",
+            spec.key(), type(e).__name__, e)
+        return quantized_linear_cpu(a)
