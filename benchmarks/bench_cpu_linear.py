@@ -1,11 +1,19 @@
 """CPU benchmark: quantized_linear_cpu (W4A4, rank-32 low-rank branch, G=64) vs fp32 F.linear.
 
-Usage: python benchmarks/bench_cpu_linear.py [--quick] [--repeats N] [--out PATH]
+Usage: python benchmarks/bench_cpu_linear.py [--quick] [--repeats N] [--isa ISA] [--out PATH]
+
+``--isa`` (or ``$SVDQ_CPU_ISA``) forces the kernels' ISA (amx, avx512_vnni, avx_vnni, avx2,
+torch); the ISA each run used is printed and recorded (``isa`` per row and in ``machine``).
 
 Times are medians over repeats after a warm-up (the first call also builds the C++
 kernel if needed; that is reported separately as ``first_call_ms``). Also reports the
 grouped GEMM alone (VNNI kernel and the torch fallback) and the weight-bytes ratio
 (fp32 weight bytes / packed bytes: int4 qweight + fp16 scales + fp32 low-rank + fp32 smooth).
+
+"W4A8pt ms" is the per-token layer (8-bit per-token activations, one group spanning
+K, int8 weights within +-127, the same rank-32 branch and bias): the fused quantizer
+with bits=8, group_size=K, then the grouped GEMM with G == K and the fused epilogue,
+composed here from the cpu_gemm calls that mode makes (no per-group fold).
 
 "W4A4 ms" is the whole layer (smoothing, W4A4 GEMM, rank-32 low-rank branch, bias)
 through ``quantized_linear_cpu``: fused C++ quantizer (+ low-rank down projection),
@@ -89,8 +97,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="M in {256} only, 3 repeats")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--isa", default=None, help="force the CPU kernels' ISA (sets $SVDQ_CPU_ISA)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_linear.json"))
     args = ap.parse_args()
+    if args.isa:
+        os.environ[cpu_gemm.ENV_ISA] = args.isa
     ms = [256] if args.quick else [256, 1024, 4096]
     repeats = args.repeats or (3 if args.quick else 7)
     k = n = 3072
@@ -102,6 +113,7 @@ def main() -> None:
     t0 = time.perf_counter()
     fast = cpu_gemm.fast_backend_available()  # builds / loads the kernel once
     build_s = time.perf_counter() - t0
+    isa = cpu_gemm.active_isa()
 
     bias = torch.randn(n, generator=gen) * 0.1
 
@@ -122,14 +134,29 @@ def main() -> None:
             else:
                 os.environ[cpu_gemm.ENV_BACKEND] = old
 
+    # Per-token INT8 layer: int8 weights within +-127 with one fp32 scale per output channel.
+    w_s = w * layer["smooth"]
+    sw_pt = (w_s.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+    qw_pt = torch.clamp(torch.floor(w_s / sw_pt + 0.5), -127, 127).to(torch.int8)
+    prep_pt = cpu_gemm.prepare_weight(qw_pt, sw_pt, k) if fast else None
+
+    def qlinear_pt(x):
+        q, sa, _, h = cpu_gemm.quantize_activation_fused(x, layer["smooth"], 8, k, biased=True,
+                                                         lora_down=layer["lora_down"])
+        return cpu_gemm.gemm_prepared_u8(q, sa, prep_pt.packed, n, k, h, layer["lora_up"], bias)
+
     rows = []
     for m in ms:
         x = torch.randn(m, k, generator=gen)
         t_first = time.perf_counter()
         qlinear(x)  # first call: packs the weight (then cached on the qweight tensor)
         first_ms = (time.perf_counter() - t_first) * 1e3
-        t = _interleaved_ms({"fp32": lambda: F.linear(x, w, bias), "w4a4": lambda: qlinear(x)}, repeats)
+        fns = {"fp32": lambda: F.linear(x, w, bias), "w4a4": lambda: qlinear(x)}
+        if prep_pt is not None and prep_pt.packed is not None:
+            fns["w4a8pt"] = lambda: qlinear_pt(x)
+        t = _interleaved_ms(fns, repeats)
         fp, q = t["fp32"]["median"], t["w4a4"]["median"]
+        pt = t["w4a8pt"]["median"] if "w4a8pt" in t else float("nan")
         torch_path = _median_ms(lambda: qlinear_torch(x), max(1, repeats // 3), warmup=0)
         # components
         sw = layer["wscales"].float()
@@ -142,23 +169,25 @@ def main() -> None:
         prep4 = _median_ms(lambda: cpu_gemm.prepare_weight(layer["qweight"], sw, G, weight_bits=4), repeats)
         quant_act = _median_ms(lambda: quantize_activation(xs, 4, G), max(1, repeats // 3))
         rows.append(dict(
-            M=m, K=k, N=n, fp32_linear_ms=fp, quantized_linear_ms=q, speedup=fp / q,
+            M=m, K=k, N=n, isa=isa, fp32_linear_ms=fp, quantized_linear_ms=q, speedup=fp / q,
+            per_token_linear_ms=pt, per_token_speedup=fp / pt,
             fp32_linear_min_ms=t["fp32"]["min"], quantized_linear_min_ms=t["w4a4"]["min"],
             speedup_of_mins=t["fp32"]["min"] / t["w4a4"]["min"], first_call_ms=first_ms,
             torch_path_ms=torch_path, fused_quantizer_ms=fused_q, gemm_prepared_ms=gemm_prep,
             quantize_activation_ms=quant_act, prepare_from_int4_ms=prep4, weight_bytes_ratio=weight_ratio,
         ))
 
-    kernel = ("vnni+amx" if cpu_gemm.amx_enabled() else "vnni") if fast else "torch"
-    print(f"backend: {kernel if fast else 'torch fallback'} (kernel load/build {build_s:.1f} s); "
-          f"threads={torch.get_num_threads()}; median of {repeats}")
-    hdr = (f"{'M':>5} {'fp32 ms':>9} {'W4A4 ms':>9} {'ratio':>6} {'ratio/min':>9} {'torch path':>10} {'wbytes':>7} | "
-           f"{'fused_q':>7} {'gemm/prep':>9} {'quant_act':>9} {'prep_i4':>7}")
+    kernel = isa if fast else "torch fallback"
+    print(f"isa: {kernel} (kernel load/build {build_s:.1f} s); threads={torch.get_num_threads()}; median of {repeats}")
+    hdr = (f"{'M':>5} {'isa':>11} {'fp32 ms':>9} {'W4A4 ms':>9} {'ratio':>6} {'ratio/min':>9} {'W4A8pt ms':>9} "
+           f"{'ratio':>6} {'torch path':>10} {'wbytes':>7} | {'fused_q':>7} {'gemm/prep':>9} {'quant_act':>9} "
+           f"{'prep_i4':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['M']:>5} {r['fp32_linear_ms']:>9.1f} {r['quantized_linear_ms']:>9.1f} {r['speedup']:>6.2f} "
-              f"{r['speedup_of_mins']:>9.2f} {r['torch_path_ms']:>10.1f} {r['weight_bytes_ratio']:>6.2f}x | "
+        print(f"{r['M']:>5} {r['isa']:>11} {r['fp32_linear_ms']:>9.1f} {r['quantized_linear_ms']:>9.1f} "
+              f"{r['speedup']:>6.2f} {r['speedup_of_mins']:>9.2f} {r['per_token_linear_ms']:>9.1f} "
+              f"{r['per_token_speedup']:>6.2f} {r['torch_path_ms']:>10.1f} {r['weight_bytes_ratio']:>6.2f}x | "
               f"{r['fused_quantizer_ms']:>7.1f} {r['gemm_prepared_ms']:>9.1f} {r['quantize_activation_ms']:>9.1f} "
               f"{r['prepare_from_int4_ms']:>7.1f}")
 
@@ -167,7 +196,7 @@ def main() -> None:
     info = dict(
         cpu=_cpu_model(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
         python=platform.python_version(), date=_dt.datetime.now().isoformat(timespec="seconds"),
-        backend=kernel, kernel_load_s=build_s, repeats=repeats, quick=args.quick,
+        backend=kernel, isa=isa, kernel_load_s=build_s, repeats=repeats, quick=args.quick,
         group_size=G, rank=RANK, load_avg=os.getloadavg() if hasattr(os, "getloadavg") else None,
     )
     out.write_text(json.dumps(dict(machine=info, results=rows), indent=2) + "\n")
