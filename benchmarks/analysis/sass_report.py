@@ -25,15 +25,22 @@ slow, never how fast it is (docs/kernels.md). Timings come from ``benchmarks/gpu
 
 Kernels: the library's grouped GEMM (``codegen/gemm.py``: W4A4, W4A8, W8A8 at the Hopper
 launch configs), with Triton's default lowering and with ``DISABLE_MMA_V3=1`` (Triton reads
-it per compilation). Results: ``benchmarks/analysis/results/sass_*_triton-<version>.json``;
+it per compilation); the per-token kernels of ``w4a8-fp8`` / ``w4a8-int8``
+(``codegen/gemm_pt.py`` at every large-M autotune candidate and the few-token default,
+``codegen/prologue_pt.py`` and ``codegen/expand_weight.py`` at their defaults). For the
+per-token GEMM the acceptance of issue 16 reads off ``main_loop_waits_pendings`` (no 0: an
+MMA stays in flight), ``ptxas_serialization_codes`` (empty) and ``stack_bytes`` /
+``spill_store_bytes`` (0). Results: ``benchmarks/analysis/results/sass_*_triton-<version>.json``;
 run it once per Triton release (the GPU machine's and the dev venv's).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime as _dt
 import inspect
+import io
 import json
 import os
 import re
@@ -44,6 +51,7 @@ from typing import Any, Callable, Optional
 
 import triton
 import triton.language as tl
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -169,17 +177,23 @@ def compile_offline(fn: Any, ints: dict[str, int], ptr_types: dict[str, str], co
             os.environ["DISABLE_MMA_V3"] = "1"
         else:
             os.environ.pop("DISABLE_MMA_V3", None)
-        k = triton.compile(ASTSource(fn, sig, const, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=num_warps, num_stages=num_stages))
+        # Triton's own ptxas run, verbose (-v is always on; the knob prints its log): the
+        # notes and spills of exactly this cubin. always_compile: a cache hit runs no ptxas.
+        log = io.StringIO()
+        with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+            knobs.nvidia.dump_ptxas_log = True
+            knobs.compilation.always_compile = True
+            k = triton.compile(ASTSource(fn, sig, const, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                               options=dict(num_warps=num_warps, num_stages=num_stages))
     finally:
         if old is None:
             os.environ.pop("DISABLE_MMA_V3", None)
         else:
             os.environ["DISABLE_MMA_V3"] = old
-    return _summarise(k, num_warps)
+    return _summarise(k, num_warps, log.getvalue())
 
 
-def _summarise(k: Any, num_warps: int) -> dict:
+def _summarise(k: Any, num_warps: int, ptxas_log: str = "") -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -189,15 +203,21 @@ def _summarise(k: Any, num_warps: int) -> dict:
                               text=True, check=True).stdout
         res = subprocess.run([str(_bin_dir() / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
                              text=True, check=True).stdout
-        # ptxas again, verbose, on Triton's PTX: its "info (C75xx)" lines say when it gave up
-        # on the wgmma pipeline (C7514 "wgmma.mma_async instructions are serialized ...").
-        arch = int(k.metadata.target.arch)
-        ptx = Path(d) / "k.ptx"
-        ptx.write_text(k.asm["ptx"])
-        pv = subprocess.run([_ptxas(arch), "-v", f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", str(ptx),
-                             "-o", str(Path(d) / "v.cubin")], capture_output=True, text=True)
-    ptxas_notes = sorted({m.group(0) for m in re.finditer(r"\(C75\d\d\)[^\n]*", pv.stdout + pv.stderr)})
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", pv.stdout + pv.stderr)
+        # ptxas's verbose log: its "info (C75xx)" lines say when it gave up on the wgmma
+        # pipeline (C7514/C7515 "wgmma.mma_async instructions are serialized ..."). Triton's own
+        # run when compile_offline captured it (same flags as the cubin: Triton 3.9 adds
+        # --regAllocOptLevel=2, which changes register allocation), else ptxas again on the PTX.
+        if "Used" in ptxas_log:
+            log_ok, log = True, ptxas_log
+        else:
+            arch = int(k.metadata.target.arch)
+            ptx = Path(d) / "k.ptx"
+            ptx.write_text(k.asm["ptx"])
+            pv = subprocess.run([_ptxas(arch), "-v", f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", str(ptx),
+                                 "-o", str(Path(d) / "v.cubin")], capture_output=True, text=True)
+            log_ok, log = pv.returncode == 0, pv.stdout + pv.stderr
+    ptxas_notes = sorted({m.group(0) for m in re.finditer(r"\(C75\d\d\)[^\n]*", log)})
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     # Overlap, statically: the most float FMAs/converts issued between a wgmma and the wait
     # that retires it (0: the tensor cores idle while the rescale runs).
     overlap, run, open_wgmma = 0, 0, False
@@ -229,7 +249,7 @@ def _summarise(k: Any, num_warps: int) -> dict:
         "spill_load_bytes": int(spills.group(2)) if spills else None,
         "barriers": ops["BAR"], "shared_stores": ops["STS"], "shared_loads": ops["LDS"] + ops["LDSM"],
         "byte_permutes": ops["PRMT"], "ffma": ops["FFMA"], "sass_instructions": sum(ops.values()),
-        "ptxas_verbose_ok": pv.returncode == 0,  # False: the two fields below say nothing
+        "ptxas_verbose_ok": log_ok,  # False: the ptxas fields below say nothing
         "ptxas_wgmma_serialized": bool(serial),
         "ptxas_serialization_codes": serial,  # C7514 (reading acc.), C7515 (defining acc.), ...
         "float_ops_under_wgmma": overlap,
@@ -288,6 +308,123 @@ def prologue_report(block_m: int, warps: int, stages: int, *, arch: int, shift_t
                 shift=shift_type)
     return compile_offline(prologue_kernel, ints, ptrs, dict(_constexprs(spec), BLOCK_M=block_m), arch=arch,
                            num_warps=warps, num_stages=stages)
+
+
+def _pt_spec(scheme: str) -> Any:
+    """The per-token linear of a FLUX block as the GPU path builds it: smoothing, rank 32,
+    bias, bf16 in and out, the GPU default low-rank precision (``tf32x3``)."""
+    import torch
+
+    from svdq_compile.codegen.spec import KernelSpec
+
+    return KernelSpec(weight_bits=4, act_bits=8, act_unsigned=False, group_size=64, rank=32, epilogue="none",
+                      has_smooth=True, has_bias=True, has_gate=False, has_residual=False, in_dtype=torch.bfloat16,
+                      out_dtype=torch.bfloat16, lora_precision="tf32x3", scheme=scheme)
+
+
+def _q8(scheme: str) -> str:
+    return "*fp8e4nv" if scheme == "fp8" else "*i8"
+
+
+def gemm_pt_report(scheme: str, cfg: Any, *, arch: int, shape: Optional[dict] = None) -> dict:
+    """The per-token GEMM (codegen/gemm_pt.py: 8-bit x 8-bit, one accumulator over K, rescale,
+    low-rank up projection and epilogue after the loop) at one ``PtGemmConfig``."""
+    from svdq_compile.codegen.gemm_pt import _constexprs, gemm_pt_kernel
+
+    spec = _pt_spec(scheme)
+    sh = dict(shape or _SHAPE)
+    m, n, k = sh["M"], sh["N"], sh["K"]
+    const = dict(_constexprs(spec), FROM_ACC=False, EVEN_K=k % cfg.block_k == 0, BLOCK_M=cfg.block_m,
+                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+    ints = dict(M=m, N=n, K=k, R=32, stride_am=k, stride_bn=k, stride_accm=0, stride_hm=32, stride_lun=32,
+                stride_lur=1, gate_t=m, stride_gb=0, stride_gt=0, stride_gn=0, res_t=m, stride_rb=0,
+                stride_rt=0, stride_rn=0, stride_ym=n)
+    ptrs = dict(a_ptr=_q8(scheme), sa_ptr="*fp32", b_ptr=_q8(scheme), c_ptr="*fp32",
+                acc_ptr="*i32" if scheme == "int8" else "*fp32", h_ptr="*fp32", lu_ptr="*bf16", bias_ptr="*bf16",
+                gate_ptr="*bf16", res_ptr="*bf16", y_ptr="*bf16")
+    return compile_offline(gemm_pt_kernel, ints, ptrs, const, arch=arch, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)
+
+
+def prologue_pt_report(scheme: str, cfg: Any, *, arch: int) -> dict:
+    """The per-token prologue (codegen/prologue_pt.py): smoothing, row absmax, X' L2^T, then
+    the 8-bit activations, at one ``PrologueConfig``."""
+    from svdq_compile.codegen.prologue_pt import _constexprs, prologue_pt_kernel
+
+    spec = _pt_spec(scheme)
+    m, k = _SHAPE["M"], _SHAPE["K"]
+    const = dict(_constexprs(spec, False), EVEN_K=k % 64 == 0, BLOCK_M=cfg.block_m)
+    ints = dict(M=m, K=k, R=32, stride_xm=k, stride_xk=1, stride_ldr=k, stride_ldk=1, stride_qm=k, stride_hm=32)
+    ptrs = dict(x_ptr="*bf16", smooth_ptr="*bf16", ld_ptr="*bf16", qa_ptr=_q8(scheme), sa_ptr="*fp32",
+                h_ptr="*fp32")
+    return compile_offline(prologue_pt_kernel, ints, ptrs, const, arch=arch, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)
+
+
+def expand_report(scheme: str, *, arch: int, block_n: int = 16, block_k: int = 256, warps: int = 4) -> dict:
+    """The INT4 -> 8-bit weight expansion pass (codegen/expand_weight.py) at its GPU launch."""
+    from svdq_compile.codegen.expand_weight import expand_kernel
+
+    n, k = _SHAPE["N"], _SHAPE["K"]
+    int8 = scheme == "int8"
+    ints = dict(N=n, K=k, stride_qn=k // 2, stride_sn=k // 64, stride_zn=k // 64, stride_on=k)
+    ptrs = dict(qw_ptr="*i8", s_ptr="*i8" if int8 else "*fp16", z_ptr="*i8" if int8 else "*fp16", c_ptr="*fp32",
+                out_ptr=_q8(scheme))
+    const = dict(INT8=int8, SOFT_FP8=False, GROUP=64, BLOCK_N=block_n, BLOCK_K=block_k)
+    return compile_offline(expand_kernel, ints, ptrs, const, arch=arch, num_warps=warps, num_stages=1)
+
+
+_SMALL_M = 64  # the per-token GEMM's few-token configs (autotune: m <= 64)
+
+
+def _pt_configs(m: int = _SHAPE["M"]) -> tuple[list, list]:
+    """(GEMM configs, prologue configs) the GPU autotuner tries for the per-token kernels at
+    ``m`` tokens, the first of each being its default."""
+    from svdq_compile.codegen import autotune
+
+    fused = [c for c in autotune.pt_gemm_candidates(m, _SHAPE["N"], _SHAPE["K"], "fp8", False) if not c.library]
+    return fused, list(autotune._GPU_PROLOGUE)
+
+
+def pt_available() -> Optional[str]:
+    """None when the per-token kernels (codegen/gemm_pt.py, prologue_pt.py, expand_weight.py)
+    can be imported, else why not."""
+    try:
+        import svdq_compile.codegen.expand_weight  # noqa: F401
+        import svdq_compile.codegen.gemm_pt  # noqa: F401
+        import svdq_compile.codegen.prologue_pt  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def pt_rows(arch: int, progress: Optional[Callable[[str], None]] = None, *, all_configs: bool = True) -> list[dict]:
+    """Every per-token kernel at its default config (GEMM: every large-M candidate with
+    ``all_configs``), both schemes."""
+    gemm_cfgs, pro_cfgs = _pt_configs()
+    rows = []
+    for scheme in ("fp8", "int8"):
+        for i, cfg in enumerate(gemm_cfgs if all_configs else gemm_cfgs[:1]):
+            name = (f"gemm_pt {scheme} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} warps={cfg.num_warps} "
+                    f"stages={cfg.num_stages}" + (" (default)" if i == 0 else ""))
+            rows.append({"kernel": name, "lowering": "default", **gemm_pt_report(scheme, cfg, arch=arch)})
+            if progress:
+                progress(name)
+        cfg = _pt_configs(_SMALL_M)[0][0]
+        name = (f"gemm_pt {scheme} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} warps={cfg.num_warps} "
+                f"stages={cfg.num_stages} (default for M <= {_SMALL_M}; compiled at M = {_SMALL_M})")
+        rows.append({"kernel": name, "lowering": "default",
+                     **gemm_pt_report(scheme, cfg, arch=arch, shape=dict(_SHAPE, M=_SMALL_M))})
+        if progress:
+            progress(name)
+        cfg = pro_cfgs[0]
+        name = f"prologue_pt {scheme} block_m={cfg.block_m} warps={cfg.num_warps} stages={cfg.num_stages} (default)"
+        rows.append({"kernel": name, "lowering": "default", **prologue_pt_report(scheme, cfg, arch=arch)})
+        name = f"expand_weight {scheme} 16x256 warps=4"
+        rows.append({"kernel": name, "lowering": "default", **expand_report(scheme, arch=arch)})
+        if progress:
+            progress(name)
+    return rows
 
 
 @triton.jit
@@ -355,6 +492,8 @@ def run_all(arch: int, progress: Optional[Callable[[str], None]] = None) -> list
                          **gemm_report(wb, ab, bm, bn, w, s, arch=arch, disable_mma_v3=mma2)})
             if progress:
                 progress(f"{name} [{lowering}]")
+    if pt_available() is None:
+        rows += pt_rows(arch, progress)
     return rows
 
 
@@ -377,17 +516,46 @@ def compat(out: str) -> int:
             r["w4a16_fp32_registers"] = w4a16_report(16, 64, arch=arch, x_type="*fp32")["registers"]
         except Exception as e:  # noqa: BLE001 - a failing architecture is the finding
             r = {"arch": f"sm_{arch}", "compiles": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if pt_available() is None:
+            r["per_token"] = pt_compat(arch)
         rows.append(r)
         print(f"sm_{arch}: " + (f"compiles, {r['mma']}, {r['registers']} registers, {r['stack_bytes']} B stack"
                                 if r["compiles"] else f"FAILS: {r['error']}"), flush=True)
-    info = {"what": "offline compile of the W4A4 GEMM, the prologue and the W4A16 kernel per architecture "
-                    "(static, not run)",
+        for name, b in r.get("per_token", {}).items():
+            print(f"    {name:16s} " + (f"{b['mma']:8s} {b['mma_kind']:10s} {b['registers']:3d} registers, "
+                                         f"{b['stack_bytes']} B stack, main-loop waits {b['main_loop_waits_pendings']}, "
+                                         f"serialised {b['ptxas_serialization_codes']}"
+                                         if b["compiles"] else f"FAILS: {b['error'][-150:]}"), flush=True)
+    info = {"what": "offline compile of the W4A4 GEMM, the prologue and the W4A16 kernel per architecture, and "
+                    "of the per-token kernels (gemm_pt, prologue_pt, expand_weight) at their default configs "
+                    "(static, not run); FP8 needs sm_89 or newer",
             "triton": triton.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"), "rows": rows}
     os.makedirs(out, exist_ok=True)
     path = Path(out) / f"sass_compat_triton-{triton.__version__}.json"
     path.write_text(json.dumps(info, indent=1))
     print(f"wrote {path}")
     return 0 if all(r["compiles"] for r in rows) else 1
+
+
+_BRIEF = ("mma", "mma_kind", "mma_ops", "registers", "stack_bytes", "spill_store_bytes", "shared_bytes",
+          "main_loop_waits_pendings", "ptxas_serialization_codes")
+
+
+def pt_compat(arch: int) -> dict:
+    """The per-token kernels at their default configs for one architecture: a short summary
+    each, or the error (FP8 does not exist before sm_89)."""
+    gemm_cfgs, pro_cfgs = _pt_configs()
+    out = {}
+    for scheme in ("fp8", "int8"):
+        for name, fn in ((f"gemm_pt {scheme}", lambda: gemm_pt_report(scheme, gemm_cfgs[0], arch=arch)),
+                         (f"prologue_pt {scheme}", lambda: prologue_pt_report(scheme, pro_cfgs[0], arch=arch)),
+                         (f"expand {scheme}", lambda: expand_report(scheme, arch=arch))):
+            try:
+                r = fn()
+                out[name] = {"compiles": True, **{k: r[k] for k in _BRIEF}}
+            except Exception as e:  # noqa: BLE001 - a failing architecture is the finding
+                out[name] = {"compiles": False, "error": f"{type(e).__name__}: {' '.join(str(e).split())[-300:]}"}
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -407,7 +575,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.compat:
         return compat(args.out)
     rows = run_all(args.arch, progress=lambda s: print("compiled", s, file=sys.stderr, flush=True))
+    why = pt_available()
     info = {"what": "offline compile, static SASS counts (not timings)", "arch": f"sm_{args.arch}",
+            "per_token_kernels": "included" if why is None else f"not available: {why}",
             "triton": triton.__version__, "shape_mnk": [_SHAPE["M"], _SHAPE["N"], _SHAPE["K"]],
             "date": _dt.datetime.now().isoformat(timespec="seconds"), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
@@ -416,9 +586,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     cols = ("registers", "stack_bytes", "ctas_per_sm", "mma", "mma_kind", "wgmma", "mma_sync",
             "main_loop_waits_pendings", "ptxas_serialization_codes", "barriers", "shared_stores")
     print(f"sm_{args.arch}, Triton {triton.__version__}, M/N/K = 4608/3072/3072")
-    print(f"{'kernel':48s} {'lowering':17s} " + " ".join(f"{c:>10s}" for c in cols))
+    print(f"{'kernel':60s} {'lowering':17s} " + " ".join(f"{c:>10s}" for c in cols))
     for r in rows:
-        print(f"{r['kernel']:48s} {r['lowering']:17s} " + " ".join(f"{str(r[c]):>10s}" for c in cols))
+        print(f"{r['kernel'][:60]:60s} {r['lowering']:17s} " + " ".join(f"{str(r[c]):>10s}" for c in cols))
     print(f"wrote {path}")
     return 0
 

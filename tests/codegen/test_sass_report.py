@@ -71,6 +71,44 @@ def test_fp8_gemm_counts_as_wgmma_and_keeps_one_in_flight():
     assert r["stack_bytes"] == 0 and r["spill_store_bytes"] == 0
 
 
+_PT = """
+why = sass_report.pt_available()
+if why is not None:
+    print(json.dumps({"missing": why}))
+    raise SystemExit(0)
+gemm_cfgs, pro_cfgs = sass_report._pt_configs()
+print(json.dumps({
+    "gemm_fp8": sass_report.gemm_pt_report("fp8", gemm_cfgs[0], arch=90),
+    "gemm_int8": sass_report.gemm_pt_report("int8", gemm_cfgs[0], arch=90),
+    "prologue_fp8": sass_report.prologue_pt_report("fp8", pro_cfgs[0], arch=90),
+    "expand_fp8": sass_report.expand_report("fp8", arch=90),
+}))
+"""
+
+
+def test_per_token_kernels_keep_an_mma_in_flight_on_hopper():
+    """Issue 16's offline acceptance, from a fresh compile for sm_90 at the default autotune
+    configs: the FP8 per-token GEMM's main loop is FP8 wgmma with one kept in flight (no
+    pendings = 0 wait in the loop), ptxas serialises nothing (no C7514/C7515), nothing
+    spills; the prologue and the expansion pass compile without spills. The INT8 GEMM
+    (int32 accumulator) is recorded as Triton compiles it: its pipeliner waits for every
+    wgmma of a non-fp32 accumulator, which is why the library composition (torch._int_mm)
+    comes first for int8 on a GPU."""
+    r = _run(_PT)
+    if "missing" in r:
+        pytest.skip(f"the per-token kernels are not in this checkout: {r['missing']}")
+    g = r["gemm_fp8"]
+    assert g["mma"] == "wgmma" and g["wgmma"] > 0 and "fp8" in g["mma_by_kind"], g["mma_ops"]
+    assert any(op.startswith("QGMMA.") for op in g["mma_ops"]), g["mma_ops"]
+    assert g["main_loop_waits_pendings"] and g["main_loop_wait0"] == 0, g["wgmma_waits_pendings"]
+    assert g["ptxas_verbose_ok"] and g["ptxas_serialization_codes"] == [], g["ptxas_notes"]
+    for name in ("gemm_fp8", "gemm_int8", "prologue_fp8", "expand_fp8"):
+        assert r[name]["stack_bytes"] == 0 and r[name]["spill_store_bytes"] == 0, (name, r[name])
+        assert r[name]["registers"] <= 255
+    i = r["gemm_int8"]
+    assert i["mma"] == "wgmma" and "int8" in i["mma_by_kind"], i["mma_ops"]
+
+
 def test_main_loop_waits_parser():
     """Waits are attributed to the innermost loop that issues a wgmma; the one after the
     loop is not a main-loop wait."""
