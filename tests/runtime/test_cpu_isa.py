@@ -44,7 +44,8 @@ def fma32(a, b, c):
     e = (p - (s - bb)) + (c - bb)  # TwoSum: p + c == s + e exactly
     # round to odd in float64, then one rounding to fp32 is the correctly rounded result
     fix = (e != 0) & ((s.view(torch.int64) & 1) == 0)
-    return torch.where(fix, torch.nextafter(s, s + e), s).float()
+    toward = torch.where(e > 0, torch.full_like(s, float("inf")), torch.full_like(s, float("-inf")))
+    return torch.where(fix, torch.nextafter(s, toward), s).float()
 
 
 def gemm_oracle(qa, sa, qw, sw, g, h=None, lora_up=None, bias=None):
@@ -105,14 +106,17 @@ def gemv_oracle(x, qw, s, group):
 
 
 def test_oracle_fma_is_correctly_rounded():
-    # cases where a*b + c rounded to float64 first and then to fp32 is off by one ulp
-    a = torch.tensor([1.0 + 2.0**-23, 3.0, 0.1, -7.5], dtype=torch.float32)
-    b = torch.tensor([1.0 + 2.0**-23, 1.0 / 3.0, 10.0, 1e-8], dtype=torch.float32)
-    c = torch.tensor([-1.0, -1.0, -1.0, 2.0], dtype=torch.float32)
+    # the last case: a*b + c rounded to float64 lands exactly on an fp32 tie (1 + 3 * 2^-24),
+    # the exact value is 2^-70 below it: plain double rounding gives 1 + 2^-22, fma 1 + 2^-23
+    a = torch.tensor([1.0 + 2.0**-23, 3.0, 0.1, -7.5, 1.0 + 2.0**-23], dtype=torch.float32)
+    b = torch.tensor([1.0 + 2.0**-23, 1.0 / 3.0, 10.0, 1e-8, (1.0 - 2.0**-23) * 2.0**-24], dtype=torch.float32)
+    c = torch.tensor([-1.0, -1.0, -1.0, 2.0, 1.0 + 2.0**-23], dtype=torch.float32)
     exact = [(float(x) * float(y) + float(z)) for x, y, z in zip(a.double(), b.double(), c.double())]
     from fractions import Fraction
 
-    for i in range(4):
+    assert float(fma32(a[4:], b[4:], c[4:])) == 1.0 + 2.0**-23
+    assert float(((a[4:].double() * b[4:].double()) + c[4:].double()).float()) == 1.0 + 2.0**-22  # double rounding
+    for i in range(len(a)):
         ex = Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i]))
         got = float(fma32(a[i:i + 1], b[i:i + 1], c[i:i + 1]))
         # the nearest fp32: neither neighbour is closer
