@@ -30,7 +30,9 @@ def library_available(scheme: str, m: int, n: int, k: int, device: torch.device)
         major, minor = torch.cuda.get_device_capability(device)
         return hasattr(torch, "_scaled_mm") and (major, minor) >= (8, 9) and k % 16 == 0 and n % 16 == 0
     if scheme == "int8":
-        return hasattr(torch, "_int_mm") and (not isinstance(m, int) or m > 16) and k % 8 == 0 and n % 8 == 0
+        # M > 16 is checked by _int_mm on CUDA; a symbolic M (torch.compile tracing) may be
+        # smaller at run time, so traced graphs keep the fused kernel for int8.
+        return hasattr(torch, "_int_mm") and isinstance(m, int) and m > 16 and k % 8 == 0 and n % 8 == 0
     return False
 
 

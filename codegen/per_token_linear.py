@@ -9,15 +9,12 @@ Three launches (numerics: runtime/per_token.py; oracle: runtime/reference.py):
    or the library composition (:mod:`.library_pt`), whichever tuning found faster.
 
 Failures: in eager mode any compile/launch error of these kernels (including "every
-config failed" from the autotuner) falls back to the torch implementation
-(:func:`runtime.cpu.quantized_linear_cpu`, which runs on CUDA too), logged once as a
-WARNING; that spec then stays on the fallback for the process. While ``torch.compile``
-traces the op (fake tensors) nothing runs, so there is nothing to catch.
+config failed" from the autotuner) falls back to the torch implementation, logged once
+(:func:`.fallback.run_or_fallback`).
 """
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import replace
 from typing import Optional
 
@@ -26,6 +23,7 @@ import torch
 from ..runtime.cpu import quantized_linear_cpu
 from ..runtime.op_args import LinearArgs
 from .expand_weight import expanded_operand
+from .fallback import run_or_fallback
 from .gemm import EpilogueInputs
 from .gemm_pt import run_gemm_pt
 from .prologue_pt import run_prologue_pt
@@ -34,11 +32,6 @@ from .spec import KernelSpec
 __all__ = ["per_token_linear", "check_per_token_args", "unsupported_reason"]
 
 log = logging.getLogger(__name__)
-
-# (spec, device) whose kernels failed in this process: they use the torch path from then on.
-_FAILED: set = set()
-_FAILED_LOCK = threading.Lock()
-_WARNED: list = []
 
 
 def check_per_token_args(a: LinearArgs) -> None:
@@ -92,17 +85,4 @@ def per_token_linear(a: LinearArgs, *, lora_precision: Optional[str] = None, wra
     spec = _spec(a, lora_precision)
     if is_tracing(a.x):
         return _run(a, spec, wrap=wrap, eager=False)
-    key = (spec, a.x.device)
-    if key in _FAILED:
-        return quantized_linear_cpu(a)
-    try:
-        return _run(a, spec, wrap=wrap, eager=True)
-    except Exception as e:  # noqa: BLE001 - compile/launch errors of generated kernels
-        with _FAILED_LOCK:
-            _FAILED.add(key)
-            first = not _WARNED
-            _WARNED.append(key)
-        (log.warning if first else log.debug)(
-            "svdq_compile: the Triton %s kernels failed (%s: %s); layers of this kind use the torch path",
-            spec.key(), type(e).__name__, e)
-        return quantized_linear_cpu(a)
+    return run_or_fallback(a, spec, lambda: _run(a, spec, wrap=wrap, eager=True))
