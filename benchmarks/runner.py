@@ -1,13 +1,18 @@
 """The benchmark runner behind ``svdq bench`` and ``python -m benchmarks`` (same code).
 
-    svdq bench [--suite linear,block,model,memory] [--quick] [--device cpu|cuda] [--out DIR]
+    svdq bench [--suite linear,block,model,memory,export] [--quick] [--device cpu|cuda] [--out DIR]
 
 Every suite compares eager (fp32 on CPU, bf16 on GPU), ``torch.compile`` (Inductor),
 torchao int8 dynamic (W8A8) and int4 weight-only, bitsandbytes NF4 (GPU) and our W4A4,
 W4A8 and W8A8; a method that cannot run is reported as ``n/a (reason)``. All methods of
 one case are timed interleaved (median, min, max of repeats after a warm-up), so the
 speedups are ratios measured within one run. Results: ``<out>/bench_<suite>_<device>.json``
-(written after every case), ``.md`` and ``.png``.
+(written after every case), ``.md`` and ``.png``; without ``--out`` they go to
+``./svdq_bench_results`` under the current directory (never into the installed package or
+the checkout's committed ``benchmarks/results``).
+
+``--suite export`` (not in the default set: minutes of ONNX export on CPU): ONNX Runtime
+latency of the float, exact and deploy ONNX files of the same model (benchmarks/suites/export.py).
 
 Suites run in the order memory, linear, block, model. On CUDA a time budget
 (``--budget-s``, default 180 s, for one short GPU session) is shared among them: once a
@@ -28,32 +33,38 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["add_arguments", "run", "main", "DEFAULT_OUT"]
+__all__ = ["add_arguments", "run", "main", "DEFAULT_OUT", "EXTRA_SUITES", "output_dir"]
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+# Relative: resolved against the current directory when the run starts.
+DEFAULT_OUT = Path("svdq_bench_results")
+# Suites run only when named with --suite (their own markdown/plot: ``to_markdown`` / ``plot``
+# in the suite module).
+EXTRA_SUITES = ("export",)
 DEFAULT_CUDA_BUDGET_S = 180.0
 # A compilation cannot be stopped halfway: past budget + this, the run is interrupted
 # (SIGALRM), the results so far are written and the process exits with code 3.
 HARD_GRACE_S = 30.0
 # Share of the time budget per suite (renormalised over the suites that run).
-BUDGET_WEIGHTS = {"memory": 0.15, "linear": 0.35, "block": 0.5, "model": 0.25}
+BUDGET_WEIGHTS = {"memory": 0.15, "linear": 0.35, "block": 0.5, "model": 0.25, "export": 0.5}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .suites import SUITES
 
     p.add_argument("--suite", default=",".join(SUITES),
-                   help=f"comma-separated suites to run (default: all of {','.join(SUITES)})")
+                   help=f"comma-separated suites to run (default: all of {','.join(SUITES)}; "
+                        f"also: {','.join(EXTRA_SUITES)})")
     p.add_argument("--quick", action="store_true",
                    help="small shapes and few repeats (CPU: under ~2 minutes on 2 idle cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: benchmarks/results)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: ./{DEFAULT_OUT} under the current directory)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per method (default: CPU 5, --quick 3; CUDA 20, --quick 10)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method keys to run (default: all): eager, inductor, torchao_int8, "
-                        "torchao_int4, bnb_nf4, ours_w4a4, ours_w4a4_eager, ours_w4a8, ours_w8a8")
+                        "torchao_int4, bnb_nf4, ours_w4a4, ours_w4a4_eager, ours_w4a8-int8, ours_w4a8-fp8, ours_w4a8, ours_w8a8")
     p.add_argument("--budget-s", type=float, default=None,
                    help=f"time budget for all suites (default: {DEFAULT_CUDA_BUDGET_S:.0f} s on CUDA, "
                         "none on CPU; 0 = none)")
@@ -110,13 +121,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .common import machine_info
-    from .suites import RUN_ORDER, SUITES, get
+    from .suites import RUN_ORDER, SUITES
     from .suites.baselines import METHODS, package_versions
     from .suites.harness import Context
     from .suites.report import plot, to_markdown
 
-    wanted = _parse_list(args.suite, SUITES, "suite") or list(SUITES)
-    suites = [s for s in RUN_ORDER if s in wanted]
+    wanted = _parse_list(args.suite, SUITES + EXTRA_SUITES, "suite") or list(SUITES)
+    suites = [s for s in RUN_ORDER + EXTRA_SUITES if s in wanted]
     methods = _parse_list(args.methods, [m.key for m in METHODS], "method")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -132,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         repeats = 3 if quick else 5
     budget = args.budget_s if args.budget_s is not None else (DEFAULT_CUDA_BUDGET_S if device == "cuda" else 0.0)
-    out_dir = Path(args.out)
+    out_dir = output_dir(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
@@ -176,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             if hard_stop:
                 ctx.note("not run: the time budget was used up by the suites before")
             else:
-                get(name).run(ctx, tqdm)
+                _suite(name).run(ctx, tqdm)
                 ctx.complete = True
         except BudgetExceeded as e:
             _disarm_watchdog()
@@ -189,12 +200,14 @@ def run(args: argparse.Namespace) -> int:
             ctx.extra["traceback"] = traceback.format_exc()[-4000:]
             print(f"svdq bench: suite {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
+            mod = _suite(name)
+            md_fn, plot_fn = getattr(mod, "to_markdown", to_markdown), getattr(mod, "plot", plot)
             try:
-                written += _write_outputs(ctx, to_markdown, plot)
+                written += _write_outputs(ctx, md_fn, plot_fn)
             except BudgetExceeded:  # the alarm fired while writing: write again, then stop
                 _disarm_watchdog()
                 hard_stop = True
-                written += _write_outputs(ctx, to_markdown, plot)
+                written += _write_outputs(ctx, md_fn, plot_fn)
             if not hard_stop:
                 from .suites.harness import reset_compiler
 
@@ -209,6 +222,21 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(3)
     return 1 if failed else 0
+
+
+def output_dir(out: Optional[str]) -> Path:
+    """``--out`` as given, or ``./svdq_bench_results`` under the current directory."""
+    return Path(out) if out else Path.cwd() / DEFAULT_OUT
+
+
+def _suite(name: str):
+    import importlib
+
+    from .suites import get
+
+    if name in EXTRA_SUITES:
+        return importlib.import_module(f"{__package__}.suites.{name}")
+    return get(name)
 
 
 def _write_outputs(ctx, to_markdown, plot) -> list[Path]:

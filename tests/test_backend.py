@@ -57,8 +57,14 @@ def test_rewrite_counts_and_untouched_ineligible():
     assert [n for n, _ in r.skipped] == ["head"]
     # q, k, v read the same LayerNorm output -> one fused op; out, fc1, fc2 alone.
     assert r.fused_groups == 1 and r.ops_inserted == 4
-    # fc2 reads a GELU output -> unsigned activations.
+    # Default mode "auto": on CPU every layer gets w4a8-int8 (per-token INT8 activations are
+    # signed, so no unsigned grid after the GELU).
     modes = {l["name"]: l["mode"] for l in r.layers}
+    assert set(modes.values()) == {"w4a8-int8"}
+    # With mode="w4a4", fc2 reads a GELU output -> unsigned activations.
+    torch._dynamo.reset()
+    torch.compile(m, backend="svdquant", options=dict(FAST, mode="w4a4"))(x)
+    modes = {l["name"]: l["mode"] for l in last_reports()[-1].layers}
     assert modes["fc2"] == "w4a4u" and modes["q"] == "w4a4"
 
 

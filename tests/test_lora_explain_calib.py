@@ -40,7 +40,10 @@ def test_explain_table_and_dict():
     for r in info["layers"]:
         assert r["rank"] == 32 and r["sqnr_db"] > 10 and r["bytes"] > 0
     text = sq.explain(m)
-    assert "fc2" in text and "w4a4u" in text and "SQNR" in text
+    # Default mode "auto" -> w4a8-int8 on CPU, and explain() says why.
+    assert "fc2" in text and "w4a8-int8" in text and "SQNR" in text
+    assert "mode w4a8-int8 <- auto: cpu" in text, text
+    assert all(r["mode_reason"].startswith("auto: cpu") for r in info["layers"])
 
 
 def test_calibration_memory_flat_in_steps():

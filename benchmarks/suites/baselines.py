@@ -24,7 +24,7 @@ __all__ = ["Unavailable", "Method", "METHODS", "METHOD_BY_KEY", "PRIORITY", "MIN
 log = logging.getLogger(__name__)
 
 # Modes of our backend compared in every suite.
-OURS_MODES = ("w4a4", "w4a8", "w8a8")
+OURS_MODES = ("w4a4", "w4a8-int8", "w4a8-fp8", "w4a8", "w8a8")
 
 
 class Unavailable(Exception):
@@ -55,13 +55,15 @@ METHODS = (
     Method("ours W4A4", "ours_w4a4", "svdquant", _OURS_DOC.format(m="w4a4")),
     Method("ours W4A4 no-compile", "ours_w4a4_eager", None,
            "the same quantized module called eagerly (SVDQLinear -> svdq::linear, no Inductor)"),
-    Method("ours W4A8", "ours_w4a8", "svdquant", _OURS_DOC.format(m="w4a8")),
+    Method("ours W4A8-INT8 (per token)", "ours_w4a8-int8", "svdquant", _OURS_DOC.format(m="w4a8-int8")),
+    Method("ours W4A8-FP8 (per token)", "ours_w4a8-fp8", "svdquant", _OURS_DOC.format(m="w4a8-fp8")),
+    Method("ours W4A8 (g64)", "ours_w4a8", "svdquant", _OURS_DOC.format(m="w4a8")),
     Method("ours W8A8", "ours_w8a8", "svdquant", _OURS_DOC.format(m="w8a8")),
 )
 METHOD_BY_KEY = {m.key: m for m in METHODS}
 # Build order when a time budget may cut a case short: the comparisons that matter most first.
-PRIORITY = ("eager", "ours_w4a4", "inductor", "ours_w4a4_eager", "torchao_int8", "bnb_nf4", "ours_w4a8",
-            "ours_w8a8", "torchao_int4")
+PRIORITY = ("eager", "ours_w4a4", "ours_w4a8-int8", "ours_w4a8-fp8", "inductor", "ours_w4a4_eager",
+            "torchao_int8", "bnb_nf4", "ours_w4a8", "ours_w8a8", "torchao_int4")
 # Seconds of suite budget a method needs left to be started in the block/model suites
 # (torchao int4 + Inductor took 104 s to compile one FLUX double block on an H200).
 MIN_TIME_LEFT_S = {"torchao_int4": 120.0}
@@ -242,11 +244,12 @@ BUILDERS: dict[str, Callable[..., Any]] = {
 
 
 def ours_modes_for(ctx: Any) -> tuple[str, ...]:
-    """Our modes a block/model suite runs: W4A4 only in --quick on CPU (all three are in
-    the linear suite; each extra mode costs a quantization and a compilation)."""
+    """Our modes a block/model suite runs: on CPU W4A4 and W4A8-INT8 (what mode='auto'
+    picks there) in --quick (all modes are in the linear suite; each extra mode costs a
+    quantization and a compilation)."""
     if ctx.quick and ctx.device == "cpu" and not getattr(ctx, "smoke", False):
-        ctx.note("--quick on CPU: ours W4A8 / W8A8 run in the linear suite only")
-        return ("w4a4",)
+        ctx.note("--quick on CPU: ours W4A8-FP8 / W4A8 (g64) / W8A8 run in the linear suite only")
+        return ("w4a4", "w4a8-int8")
     return OURS_MODES
 
 

@@ -37,7 +37,7 @@ def run(ctx: Context, tqdm: Any) -> None:
              "wider than 1024 (speed and bytes do not depend on these); AdaLN modulation linears W4A16 "
              "(default config)")
     base_keys = ["eager", "inductor", "torchao_int8", "torchao_int4", "bnb_nf4"]
-    ours_keys = ["ours_w4a4", "ours_w4a4_eager", "ours_w4a8", "ours_w8a8"]
+    ours_keys = ["ours_w4a4", "ours_w4a4_eager", "ours_w4a8-int8", "ours_w4a8-fp8", "ours_w4a8", "ours_w8a8"]
     active = ours_modes_for(ctx)
     keys = [k for k in base_keys + ours_keys if ctx.wants(k)]
     cases = [(kind, img, txt) for img, txt in token_cases for kind in ("double", "single")]

@@ -52,10 +52,11 @@ def synthetic_svdq_linear(layer: nn.Linear, mode: str, gen: torch.Generator) -> 
     output SQNR against the float layer checks the kernels end to end.
     """
     from svdq_compile import SVDQLinear
-    from svdq_compile.runtime.packed import LinearSpec, PackedLinear, mode_bits
-    from svdq_compile.runtime.quantize import quantize_weight
+    from svdq_compile.decompose import LayerTarget, _quant_residual
+    from svdq_compile.runtime.packed import LinearSpec, PackedLinear, mode_bits, mode_scheme
 
     wbits, abits = mode_bits(mode)
+    scheme = mode_scheme(mode)
     n, k = layer.weight.shape
     dtype, device = layer.weight.dtype, layer.weight.device
     w = layer.weight.detach().float().cpu()
@@ -63,10 +64,12 @@ def synthetic_svdq_linear(layer: nn.Linear, mode: str, gen: torch.Generator) -> 
     w_s = w * smooth
     down = (torch.randn(RANK, k, generator=gen) * w_s.std() / k**0.25).to(dtype)
     up = (torch.randn(n, RANK, generator=gen) / (RANK**0.5 * k**0.25)).to(dtype)
-    q, wscales = quantize_weight(w_s - up.float() @ down.float(), wbits, GROUP)
-    spec = LinearSpec(in_features=k, out_features=n, group_size=GROUP, weight_bits=wbits, act_bits=abits, rank=RANK)
+    fields, _ = _quant_residual(w_s - up.float() @ down.float(),
+                                LayerTarget(wbits, abits, GROUP, RANK, scheme=scheme))
+    spec = LinearSpec(in_features=k, out_features=n, group_size=GROUP, weight_bits=wbits, act_bits=abits, rank=RANK,
+                      scheme=scheme)
     bias = None if layer.bias is None else layer.bias.detach().cpu()
-    p = PackedLinear(spec, PackedLinear.pack_weight(q, wbits), wscales, smooth, down, up, bias)
+    p = PackedLinear(spec, smooth=smooth, lora_down=down, lora_up=up, bias=bias, **fields)
     return SVDQLinear(p, f"bench_{k}x{n}").to(device)
 
 

@@ -30,9 +30,13 @@ log = logging.getLogger(__name__)
 # it is ~1% of 3072), so the demo also shows rank 4, the proportional rank (DESIGN 6).
 VARIANTS: dict[str, Optional[dict[str, Any]]] = {
     "fp32": None,
-    "naive W4A4": {"smooth": False, "rank": 0, "refine_iters": 0},
-    "SVDQuant W4A4 (rank 32)": {},
-    "SVDQuant W4A4 (rank 4)": {"rank": 4},
+    "naive W4A4": {"mode": "w4a4", "smooth": False, "rank": 0, "refine_iters": 0},
+    "SVDQuant W4A4 (rank 32)": {"mode": "w4a4"},
+    "SVDQuant W4A4 (rank 4)": {"mode": "w4a4", "rank": 4},
+    # INT4 weights, 8-bit per-token activations (mode="auto" picks w4a8-int8 on CPU).
+    "SVDQuant W4A8-INT8 (rank 32)": {"mode": "w4a8-int8"},
+    "SVDQuant W4A8-INT8 (rank 4)": {"mode": "w4a8-int8", "rank": 4},
+    "SVDQuant W4A8-FP8 (rank 32)": {"mode": "w4a8-fp8"},
     "SVDQuant W8A8": {"mode": "w8a8"},
 }
 

@@ -13,7 +13,9 @@ from svdq_compile.passes.op_nodes import SVDQ_OP
 # Eager graphs (no Inductor), a coarse alpha grid, and min_features low enough for the
 # tiny model's 64-wide layers (the embedder x_embedder (K=4) and the final proj_out
 # (N=4) still stay in float).
-FAST = dict(use_inductor=False, search_grid=4, min_features=32, refine_iters=1)
+# mode w4a4: the pass tests check graph rewrites against the paper's numerics (unsigned INT4 after
+# GELU, exact-equality margins tuned to 4-bit activations); per-token modes: tests/runtime/test_per_token.py.
+FAST = dict(use_inductor=False, search_grid=4, min_features=32, refine_iters=1, mode="w4a4")
 NO_PASSES = dict(fold_smoothing=False, fuse_siblings=False, fuse_epilogue=False)
 
 TINY_FLUX = dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
