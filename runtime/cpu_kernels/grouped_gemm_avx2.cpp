@@ -126,10 +126,12 @@ struct Tile {
 #define SVDQ_ROWS(X) SVDQ_ROW(0, X) SVDQ_ROW(1, X) SVDQ_ROW(2, X) SVDQ_ROW(3, X) SVDQ_ROW(4, X) SVDQ_ROW(5, X)
 
 // Fold one row's exact int32 partials x0 | x1 (columns 0-7 | 8-15) of group g into C.
-inline void fold_row(const Tile& t, int r, int64_t g, __m256i x0, __m256i x1) {
+// w0 | w1: the group's weight scales of the tile's 16 columns (loaded once per tile: the
+// compiler cannot hoist them past the stores to C, which might alias).
+inline void fold_row(const Tile& t, int r, int64_t g, __m256i x0, __m256i x1, __m256 w0, __m256 w1) {
   const __m256 s = _mm256_set1_ps(t.sa[r * t.ng + g]);
-  const __m256 p0 = _mm256_mul_ps(s, _mm256_loadu_ps(t.swt + g * t.Np));
-  const __m256 p1 = _mm256_mul_ps(s, _mm256_loadu_ps(t.swt + g * t.Np + 8));
+  const __m256 p0 = _mm256_mul_ps(s, w0);
+  const __m256 p1 = _mm256_mul_ps(s, w1);
   const __m256 f0 = _mm256_cvtepi32_ps(x0), f1 = _mm256_cvtepi32_ps(x1);
   float* c = t.C + r * t.ldc;
   // g == 0 stores round(I * p) (== fma(I, p, 0)): C needs no zero fill.
@@ -182,12 +184,14 @@ void segment(const Tile& t, int64_t g, int64_t s0, int64_t s1) {
 #undef SVDQ_DOT
       }
       const bool done = c1 == s1 && last;
+      const __m256 sw0 = done ? _mm256_loadu_ps(t.swt + g * t.Np) : _mm256_setzero_ps();
+      const __m256 sw1 = done ? _mm256_loadu_ps(t.swt + g * t.Np + 8) : _mm256_setzero_ps();
       if (done && !in_part) {  // the common case (whole group in one chunk): fold directly
 #define SVDQ_F(r)                                                                    \
         {                                                                            \
           __m256i x0 = _mm256_madd_epi16(c##r##0, ones), x1 = _mm256_madd_epi16(c##r##1, ones); \
           correct<L>(t, r, g, x0, x1);                                               \
-          fold_row(t, r, g, x0, x1);                                                 \
+          fold_row(t, r, g, x0, x1, sw0, sw1);                                                 \
         }
         SVDQ_ROWS(SVDQ_F)
 #undef SVDQ_F
@@ -201,7 +205,7 @@ void segment(const Tile& t, int64_t g, int64_t s0, int64_t s1) {
           }                                                                          \
           if (done) {                                                                \
             correct<L>(t, r, g, x0, x1);                                             \
-            fold_row(t, r, g, x0, x1);                                               \
+            fold_row(t, r, g, x0, x1, sw0, sw1);                                               \
           } else {                                                                   \
             _mm256_store_si256(SVDQ_PART(r, 0), x0);                                 \
             _mm256_store_si256(SVDQ_PART(r, 1), x1);                                 \
@@ -245,7 +249,8 @@ void segment(const Tile& t, int64_t g, int64_t s0, int64_t s1) {
 #endif
     }
     if (last) {
-#define SVDQ_F(r) { correct<L>(t, r, g, c##r##0, c##r##1); fold_row(t, r, g, c##r##0, c##r##1); }
+      const __m256 sw0 = _mm256_loadu_ps(t.swt + g * t.Np), sw1 = _mm256_loadu_ps(t.swt + g * t.Np + 8);
+#define SVDQ_F(r) { correct<L>(t, r, g, c##r##0, c##r##1); fold_row(t, r, g, c##r##0, c##r##1, sw0, sw1); }
       SVDQ_ROWS(SVDQ_F)
 #undef SVDQ_F
     } else {
