@@ -45,7 +45,13 @@ __all__ = [
     "grouped_int_gemm",
     "grouped_int_gemm_torch",
     "prepare_weight",
+    "prepare_weight_progressive",
+    "expand_progressive_weight",
     "PreparedWeight",
+    "active_isa",
+    "available_isas",
+    "set_isa",
+    "use_isa",
     "fast_backend_available",
     "quantize_activation_fused",
     "gemm_prepared_u8",
@@ -320,6 +326,9 @@ class _Packed(tuple):
         obj.ext = ext
         return obj
 
+    def __getnewargs__(self):  # copy.deepcopy / pickle (a deep-copied model copies its weight caches)
+        return (tuple(self), self.ext)
+
 
 def _packed_ops(packed):
     """The ops that can run a packed weight (the extension it was packed by)."""
@@ -405,6 +414,50 @@ def prepare_weight(
     elif b == "vnni":
         raise RuntimeError(f"VNNI CPU GEMM cannot take qw {tuple(qw.shape)} {qw.dtype} with G={group_size}")
     return PreparedWeight(qw, sw, group_size, packed, weight_bits)
+
+
+def expand_progressive_weight(qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+                              group_size: int) -> torch.Tensor:
+    """QServe-style progressive weight -> [N, K] int8 ``e = (u - z) * s`` (u = nibble + 8)."""
+    from .packing import unpack_int4
+
+    n = qweight.shape[0]
+    u = unpack_int4(qweight, signed=True).to(torch.int32) + 8
+    k = u.shape[1]
+    e = (u.view(n, k // group_size, group_size) - wzeros.to(torch.int32)[..., None]) * wscales.to(torch.int32)[..., None]
+    return e.view(n, k).to(torch.int8)
+
+
+def prepare_weight_progressive(
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wzeros: torch.Tensor,
+    wchannel: torch.Tensor,
+    group_size: int,
+    *,
+    backend: Optional[str] = None,
+) -> PreparedWeight:
+    """The per-token ``w4a8-int8`` weight (``runtime/per_token.py``'s ProgressiveWeight: packed
+    nibbles ``u - 8`` [N, K/2], integer group scales ``s`` and zeros ``z`` [N, K/G], channel
+    scales ``c`` [N]) prepared for :func:`grouped_int_gemm` / :func:`gemm_prepared_u8` with
+    ``group_size = K`` (activation scales ``sa`` [M, 1]).
+
+    The result equals that of the expanded int8 weight ``e = (u - z) * s`` with ``sw = c``
+    bit for bit on every ISA. On AVX2 the GEMM runs on ``u`` directly (the 4-bit layout, half
+    the instructions of an int8 x int8 product there) and applies ``s`` / ``z`` per weight
+    group in exact int32; the other ISAs pack the expanded int8 weight.
+    """
+    k = qweight.shape[1] * 2
+    e = expand_progressive_weight(qweight, wscales, wzeros, group_size)
+    sw = wchannel.float().reshape(-1, 1)
+    b = _backend(backend)
+    if b != "torch" and qweight.device.type == "cpu" and group_size % 4 == 0 and k % group_size == 0:
+        ops = _load_ops()
+        if ops is not None and _active_ext() == "avx2":
+            packed = _Packed(ops.pack_weight_progressive(qweight.contiguous(), wscales, wzeros, wchannel.float(),
+                                                         group_size), "avx2")
+            return PreparedWeight(e, sw, k, packed, 8)
+    return prepare_weight(e, sw, k, backend=backend)
 
 
 def grouped_int_gemm_torch(

@@ -68,7 +68,10 @@ constexpr int MR = 6;      // rows per micro-tile
 constexpr int64_t MC = 96;  // rows per task (multiple of MR)
 constexpr int64_t KBQ = 64;  // k-quads per K block (256 k: a 16 KiB weight block)
 
-enum Layout : int { kU4 = 0, kW16 = 1, kVNNI = 2 };
+// kU4P: QServe-style progressive per-token weights e = (u - z) * s (u in [0, 15] stored as
+// U4, integer group scale s and zero z): one activation group spans K, the weight groups
+// only change the integer bookkeeping (see pack_weight_progressive).
+enum Layout : int { kU4 = 0, kW16 = 1, kVNNI = 2, kU4P = 3 };
 
 inline int32_t load_i32(const void* p) {
   int32_t v;
@@ -110,7 +113,8 @@ struct Tile {
   int64_t lda;           // bytes per activation row
   const float* sa;       // [.][ng] at row m
   int64_t ng;
-  const int32_t* asum;   // U4: [.][ng] per-row group sums of the activations at row m
+  const int32_t* asum;   // U4: [.][ldas] per-row group sums of the activations at row m
+  int64_t ldas;
   const int8_t* B;       // the panel, offset to this tile's 16 columns
   const int32_t* bias;   // VNNI: [ng][Np] at the tile's first column
   const float* swt;      // [ng][Np] at the tile's first column
@@ -120,6 +124,12 @@ struct Tile {
   int32_t* part;         // int32 partials of an unfinished group: [R][NC] at (m, tile column)
   int64_t G4;            // k-quads per group
   int64_t F;             // U4: k-quads per int16 chunk
+  // kU4P: per weight group g and column: s ([ngw][Np] at the tile's first column), s * z,
+  // the running exact int32 total over the weight groups ([R][NC] at (m, tile column)).
+  const int32_t* ps;
+  const int32_t* psz;
+  int32_t* tot;
+  int64_t ngw;
 };
 
 #define SVDQ_ROW(r, X) if constexpr (R > r) { X(r) }
@@ -148,12 +158,43 @@ inline void fold_row(const Tile& t, int r, int64_t g, __m256i x0, __m256i x1, __
 template <int L>
 inline void correct(const Tile& t, int r, int64_t g, __m256i& x0, __m256i& x1) {
   if constexpr (L == kU4) {  // weights stored as w + 8: remove 8 * sum_k a
-    const __m256i c = _mm256_set1_epi32(-8 * t.asum[r * t.ng + g]);
+    const __m256i c = _mm256_set1_epi32(-8 * t.asum[r * t.ldas + g]);
     x0 = _mm256_add_epi32(x0, c);
     x1 = _mm256_add_epi32(x1, c);
   } else if constexpr (L == kVNNI) {  // activations stored as a + 128: remove 128 * sum_k w
     x0 = _mm256_add_epi32(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.bias + g * t.Np)));
     x1 = _mm256_add_epi32(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.bias + g * t.Np + 8)));
+  }
+}
+
+// Row r's exact int32 partials x0 | x1 of (U4: activation) group g are complete: fold them.
+// kU4P: g is a weight group; the exact total T = sum_g s * (sum_k u * a - z * sum_k a)
+// (= sum_k e * a) waits in t.tot until the last weight group, then one fold (the
+// activation group is all of K: sa [M, 1], the per-channel scale in swt row 0).
+template <int L>
+inline void finish(const Tile& t, int r, int64_t g, __m256i x0, __m256i x1, __m256 sw0, __m256 sw1) {
+  if constexpr (L == kU4P) {
+    const __m256i as = _mm256_set1_epi32(t.asum[r * t.ldas + g]);
+    const int32_t* s = t.ps + g * t.Np;
+    const int32_t* sz = t.psz + g * t.Np;
+    __m256i* T = reinterpret_cast<__m256i*>(t.tot + r * NC);
+    x0 = _mm256_sub_epi32(_mm256_mullo_epi32(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s))),
+                          _mm256_mullo_epi32(as, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz))));
+    x1 = _mm256_sub_epi32(_mm256_mullo_epi32(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 8))),
+                          _mm256_mullo_epi32(as, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + 8))));
+    if (g > 0) {
+      x0 = _mm256_add_epi32(x0, _mm256_load_si256(T));
+      x1 = _mm256_add_epi32(x1, _mm256_load_si256(T + 1));
+    }
+    if (g + 1 == t.ngw) {
+      fold_row(t, r, 0, x0, x1, sw0, sw1);
+    } else {
+      _mm256_store_si256(T, x0);
+      _mm256_store_si256(T + 1, x1);
+    }
+  } else {
+    correct<L>(t, r, g, x0, x1);
+    fold_row(t, r, g, x0, x1, sw0, sw1);
   }
 }
 
@@ -167,7 +208,7 @@ void segment(const Tile& t, int64_t g, int64_t s0, int64_t s1) {
   const uint8_t* A = t.A;
   const int64_t lda = t.lda;
 #define SVDQ_PART(r, v) reinterpret_cast<__m256i*>(t.part + (r) * NC + 8 * (v))
-  if constexpr (L == kU4) {
+  if constexpr (L == kU4 || L == kU4P) {
     const __m256i ones = _mm256_set1_epi16(1);
     bool in_part = !first;  // t.part holds the partials so far
     for (int64_t c0 = s0; c0 < s1; c0 += t.F) {
@@ -184,14 +225,14 @@ void segment(const Tile& t, int64_t g, int64_t s0, int64_t s1) {
 #undef SVDQ_DOT
       }
       const bool done = c1 == s1 && last;
-      const __m256 sw0 = done ? _mm256_loadu_ps(t.swt + g * t.Np) : _mm256_setzero_ps();
-      const __m256 sw1 = done ? _mm256_loadu_ps(t.swt + g * t.Np + 8) : _mm256_setzero_ps();
+      const int64_t gs = L == kU4P ? 0 : g;  // kU4P: the per-channel scale row
+      const __m256 sw0 = done ? _mm256_loadu_ps(t.swt + gs * t.Np) : _mm256_setzero_ps();
+      const __m256 sw1 = done ? _mm256_loadu_ps(t.swt + gs * t.Np + 8) : _mm256_setzero_ps();
       if (done && !in_part) {  // the common case (whole group in one chunk): fold directly
 #define SVDQ_F(r)                                                                    \
         {                                                                            \
           __m256i x0 = _mm256_madd_epi16(c##r##0, ones), x1 = _mm256_madd_epi16(c##r##1, ones); \
-          correct<L>(t, r, g, x0, x1);                                               \
-          fold_row(t, r, g, x0, x1, sw0, sw1);                                                 \
+          finish<L>(t, r, g, x0, x1, sw0, sw1);                                      \
         }
         SVDQ_ROWS(SVDQ_F)
 #undef SVDQ_F
@@ -204,8 +245,7 @@ void segment(const Tile& t, int64_t g, int64_t s0, int64_t s1) {
             x1 = _mm256_add_epi32(x1, _mm256_load_si256(SVDQ_PART(r, 1)));          \
           }                                                                          \
           if (done) {                                                                \
-            correct<L>(t, r, g, x0, x1);                                             \
-            fold_row(t, r, g, x0, x1, sw0, sw1);                                               \
+            finish<L>(t, r, g, x0, x1, sw0, sw1);                                    \
           } else {                                                                   \
             _mm256_store_si256(SVDQ_PART(r, 0), x0);                                 \
             _mm256_store_si256(SVDQ_PART(r, 1), x1);                                 \
@@ -405,6 +445,33 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& s
   return {Bp, bias, swt};
 }
 
+// QServe-style progressive weights (runtime/per_token.py, w4a8-int8): e = (u - z) * s with
+// qweight [N, K/2] the packed nibbles u - 8 (u in [0, 15]), wscales / wzeros [N, K/Gw] int8
+// (s, z), wchannel [N] fp32. The GEMM runs with one activation group spanning K and gives
+// exactly the output of the expanded int8 weight e with sw = wchannel (the same exact int32
+// sum over K): sum_k e * a = sum_g s_g * (sum_{k in g} u * a - z_g * sum_{k in g} a), where
+// the u * a products are the U4 layout's (u is the stored w + 8), so the int8 x int8 product
+// runs at the 4-bit speed. Returns [Bp (U4), tables [2, K/Gw, Np] int32 (s, s * z), swt [1, Np]].
+std::vector<at::Tensor> pack_weight_progressive(const at::Tensor& qweight, const at::Tensor& wscales,
+                                                const at::Tensor& wzeros, const at::Tensor& wchannel, int64_t Gw) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar, "qweight must be [N, K/2] packed int4");
+  const int64_t N = qweight.size(0), K = 2 * qweight.size(1);
+  TORCH_CHECK(Gw > 0 && Gw % 4 == 0 && K % Gw == 0, "bad weight group size");
+  const int64_t ngw = K / Gw;
+  TORCH_CHECK(wscales.sizes() == wzeros.sizes() && wscales.dim() == 2 && wscales.size(0) == N &&
+                  wscales.size(1) == ngw && wchannel.numel() == N,
+              "wscales / wzeros must be [N, K/Gw], wchannel [N]");
+  std::vector<at::Tensor> u4 = pack_weight(qweight, at::zeros({N, ngw}, wchannel.options().dtype(at::kFloat)), Gw, true);
+  const int64_t Np = u4[0].size(0) * NC;
+  const at::Tensor s = wscales.to(at::kInt).t().contiguous(), z = wzeros.to(at::kInt).t().contiguous();
+  at::Tensor tables = at::zeros({2, ngw, Np}, s.options());
+  tables.select(0, 0).narrow(1, 0, N).copy_(s);
+  tables.select(0, 1).narrow(1, 0, N).copy_(s * z);
+  at::Tensor swt = at::zeros({1, Np}, wchannel.options().dtype(at::kFloat));
+  swt.narrow(1, 0, N).copy_(wchannel.to(at::kFloat).reshape({1, N}));
+  return {u4[0], tables, swt};
+}
+
 // qa: [M, K] int8 (biased = false) or u8 = qa ^ 0x80 (biased = true, straight from
 // quantize_act), sa: [M, K/G] fp32, packed weight from pack_weight -> [M, N] fp32.
 at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at::Tensor& Bp,
@@ -419,7 +486,13 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
   const int64_t M = qa.size(0), K = qa.size(1);
   TORCH_CHECK(G > 0 && G % 4 == 0 && K % G == 0, "bad group size");
   const int64_t ng = K / G, NB = Bp.size(0), Np = NB * NC, K4 = K / 4;
-  const int layout = Bp.scalar_type() == at::kByte ? kU4 : Bp.size(3) == 2 ? kW16 : kVNNI;
+  const bool prog = bias.dim() == 3;  // [2, ngw, Np] integer tables of pack_weight_progressive
+  const int layout = prog ? kU4P : Bp.scalar_type() == at::kByte ? kU4 : Bp.size(3) == 2 ? kW16 : kVNNI;
+  const int64_t ngw = prog ? bias.size(1) : ng;  // weight groups (kU4P) / groups
+  TORCH_CHECK(!prog || (G == K && bias.size(0) == 2 && bias.size(2) == Np && ngw > 0 && K % ngw == 0 &&
+                        (K / ngw) % 4 == 0 && Bp.scalar_type() == at::kByte),
+              "progressive weights need G == K (one activation group) and their [2, K/Gw, Np] tables");
+  const int64_t Gs = K / ngw;  // the group size of the activation sums (U4: G; kU4P: the weight group)
   TORCH_CHECK(layout != kVNNI || SVDQ_AVXVNNI, "weight packed for AVX-VNNI, this build has no AVX-VNNI");
   TORCH_CHECK(Bp.dim() == 4 && Bp.size(1) * Bp.size(3) == K && Bp.size(2) == NC, "packed weight does not match K");
   TORCH_CHECK(swt.size(0) == ng && swt.size(1) == Np && (layout != kVNNI || (bias.size(0) == ng && bias.size(1) == Np)),
@@ -434,11 +507,11 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
   const uint8_t flip = biased ? 0x80 : 0x00;  // u8 -> s8 (U4, W16)
   at::Tensor Aop, asum;
   int64_t F = 1;
-  if (layout == kU4) {
+  if (layout == kU4 || layout == kU4P) {
     // s8 activations, per-(row, group) sums for the +8 correction, and max |a| for the
     // int16 chunk length F.
     Aop = biased ? at::empty({M, K}, qa.options().dtype(at::kByte)) : qa;
-    asum = at::empty({M, ng}, qa.options().dtype(at::kInt));
+    asum = at::empty({M, ngw}, qa.options().dtype(at::kInt));
     uint8_t* dst = reinterpret_cast<uint8_t*>(Aop.data_ptr());
     int32_t* as = asum.data_ptr<int32_t>();
     std::atomic<int> amax_all{0};
@@ -450,9 +523,9 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* s = src + r * K;
         uint8_t* d = dst + r * K;
-        for (int64_t g = 0; g < ng; ++g) {
-          int64_t k = g * G;
-          const int64_t ke = k + G;
+        for (int64_t g = 0; g < ngw; ++g) {
+          int64_t k = g * Gs;
+          const int64_t ke = k + Gs;
           __m256i sad = _mm256_setzero_si256();
           for (; k + 32 <= ke; k += 32) {
             const __m256i a = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k)), vflip);
@@ -464,7 +537,7 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
           }
           int64_t tot = _mm256_extract_epi64(sad, 0) + _mm256_extract_epi64(sad, 1) + _mm256_extract_epi64(sad, 2) +
                         _mm256_extract_epi64(sad, 3);
-          tot -= 128 * ((ke - g * G) - (ke - k));
+          tot -= 128 * (k - g * Gs);
           for (; k < ke; ++k) {
             const int8_t a = static_cast<int8_t>(s[k] ^ flip);
             if (biased) d[k] = static_cast<uint8_t>(a);
@@ -472,7 +545,7 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
             smax = std::max<int>(smax, a);
             tot += a;
           }
-          as[r * ng + g] = static_cast<int32_t>(tot);
+          as[r * ngw + g] = static_cast<int32_t>(tot);
         }
       }
       alignas(32) int8_t lo[32], hi[32];
@@ -537,10 +610,11 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
   const float* S = sa.data_ptr<float>();
   const int32_t* AS = asum.defined() ? asum.data_ptr<int32_t>() : nullptr;
   const int8_t* B = reinterpret_cast<const int8_t*>(Bp.data_ptr());
-  const int32_t* BI = bias.numel() ? bias.data_ptr<int32_t>() : nullptr;
+  const int32_t* BI = bias.numel() && !prog ? bias.data_ptr<int32_t>() : nullptr;
+  const int32_t* PT = prog ? bias.data_ptr<int32_t>() : nullptr;
   const float* ST = swt.data_ptr<float>();
   float* Cp = C.data_ptr<float>();
-  const int64_t G4 = G / 4;
+  const int64_t G4 = Gs / 4;  // k-quads per (U4P: weight) group
   // K blocks: whole groups when a group fits in one, else KBQ-sized parts of a group.
   const int64_t kbq = G4 >= KBQ ? KBQ : G4 * std::max<int64_t>(1, KBQ / G4);
   const bool split = G4 > KBQ;  // groups span several K blocks: partials wait in `part`
@@ -551,11 +625,15 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
     std::vector<int32_t> ljs(HP ? R : 0);         // its nonzero rank indices
     int64_t lpanel_nb = -1, lnact = 0;
     // U4 chunks and split groups keep int32 partials here: [MC][NC], 32-byte aligned.
-    const bool need_part = split || (layout == kU4 && F < G4);
+    const bool need_part = split || ((layout == kU4 || layout == kU4P) && F < G4);
     std::vector<int32_t> part_buf(need_part ? MC * NC + 8 : 0);
     int32_t* part = need_part ? reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(part_buf.data()) + 31) &
                                                            ~static_cast<uintptr_t>(31))
                               : nullptr;
+    std::vector<int32_t> tot_buf(prog ? MC * NC + 8 : 0);  // kU4P: totals over the weight groups
+    int32_t* tot = prog ? reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(tot_buf.data()) + 31) &
+                                                     ~static_cast<uintptr_t>(31))
+                        : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t nb = t / nm, mc = t % nm;
       const int64_t n0 = nb * NC, m_lo = mc * MC, m_hi = std::min(M, m_lo + MC);
@@ -570,7 +648,12 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
             tl.lda = lda;
             tl.sa = S + m * ng;
             tl.ng = ng;
-            tl.asum = AS ? AS + m * ng : nullptr;
+            tl.asum = AS ? AS + m * ngw : nullptr;
+            tl.ldas = ngw;
+            tl.ps = prog ? PT + n0 + CS * j : nullptr;
+            tl.psz = prog ? PT + ngw * Np + n0 + CS * j : nullptr;
+            tl.tot = tot ? tot + (m - m_lo) * NC + CS * j : nullptr;
+            tl.ngw = ngw;
             tl.B = panel + (layout == kW16 ? 2 : 4) * CS * j;
             tl.bias = BI ? BI + n0 + CS * j : nullptr;
             tl.swt = ST + n0 + CS * j;
@@ -580,7 +663,9 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
             tl.part = part ? part + (m - m_lo) * NC + CS * j : nullptr;
             tl.G4 = G4;
             tl.F = F;
-            if (layout == kU4) {
+            if (layout == kU4P) {
+              kMicro<kU4P>[r](tl, q0, q1);
+            } else if (layout == kU4) {
               kMicro<kU4>[r](tl, q0, q1);
             } else if (layout == kW16) {
               kMicro<kW16>[r](tl, q0, q1);
@@ -622,6 +707,7 @@ bool amx_enabled() { return false; }
 #define SVDQ_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 SVDQ_LIBRARY(SVDQ_NS, m) {
   m.def("pack_weight", &pack_weight);
+  m.def("pack_weight_progressive", &pack_weight_progressive);
   m.def("set_amx", &set_amx);
   m.def("amx_enabled", &amx_enabled);
   m.def("gemm_packed", &gemm_packed);

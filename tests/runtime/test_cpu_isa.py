@@ -388,3 +388,29 @@ def test_avx_vnni_kernels_compile():
     if "unrecognized command-line option '-mavxvnni'" in out.stderr:
         pytest.skip("this compiler has no -mavxvnni (GCC >= 11 / clang >= 12 needed)")
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_progressive_per_token_weights(isa):
+    """w4a8-int8's progressive weights (u4 nibbles, integer group scale s and zero z, channel
+    scale c) prepared directly: bit-identical to the expanded int8 weight e = (u - z) * s with
+    G == K (on AVX2 the GEMM runs on u and applies s, z per weight group in int32)."""
+    gen = torch.Generator().manual_seed(9)
+    for m, n, k, gw in ((1, 70, 256, 64), (17, 130, 320, 32), (33, 40, 3072, 64), (130, 18, 512, 128)):
+        u = torch.randint(0, 16, (n, k), generator=gen)
+        s = torch.randint(1, 9, (n, k // gw), generator=gen).to(torch.int8)  # |e| <= 15 * 8 = 120
+        z = torch.randint(0, 16, (n, k // gw), generator=gen).to(torch.int8)
+        c = torch.rand(n, generator=gen) * 0.01 + 1e-4
+        qweight = pack_int4((u - 8).to(torch.int8))
+        prep = cpu_gemm.prepare_weight_progressive(qweight, s, z, c, gw)
+        if isa == "avx2":  # the direct layout, not the expanded int8 weight
+            assert prep.packed[1].dim() == 3 and prep.packed[0].dtype == torch.uint8
+        e = cpu_gemm.expand_progressive_weight(qweight, s, z, gw)
+        assert torch.equal(e, ((u.view(n, -1, gw) - z.long()[..., None]) * s.long()[..., None]).view(n, k).to(torch.int8))
+        x = torch.randn(m, k, generator=gen)
+        ld = torch.randn(4, k, generator=gen)
+        q, sa, _, h = cpu_gemm.quantize_activation_fused(x, None, 8, k, biased=True, lora_down=ld)
+        lu, bias = torch.randn(n, 4, generator=gen), torch.randn(n, generator=gen)
+        y = cpu_gemm.gemm_prepared_u8(q, sa, prep.packed, n, k, h, lu, bias)
+        qa = (q ^ 0x80).view(torch.int8)
+        assert torch.equal(y, gemm_oracle(qa, sa, e, c[:, None], k, h, lu, bias)), (isa, m, n, k, gw)
+        assert torch.equal(cpu_gemm.grouped_int_gemm(qa, sa, prep, None, k), gemm_oracle(qa, sa, e, c[:, None], k))
