@@ -377,12 +377,16 @@ def expand_report(scheme: str, *, arch: int, block_n: int = 16, block_k: int = 2
 _SMALL_M = 64  # the per-token GEMM's few-token configs (autotune: m <= 64)
 
 
-def _pt_configs(m: int = _SHAPE["M"]) -> tuple[list, list]:
+def _pt_configs(m: int = _SHAPE["M"], arch: int = 90) -> tuple[list, list]:
     """(GEMM configs, prologue configs) the GPU autotuner tries for the per-token kernels at
-    ``m`` tokens, the first of each being its default."""
+    ``m`` tokens on ``sm_<arch>``, the first of each being its default."""
     from svdq_compile.codegen import autotune
 
-    fused = [c for c in autotune.pt_gemm_candidates(m, _SHAPE["N"], _SHAPE["K"], "fp8", False) if not c.library]
+    kw = {}
+    if "capability" in inspect.signature(autotune.pt_gemm_candidates).parameters:  # per-architecture lists
+        kw["capability"] = (arch // 10, arch % 10)
+    fused = [c for c in autotune.pt_gemm_candidates(m, _SHAPE["N"], _SHAPE["K"], "fp8", False, **kw)
+             if not c.library]
     return fused, list(autotune._GPU_PROLOGUE)
 
 
@@ -401,7 +405,7 @@ def pt_available() -> Optional[str]:
 def pt_rows(arch: int, progress: Optional[Callable[[str], None]] = None, *, all_configs: bool = True) -> list[dict]:
     """Every per-token kernel at its default config (GEMM: every large-M candidate with
     ``all_configs``), both schemes."""
-    gemm_cfgs, pro_cfgs = _pt_configs()
+    gemm_cfgs, pro_cfgs = _pt_configs(arch=arch)
     rows = []
     for scheme in ("fp8", "int8"):
         for i, cfg in enumerate(gemm_cfgs if all_configs else gemm_cfgs[:1]):
@@ -410,7 +414,7 @@ def pt_rows(arch: int, progress: Optional[Callable[[str], None]] = None, *, all_
             rows.append({"kernel": name, "lowering": "default", **gemm_pt_report(scheme, cfg, arch=arch)})
             if progress:
                 progress(name)
-        cfg = _pt_configs(_SMALL_M)[0][0]
+        cfg = _pt_configs(_SMALL_M, arch)[0][0]
         name = (f"gemm_pt {scheme} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} warps={cfg.num_warps} "
                 f"stages={cfg.num_stages} (default for M <= {_SMALL_M}; compiled at M = {_SMALL_M})")
         rows.append({"kernel": name, "lowering": "default",
@@ -522,6 +526,9 @@ def compat(out: str) -> int:
         print(f"sm_{arch}: " + (f"compiles, {r['mma']}, {r['registers']} registers, {r['stack_bytes']} B stack"
                                 if r["compiles"] else f"FAILS: {r['error']}"), flush=True)
         for name, b in r.get("per_token", {}).items():
+            if not isinstance(b, dict):
+                print(f"    {name}: {b}")
+                continue
             print(f"    {name:16s} " + (f"{b['mma']:8s} {b['mma_kind']:10s} {b['registers']:3d} registers, "
                                          f"{b['stack_bytes']} B stack, main-loop waits {b['main_loop_waits_pendings']}, "
                                          f"serialised {b['ptxas_serialization_codes']}"
@@ -542,12 +549,14 @@ _BRIEF = ("mma", "mma_kind", "mma_ops", "registers", "stack_bytes", "spill_store
 
 
 def pt_compat(arch: int) -> dict:
-    """The per-token kernels at their default configs for one architecture: a short summary
-    each, or the error (FP8 does not exist before sm_89)."""
-    gemm_cfgs, pro_cfgs = _pt_configs()
-    out = {}
+    """The per-token kernels at their default configs for one architecture (the GEMM's
+    default for that architecture where the autotuner has per-architecture lists): a short
+    summary each, or the error (FP8 does not exist before sm_89)."""
+    gemm_cfgs, pro_cfgs = _pt_configs(arch=arch)
+    g = gemm_cfgs[0]
+    out = {"gemm_pt default config": f"{g.block_m}x{g.block_n}x{g.block_k}, {g.num_warps} warps, {g.num_stages} stages"}
     for scheme in ("fp8", "int8"):
-        for name, fn in ((f"gemm_pt {scheme}", lambda: gemm_pt_report(scheme, gemm_cfgs[0], arch=arch)),
+        for name, fn in ((f"gemm_pt {scheme}", lambda: gemm_pt_report(scheme, g, arch=arch)),
                          (f"prologue_pt {scheme}", lambda: prologue_pt_report(scheme, pro_cfgs[0], arch=arch)),
                          (f"expand {scheme}", lambda: expand_report(scheme, arch=arch))):
             try:
