@@ -10,10 +10,11 @@ kernel if needed; that is reported separately as ``first_call_ms``). Also report
 grouped GEMM alone (VNNI kernel and the torch fallback) and the weight-bytes ratio
 (fp32 weight bytes / packed bytes: int4 qweight + fp16 scales + fp32 low-rank + fp32 smooth).
 
-"W4A8pt ms" is the per-token layer (8-bit per-token activations, one group spanning
-K, int8 weights within +-127, the same rank-32 branch and bias): the fused quantizer
-with bits=8, group_size=K, then the grouped GEMM with G == K and the fused epilogue,
-composed here from the cpu_gemm calls that mode makes (no per-group fold).
+"W4A8pt ms" is the per-token ``w4a8-int8`` layer (8-bit per-token activations, one group
+spanning K; progressive weights: UINT4 groups of 64 with integer scale / zero and a channel
+scale; the same rank-32 branch and bias): the fused quantizer with bits=8, group_size=K,
+then the grouped GEMM with G == K (``prepare_weight_progressive``) and the fused epilogue,
+composed here from the cpu_gemm calls that mode makes.
 
 "W4A4 ms" is the whole layer (smoothing, W4A4 GEMM, rank-32 low-rank branch, bias)
 through ``quantized_linear_cpu``: fused C++ quantizer (+ low-rank down projection),
@@ -134,11 +135,19 @@ def main() -> None:
             else:
                 os.environ[cpu_gemm.ENV_BACKEND] = old
 
-    # Per-token INT8 layer: int8 weights within +-127 with one fp32 scale per output channel.
+    # Per-token INT8 layer with the mode's progressive weights (runtime/per_token.py's
+    # algorithm, restated here: channel scale c = absmax / 119, UINT4 groups of G with
+    # integer scale s and zero z), prepared directly (prepare_weight_progressive).
     w_s = w * layer["smooth"]
-    sw_pt = (w_s.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
-    qw_pt = torch.clamp(torch.floor(w_s / sw_pt + 0.5), -127, 127).to(torch.int8)
-    prep_pt = cpu_gemm.prepare_weight(qw_pt, sw_pt, k) if fast else None
+    c_pt = (w_s.abs().amax(dim=1) / 119).clamp_min(1e-12)
+    q8 = torch.floor(w_s / c_pt[:, None] + 0.5).clamp_(-119, 119).view(n, k // G, G)
+    mn, mx = q8.amin(dim=-1), q8.amax(dim=-1)
+    s_pt = torch.clamp(torch.ceil((mx - mn) / 15.0), min=1.0)
+    z_pt = torch.floor(-mn / s_pt + 0.5).clamp_(0, 15)
+    u_pt = (torch.floor(q8 / s_pt[..., None] + 0.5) + z_pt[..., None]).clamp_(0, 15).view(n, k)
+    qweight_pt = pack_int4((u_pt - 8).to(torch.int8))
+    s_pt, z_pt = s_pt.to(torch.int8), z_pt.to(torch.int8)
+    prep_pt = cpu_gemm.prepare_weight_progressive(qweight_pt, s_pt, z_pt, c_pt, G) if fast else None
 
     def qlinear_pt(x):
         q, sa, _, h = cpu_gemm.quantize_activation_fused(x, layer["smooth"], 8, k, biased=True,

@@ -620,7 +620,13 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
   const bool split = G4 > KBQ;  // groups span several K blocks: partials wait in `part`
   const int64_t nm = (M + MC - 1) / MC;
 
-  at::parallel_for(0, NB * nm, 1, [&](int64_t t0, int64_t t1) {
+  // Tasks (panel-major: 64 columns x MC rows) are handed out one at a time from a shared
+  // counter instead of a static split: on a machine shared with other work a descheduled
+  // thread then delays its own task only, not half of the GEMM. Which thread computes a
+  // task does not change its bits.
+  const int64_t ntasks = NB * nm;
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, std::min<int64_t>(ntasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<float> lpanel(HP ? R * NC : 0);  // the current panel's lora_up^T slice
     std::vector<int32_t> ljs(HP ? R : 0);         // its nonzero rank indices
     int64_t lpanel_nb = -1, lnact = 0;
@@ -634,7 +640,7 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
     int32_t* tot = prog ? reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(tot_buf.data()) + 31) &
                                                      ~static_cast<uintptr_t>(31))
                         : nullptr;
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; (t = next_task.fetch_add(1, std::memory_order_relaxed)) < ntasks;) {
       const int64_t nb = t / nm, mc = t % nm;
       const int64_t n0 = nb * NC, m_lo = mc * MC, m_hi = std::min(M, m_lo + MC);
       const int8_t* panel = B + nb * K * NC;
