@@ -133,14 +133,32 @@ _GPU_PT_GEMM_SMALL_M = [
     PtGemmConfig(64, 128, 128, 1, 4, 4),
     PtGemmConfig(16, 64, 128, 1, 4, 4),
 ]
+# GPUs whose tl.dot is mma.sync (sm_80/86/89/120): operands pass through registers, and the
+# epilogue's tf32x3 low-rank dot on a 128x128 tile spills there (offline, Triton 3.9: sm_120
+# 40 B of stack at 128x128x128/8 warps, 16 B at 128x128x64), so at most 64x128 / 128x64
+# per 8 warps (no spills on sm_89 or sm_120).
+_MMA_SYNC_PT_GEMM_LARGE_M = [
+    PtGemmConfig(128, 64, 64, 8, 8, 3),
+    PtGemmConfig(64, 128, 64, 8, 8, 3),
+    PtGemmConfig(64, 64, 64, 8, 4, 3),
+]
+_MMA_SYNC_PT_GEMM_SMALL_M = [
+    PtGemmConfig(64, 64, 64, 1, 4, 3),
+    PtGemmConfig(64, 128, 64, 1, 8, 3),
+]
 # The composition's epilogue pass is memory-bound: one tile shape per M range.
 _PT_LIBRARY = {False: PtGemmConfig(64, 128, 32, 8, 4, 1, True), True: PtGemmConfig(16, 128, 32, 1, 4, 1, True)}
+_MMA_SYNC_PT_LIBRARY = PtGemmConfig(64, 128, 32, 8, 8, 1, True)
 
 
-def pt_gemm_candidates(m: int, n: int, k: int, scheme: str, library: bool) -> list[PtGemmConfig]:
+def pt_gemm_candidates(
+    m: int, n: int, k: int, scheme: str, library: bool, capability: Optional[tuple[int, int]] = None
+) -> list[PtGemmConfig]:
     """Configs for the per-token GEMM (first = heuristic default); ``library``: the library
     composition can run this shape here (it joins the candidates, so tuning picks the faster
     of fused kernel and composition per shape bucket and the mode is never slower than it).
+    ``capability``: the GPU's (major, minor); None or sm_90/sm_100 (wgmma, tcgen05): the
+    Hopper lists; other GPUs (mma.sync) get smaller tiles.
 
     INT8 on a GPU puts the composition first: Triton's Hopper pipeliner serialises every
     wgmma of a non-fp32 accumulator (DESIGN 2.1), ``torch._int_mm`` (cuBLASLt) does not.
@@ -149,9 +167,12 @@ def pt_gemm_candidates(m: int, n: int, k: int, scheme: str, library: bool) -> li
     if interpreting():
         fused = list(_INTERP_PT_GEMM)
         lib = [PtGemmConfig(64, 64, 64, 2, 1, 1, True)]
-    else:
+    elif capability is None or capability[0] in (9, 10):
         fused = list(_GPU_PT_GEMM_SMALL_M if small else _GPU_PT_GEMM_LARGE_M)
         lib = [_PT_LIBRARY[small]]
+    else:
+        fused = list(_MMA_SYNC_PT_GEMM_SMALL_M if small else _MMA_SYNC_PT_GEMM_LARGE_M)
+        lib = [_MMA_SYNC_PT_LIBRARY]
     if not library:
         return fused
     return lib + fused if scheme == "int8" and not interpreting() else fused + lib

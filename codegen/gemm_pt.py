@@ -182,7 +182,8 @@ def run_gemm_pt(
     if config is None:
         mm = m if isinstance(m, int) else 4096
         lib = library_available(spec.scheme, m, n, k, dev)
-        config = choose_config("gemm_pt", spec, m, n, k, pt_gemm_candidates(mm, n, k, spec.scheme, lib),
+        cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+        config = choose_config("gemm_pt", spec, m, n, k, pt_gemm_candidates(mm, n, k, spec.scheme, lib, cap),
                                run if tune else None, dev)
     run(config)
     return y
