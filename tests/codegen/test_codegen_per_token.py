@@ -258,6 +258,11 @@ def test_candidates_offer_library_and_fused():
     c = autotune.pt_gemm_candidates(4096, 3072, 3072, "fp8", True)
     assert any(x.library for x in c) and any(not x.library for x in c)
     assert not any(x.library for x in autotune.pt_gemm_candidates(4096, 3072, 3072, "fp8", False))
+    if not autotune.interpreting():
+        hopper = autotune.pt_gemm_candidates(4096, 3072, 3072, "int8", True, (9, 0))
+        assert hopper[0].library  # int8 on Hopper: the serialised int32 loop is not the default
+        ada = autotune.pt_gemm_candidates(4096, 3072, 3072, "fp8", False, (8, 9))
+        assert all(c.block_m * c.block_n <= 128 * 64 for c in ada)  # mma.sync: no 128x128 (spills)
 
 
 # ------------------------------------------------------------------ ops, options
