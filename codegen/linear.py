@@ -17,6 +17,7 @@ import torch
 from ..runtime.cpu import quantized_linear_cpu
 from ..runtime.op_args import bind
 from ..runtime.ops import check_args
+from .fallback import run_or_fallback
 from .gemm import run_gemm
 from .launch import interpreting
 from .prologue import run_prologue
@@ -194,9 +195,16 @@ def quantized_linear_triton(
     tune = not is_tracing(x)
 
     # ---- launch
-    qa, sa, h = run_prologue(x2d, smooth, lora_down, spec, act_shift, wrap=wrap, tune=tune)
-    y = run_gemm(
-        qa, sa, qweight, wscales, h if spec.has_lora else None, lora_up, bias, gate, residual,
-        spec, lead, wrap=wrap, tune=tune,
-    )
-    return y.reshape(*lead, n)
+    def launch_all() -> torch.Tensor:
+        qa, sa, h = run_prologue(x2d, smooth, lora_down, spec, act_shift, wrap=wrap, tune=tune)
+        y = run_gemm(
+            qa, sa, qweight, wscales, h if spec.has_lora else None, lora_up, bias, gate, residual,
+            spec, lead, wrap=wrap, tune=tune,
+        )
+        return y.reshape(*lead, n)
+
+    if wrap or not tune:  # traced: nothing runs now, so there is nothing to catch
+        return launch_all()
+    # Eager: a kernel/autotune failure (e.g. "every gemm config failed") falls back to the
+    # torch path, logged once, instead of raising out of the model.
+    return run_or_fallback(a, spec, launch_all)

@@ -80,3 +80,31 @@ def test_bad_arguments_raise_clear_errors():
         quantized_linear_triton(*_op_args(x, layer, residual=torch.randn(3, N, device=DEVICE)))
     with pytest.raises(TypeError):
         quantized_linear_triton(*_op_args(x.to(torch.int32), layer))
+
+
+def test_group_gemm_failure_falls_back_once(monkeypatch, caplog):
+    """quantized_linear_triton itself: an autotune failure of the group GEMM ("every gemm
+    config failed", seen on a GPU in the memory suite) runs the torch path, logged once."""
+    import logging
+
+    from svdq_compile.codegen import fallback, linear
+    from svdq_compile.codegen.autotune import AutotuneError
+
+    monkeypatch.setattr(fallback, "_FAILED", set())
+    monkeypatch.setattr(fallback, "_WARNED", [])
+    calls = []
+
+    def failing_gemm(*a, **k):
+        calls.append(1)
+        raise AutotuneError("svdq autotune: every gemm config failed for ... m4096")
+
+    monkeypatch.setattr(linear, "run_gemm", failing_gemm)
+    layer = make_layer(N, 128, rank=8)
+    args = _op_args(make_input(5, 128), layer, epilogue="gelu")
+    with caplog.at_level(logging.WARNING, logger="svdq_compile.codegen.fallback"):
+        y1 = quantized_linear_triton(*args)
+        y2 = quantized_linear_triton(*args)
+    assert len(calls) == 1  # the failing spec is not retried
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    y_cpu = quantized_linear_cpu(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args])
+    assert torch.equal(y1.cpu(), y_cpu) and torch.equal(y2, y1)
