@@ -27,7 +27,7 @@ import tiny_pipelines as tp  # noqa: E402
 from svdq_compile import SVDQLinear  # noqa: E402
 from svdq_compile.artifacts import ArtifactError  # noqa: E402
 from svdq_compile.cli import main as cli  # noqa: E402
-from svdq_compile.pipelines import (  # noqa: E402
+from svdq_compile.diffusers_pipelines import (  # noqa: E402
     denoiser_name,
     load_pipeline,
     pipeline_config,
@@ -47,7 +47,7 @@ EVAL_PROMPTS = ["a photo of a cat", "a red house", "an astronaut riding a horse"
 RANK = 4
 FAST = {"search_grid": 2, "search_tokens": 256, "calib_tokens": 512, "refine_iters": 1}
 RUNTIME = {"use_inductor": False}  # Inductor's CPU codegen would dominate the runtime
-NAIVE = pipeline_config(smooth=False, rank=0)  # same layers as SVDQuant, plain W4A4
+NAIVE = pipeline_config(smooth=False, rank=0, mode="w4a4")  # same layers as SVDQuant (CLI --mode w4a4), plain W4A4
 
 
 def _unique_graphs() -> int:
