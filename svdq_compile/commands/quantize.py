@@ -91,7 +91,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory of the quantized pipeline")
     add_common(p)
     p.add_argument("--rank", type=int, default=None, help="low-rank branch rank (default 32)")
-    p.add_argument("--mode", default=None, help="w4a4 (default), w4a8, w8a8, w4a16 or w8a16")
+    p.add_argument("--mode", default=None, help="auto (default: per device, w4a8-fp8 on FP8 GPUs, else w4a8-int8), "
+                   "w4a4 (the paper's numerics), w4a8-int8, w4a8-fp8, w4a8, w8a8, w4a16 or w8a16")
     p.add_argument("--text-encoders", action="store_true", help="also quantize the text encoders' linears")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", default=[],
                    help="SVDQuantConfig field, e.g. search_grid=10 (repeatable)")
@@ -102,7 +103,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from svdq_compile.pipelines import pipeline_config, quantize_pipeline, save_pipeline
+    from svdq_compile.diffusers_pipelines import pipeline_config, quantize_pipeline, save_pipeline
 
     options = parse_pairs(args.option, "--option")
     if args.rank is not None:
