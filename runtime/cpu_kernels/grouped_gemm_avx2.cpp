@@ -326,12 +326,13 @@ constexpr MicroFn<L> kMicro[MR + 1] = {nullptr, micro<1, L>, micro<2, L>, micro<
 // lowrank_bias_rows: C += H @ L (fp32 FMAs, ascending rank), then C += ybias. L holds the
 // panel's nonzero rank rows of lora_up^T ([nact][NC], row jj = rank js[jj]); yb is the
 // bias padded with zeros to Np (columns >= N are computed and dropped by the caller).
+// C points at row m_lo of the panel (stride ldc).
 inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, int64_t m_hi, int64_t n0,
                               const float* __restrict H, int64_t R, const float* __restrict L,
                               const int32_t* __restrict js, int64_t nact, const float* __restrict yb) {
   for (int64_t m = m_lo; m < m_hi; ++m) {
     for (int half = 0; half < 2; ++half) {  // 32 columns at a time: 4 accumulators + 4 loads
-      float* c = C + m * ldc + n0 + 32 * half;
+      float* c = C + (m - m_lo) * ldc + 32 * half;
       __m256 a0 = _mm256_loadu_ps(c), a1 = _mm256_loadu_ps(c + 8), a2 = _mm256_loadu_ps(c + 16),
              a3 = _mm256_loadu_ps(c + 24);
       if (H) {
@@ -637,6 +638,13 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
                                                            ~static_cast<uintptr_t>(31))
                               : nullptr;
     std::vector<int32_t> tot_buf(prog ? MC * NC + 8 : 0);  // kU4P: totals over the weight groups
+    // The task's output block accumulates in a contiguous [MC][NC] buffer and is copied out
+    // at the end: C's own rows are Np floats apart (12 KiB for N = 3072), which maps a
+    // column of all 96 rows onto one L1 set, and the per-group fold re-reads them 48 times
+    // (measured: the G = 64 GEMM ran at half the speed of G == K at M = 512).
+    std::vector<float> cl_buf(MC * NC + 8);
+    float* Cl = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(cl_buf.data()) + 31) &
+                                         ~static_cast<uintptr_t>(31));
     int32_t* tot = prog ? reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(tot_buf.data()) + 31) &
                                                      ~static_cast<uintptr_t>(31))
                         : nullptr;
@@ -664,8 +672,8 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
             tl.bias = BI ? BI + n0 + CS * j : nullptr;
             tl.swt = ST + n0 + CS * j;
             tl.Np = Np;
-            tl.C = Cp + m * Np + n0 + CS * j;
-            tl.ldc = Np;
+            tl.C = Cl + (m - m_lo) * NC + CS * j;
+            tl.ldc = NC;
             tl.part = part ? part + (m - m_lo) * NC + CS * j : nullptr;
             tl.G4 = G4;
             tl.F = F;
@@ -685,7 +693,8 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
         lnact = panel_lora_up(LUP, N, R, n0, lpanel.data(), ljs.data());
         lpanel_nb = nb;
       }
-      if (HP || YB) lowrank_bias_rows(Cp, Np, m_lo, m_hi, n0, HP, R, lpanel.data(), ljs.data(), lnact, YB);
+      if (HP || YB) lowrank_bias_rows(Cl, NC, m_lo, m_hi, n0, HP, R, lpanel.data(), ljs.data(), lnact, YB);
+      for (int64_t m = m_lo; m < m_hi; ++m) std::memcpy(Cp + m * Np + n0, Cl + (m - m_lo) * NC, NC * sizeof(float));
     }
   });
   if (Np == N) return C;
