@@ -168,14 +168,15 @@ def cached_expanded_weight(a: LinearArgs, fast: bool) -> tuple[torch.Tensor, Opt
     e = getattr(a.qweight, PT_CACHE_ATTR, None)
     if e is not None and e[0] == key and len(e[1]) == len(watched) and all(g.holds(t) for g, t in zip(e[1], watched)):
         return e[2], e[3]
-    w8 = expanded_weight(a.scheme, a.qweight, a.wscales, a.wzeros, a.wchannel, a.group_size)  # [N, K]
     prep = None
-    if fast:
-        k = w8.shape[1]
-        prep = cpu_gemm.prepare_weight(w8, a.wchannel.float()[:, None], k, weight_bits=8, backend="auto")
-        w8 = None if prep.packed is not None else w8
-        if w8 is None:
-            prep = prep._replace(qw=prep.qw[:, :0])  # the kernel's copy is all it needs; drop [N, K]
+    if fast:  # (int8 scheme only) the kernels' layout; on AVX2 it stays 4-bit (cpu_gemm docs)
+        prep = cpu_gemm.prepare_weight_progressive(a.qweight, a.wscales, a.wzeros, a.wchannel, a.group_size,
+                                                   backend="auto")
+    if prep is not None and prep.packed is not None:
+        w8 = None
+        prep = prep._replace(qw=prep.qw[:, :0])  # the kernel's copy is all it needs: drop the [N, K] int8
+    else:
+        w8 = expanded_weight(a.scheme, a.qweight, a.wscales, a.wzeros, a.wchannel, a.group_size)  # [N, K]
     try:
         setattr(a.qweight, PT_CACHE_ATTR, (key, tuple(_Guard.take(t) for t in watched), w8, prep))
     except (AttributeError, RuntimeError):
