@@ -3,8 +3,12 @@
 Two implementations with the same contract (exact int32 partial sums per group,
 fp32 rescale/accumulation, no bf16 anywhere):
 
-- ``"vnni"``: a small C++ kernel (``cpu_kernels/grouped_gemm_vnni.cpp``) using
-  AVX512-VNNI ``VPDPBUSD``. Activations are biased into u8 with ``^ 0x80`` and the
+- ``"vnni"`` (the C++ kernels; the name predates the other ISAs): one extension per ISA
+  family, chosen by CPU flags at first use (amx > avx512_vnni > avx_vnni > avx2, logged
+  once; ``$SVDQ_CPU_ISA`` forces one, see :func:`active_isa`, :func:`set_isa` and
+  docs/cpu.md), all bit-identical. The AVX2 / AVX-VNNI kernels are in
+  ``cpu_kernels/*_avx2.cpp``; the AVX-512 one, described here, is
+  ``cpu_kernels/grouped_gemm_vnni.cpp``, using AVX512-VNNI ``VPDPBUSD``. Activations are biased into u8 with ``^ 0x80`` and the
   bias is removed exactly through a per-(group, column) weight sum, so every
   int4/int8 range works. Each group's int32 partial is folded into the fp32 output
   with one FMA (``y = fma(float(I_g), sa * sw, y)``, groups in ascending order).
@@ -17,7 +21,7 @@ fp32 rescale/accumulation, no bf16 anywhere):
   the torch extensions dir, ``$TORCH_EXTENSIONS_DIR``); OpenMP threads come from
   torch's intra-op pool.
 - ``"torch"``: the pure-PyTorch baseline (dequantize both operands to fp32, one fp32
-  GEMM). Used when the CPU lacks AVX512-VNNI, no C++ compiler is found, the build
+  GEMM). Used when the CPU lacks AVX2 (and AVX-512), no C++ compiler is found, the build
   fails (logged once), for shapes the kernel does not take (group size not a
   multiple of 4, empty tensors, non-CPU tensors), or when forced with
   ``backend="torch"`` / ``SVDQ_CPU_GEMM=torch``.
