@@ -3,9 +3,10 @@
 The rule and the figures behind it (README "Choosing a mode"):
 
 - quality: both per-token modes keep SVDQuant's smoothing and low-rank branch and beat
-  W4A4 group-64 on every model we measured (``w4a8-int8`` > ``w4a8-fp8`` > ``w4a4``:
-  tests/test_auto_mode_quality.py and benchmarks/results/modes_quality.json; the planners'
-  pretrained-transformer reference: cosine 0.9808 / 0.9745 / 0.9546);
+  W4A4 group-64 on every model we measured, on every quantized layer (+0.6 to +6.4 dB;
+  ``w4a8-int8`` above ``w4a8-fp8`` except on tiny FLUX: tests/test_auto_mode_quality.py and
+  benchmarks/results/modes_quality.md; the planners' pretrained-transformer reference:
+  cosine 0.9808 / 0.9745 / 0.9546);
 - speed: with one activation scale per token the GEMM's K loop carries no float work,
   which group-64 scales on both operands cannot avoid (DESIGN 2.1);
 - CUDA with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell):
