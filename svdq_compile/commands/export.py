@@ -3,6 +3,7 @@
     svdq export --format onnx --model demo -o digits.onnx              # the demo, quantized on the spot
     svdq export --format onnx --artifact my_q/ -o digits.onnx          # the demo from svdq_compile.save(model, 'my_q')
     svdq export --format onnx --model mypkg.models:build -o model.onnx   # your own model
+    svdq export --format onnx --flavor deploy --model demo -o digits.onnx   # ONNX Runtime integer GEMMs
     svdq export --format tensorrt --model demo -o digits.ep            # needs [tensorrt] + CUDA
 
 ``--model`` is ``demo`` (the bundled digits model) or ``module:function``; the function
@@ -37,6 +38,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true", help="export static shapes (demo: no dynamic batch axis)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset, >= 21 (default 21)")
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker on the written file")
+    p.add_argument("--flavor", choices=("exact", "deploy"), default="exact",
+                   help="exact: float ops reproducing our numerics (TensorRT, verification; default); "
+                        "deploy: ONNX Runtime integer GEMMs, faster than the float model (docs/export.md)")
+    p.add_argument("--int8-kernel", choices=("u8u8", "u8s8", "dynamic"), default="u8u8",
+                   help="deploy form of w4a8-int8 layers (default u8u8: exact)")
     p.set_defaults(command="export")
     return p
 
@@ -170,9 +176,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     out = args.output or f"{stem}.onnx"
-    res = export_onnx(model, example, out, dynamic_shapes=dynamic, opset=args.opset, check=not args.no_check)
-    print(f"wrote {res.path} ({res.file_bytes / 1e6:.2f} MB, {res.quantized_linears} quantized linears, "
+    res = export_onnx(model, example, out, dynamic_shapes=dynamic, opset=args.opset, check=not args.no_check,
+                      flavor=args.flavor, int8_kernel=args.int8_kernel)
+    print(f"wrote {res.path} ({res.flavor}, {res.file_bytes / 1e6:.2f} MB, {res.quantized_linears} quantized linears, "
           f"opset {res.opset}, {sum(res.op_types.values())} nodes)")
     print("op types: " + ", ".join(f"{k}={v}" for k, v in sorted(res.op_types.items())))
+    if args.flavor == "deploy":
+        try:
+            from svdq_compile.export import describe_op_types, ort_optimized_op_types
+
+            print("ONNX Runtime (CPU EP, default options) runs these ops after its optimizations:\n"
+                  + describe_op_types(ort_optimized_op_types(res.path, exact=False)))
+        except ImportError:
+            print("(install onnxruntime to list the ops ONNX Runtime runs)")
+        print("TensorRT: use --flavor exact (the deploy file uses com.microsoft.MatMulIntegerToFloat)")
+        return 0
     print("TensorRT engine (see docs/export.md):\n  " + _trtexec_command(res.path, _dim_sizes(res.path, example)))
     return 0

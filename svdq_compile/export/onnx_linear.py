@@ -37,11 +37,13 @@ from svdq_compile.runtime.packing import pack_int4, unpack_int4
 from svdq_compile.runtime.per_token import FP8_MAX, expanded_weight
 from svdq_compile.runtime.quantize import qrange
 
+from . import onnx_deploy
 from .onnx_placeholder import ATTRIBUTES, INPUT_NAMES, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
 
-__all__ = ["expand_quantized_linears", "MIN_OPSET"]
+__all__ = ["expand_quantized_linears", "MIN_OPSET", "FLAVORS"]
 
 MIN_OPSET = 21  # DequantizeLinear with INT4 inputs and block_size
+FLAVORS = ("exact", "deploy")
 _F32 = ir.DataType.FLOAT
 _PREFIX = "svdq_export"
 
@@ -56,9 +58,10 @@ class _Builder:
         self.scope = ""
         self._count = 0
 
-    def op(self, op_type: str, inputs: list, attributes: Optional[dict] = None, name: str = "") -> ir.Value:
+    def op(self, op_type: str, inputs: list, attributes: Optional[dict] = None, name: str = "",
+           domain: str = "") -> ir.Value:
         self._count += 1
-        out = self.tape.op(op_type, inputs, attributes=attributes,
+        out = self.tape.op(op_type, inputs, attributes=attributes, domain=domain,
                            name=f"{self.scope}/{op_type}_{self._count}")
         out.name = f"{self.scope}/{name or op_type.lower()}_{self._count}"
         return out
@@ -177,22 +180,30 @@ def _layer_name(qweight: ir.Value, index: int) -> str:
     return name[: -len(".qweight")] if name.endswith(".qweight") else name
 
 
-def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced: set) -> None:
+def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced: set, flavor: str = "exact",
+                int8_kernel: str = "u8u8", shared: Optional[dict] = None) -> None:
     ins = dict(zip(INPUT_NAMES, list(node.inputs) + [None] * (len(INPUT_NAMES) - len(node.inputs))))
-    attrs = {a: node.attributes[a].value for a in ATTRIBUTES}
+    attrs = {a: node.attributes[a].value for a in ATTRIBUTES if a in node.attributes}  # older nodes: no scheme
     group, wbits, abits = int(attrs["group_size"]), int(attrs["weight_bits"]), int(attrs["act_bits"])
     unsigned, shift, epilogue = bool(attrs["act_unsigned"]), float(attrs["act_shift"]), str(attrs["epilogue"])
     scheme = str(attrs.get("scheme", "group"))
     qweight, wscales = ins["qweight"], ins["wscales"]
     layer = _layer_name(qweight, index)
     b.scope = f"{layer}#{index}" if qweight in weights else layer
+    deploy_int8 = flavor == "deploy" and scheme == "int8"
+    shared = {} if shared is None else shared
 
     # Weights: one set of new initializers per original qweight (a module called twice shares them).
     if qweight not in weights:
         ws = _const_array(wscales, "wscales", layer)
         n, groups = ws.shape
         k = groups * group
-        if scheme == "group":
+        if deploy_int8:
+            # INT4 codes in the file, expanded to the INT8 GEMM operand in-graph (onnx_deploy.py).
+            arrays = {key: _const_array(ins[key], key, layer) for key in ("qweight", "wscales", "wzeros", "wchannel")}
+            w, scale = onnx_deploy.int8_weight(b, arrays, group, layer, int8_kernel)
+            replaced.update(v for v in (ins["wzeros"], ins["wchannel"]) if v is not None)
+        elif scheme == "group":
             w = b.initializer(f"{layer}.qweight_{'int4' if wbits == 4 else 'int8'}_kn",
                               _weight_tensor(_const_array(qweight, "qweight", layer), wbits, f"{layer}.w"))
             scale_arr = np.ascontiguousarray(ws.astype(np.float32).T)  # exact fp16 -> fp32, [K/G, N]
@@ -204,27 +215,56 @@ def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced:
             scale = b.initializer(f"{layer}.wchannel_f32", ir.Tensor(chan, name=f"{layer}.wchannel_f32"))
             replaced.update(v for v in (ins["wzeros"], ins["wchannel"]) if v is not None)
         down = up = None
+        bias_in_up = False
         if ins["lora_down"] is not None:
             _const_array(ins["lora_down"], "lora_down", layer)
             _const_array(ins["lora_up"], "lora_up", layer)
-            down = b.initializer(f"{layer}.lora_down_t", _transposed(ins["lora_down"], f"{layer}.lora_down_t"))
-            up = b.initializer(f"{layer}.lora_up_t", _transposed(ins["lora_up"], f"{layer}.lora_up_t"))
+            if deploy_int8 and ins["bias"] is not None and ins["bias"].const_value is not None:
+                # [h, 1] @ [up^T; bias]: the bias rides on the low-rank up projection (one [M, N] pass less).
+                down, up = onnx_deploy.lowrank_with_bias(b, ins["lora_down"], ins["lora_up"], ins["bias"], layer)
+                bias_in_up = True
+            else:
+                down = b.initializer(f"{layer}.lora_down_t", _transposed(ins["lora_down"], f"{layer}.lora_down_t"))
+                up = b.initializer(f"{layer}.lora_up_t", _transposed(ins["lora_up"], f"{layer}.lora_up_t"))
             replaced.update({ins["lora_down"], ins["lora_up"]})
         replaced.update({qweight, wscales})
-        weights[qweight] = (n, k, w, scale, down, up)
-    n, k, w, scale, down, up = weights[qweight]
+        if bias_in_up:
+            replaced.add(ins["bias"])
+        weights[qweight] = (n, k, w, scale, down, up, bias_in_up)
+    n, k, w, scale, down, up, bias_in_up = weights[qweight]
 
     x = ins["x"]
     x_dtype = x.dtype or node.outputs[0].dtype or _F32
     rank = len(x.shape) if x.shape is not None else None
-    if rank is not None:
-        # Known rank: MatMul broadcasts over the leading dims and Reshape copies them (0 = keep
-        # the input's dim), so no Shape/Slice/Concat is needed for dynamic batch/token axes.
-        keep, xf = [0] * (rank - 1), b.to_f32(x)
+    # Known rank: MatMul broadcasts over the leading dims and Reshape copies them (0 = keep
+    # the input's dim), so no Shape/Slice/Concat is needed for dynamic batch/token axes.
+    keep = [0] * (rank - 1) if rank is not None else [-1]
+    # Deploy: layers reading the same input with the same smoothing (q/k/v) share X' and its
+    # quantization (exact: one expansion per layer, as written before this flavour existed).
+    skey = None
+    if flavor == "deploy":
+        smooth = ins["smooth"]
+        sbytes = None if smooth is None else (smooth.const_value.tobytes() if smooth.const_value is not None
+                                              else id(smooth))
+        skey = (id(x), sbytes)
+    if skey is not None and skey in shared:
+        xs = shared[skey]
     else:
-        keep, xf = [-1], b.op("Reshape", [b.to_f32(x), b.i64([-1, k])], name="x2d")
-    xs = xf if ins["smooth"] is None else b.op("Div", [xf, b.to_f32(ins["smooth"])], name="x_smoothed")
-    if scheme != "group":
+        xf = b.to_f32(x) if rank is not None else b.op("Reshape", [b.to_f32(x), b.i64([-1, k])], name="x2d")
+        xs = xf if ins["smooth"] is None else b.op("Div", [xf, b.to_f32(ins["smooth"])], name="x_smoothed")
+        if skey is not None:
+            shared[skey] = xs
+    if deploy_int8:
+        act = None
+        if int8_kernel != "dynamic":
+            akey = ("int8_act", skey)
+            if akey not in shared:
+                shared[akey] = onnx_deploy.int8_activation(b, xs, k, exact_rounding=int8_kernel == "u8u8_floor")
+            act = shared[akey]
+        a = None
+    elif flavor == "deploy" and scheme == "group":
+        a = xs  # ONNX Runtime's MatMulNBits quantizes the input itself (module docstring of onnx_deploy)
+    elif scheme != "group":
         a = _per_token_activation(b, xs, scheme)
     elif abits == 16:
         a = xs
@@ -239,15 +279,20 @@ def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced:
         v = b.op("Add", [b.op("Div", [g, s]), b.f32(0.5)])
         q = b.op("Clip", [b.op("Floor", [v]), b.f32(float(qmin)), b.f32(float(qmax))], name="act_int")
         a = b.op("Reshape", [b.op("Mul", [q, s]), b.i64(keep + [k])], name="act_dequant")
-    if scheme == "group":
-        w_dq = b.op("DequantizeLinear", [w, scale], {"axis": 0, "block_size": group}, "weight")
+    if deploy_int8:
+        y = onnx_deploy.int8_matmul(b, xs, act, w, scale, int8_kernel)
     else:
-        w_dq = b.op("DequantizeLinear", [w, scale], {"axis": 1}, "weight")
-    y = b.op("MatMul", [a, w_dq], name="y_int")
+        if scheme == "group":
+            w_dq = b.op("DequantizeLinear", [w, scale], {"axis": 0, "block_size": group}, "weight")
+        else:
+            w_dq = b.op("DequantizeLinear", [w, scale], {"axis": 1}, "weight")
+        y = b.op("MatMul", [a, w_dq], name="y_int")
     if down is not None:
         h = b.op("MatMul", [xs, b.to_f32(down)], name="lowrank_down")
+        if bias_in_up:
+            h = b.op("Add", [h, b.const(onnx_deploy.unit_column(int(up.shape[0])))], name="lowrank_one")
         y = b.op("Add", [y, b.op("MatMul", [h, b.to_f32(up)], name="lowrank_up")], name="y_lowrank")
-    if ins["bias"] is not None:
+    if ins["bias"] is not None and not bias_in_up:
         y = b.op("Add", [y, b.to_f32(ins["bias"])], name="y_bias")
     if epilogue == "gelu":
         y = b.op("Gelu", [y])
@@ -284,8 +329,16 @@ def _placeholders(graph: ir.Graph) -> list[ir.Node]:
     return [n for n in graph if n.domain == PLACEHOLDER_DOMAIN and n.op_type == PLACEHOLDER_OP]
 
 
-def expand_quantized_linears(model: ir.Model) -> int:
-    """Replace every placeholder of ``model`` (in place); returns how many were expanded."""
+def expand_quantized_linears(model: ir.Model, flavor: str = "exact", int8_kernel: str = "u8u8") -> int:
+    """Replace every placeholder of ``model`` (in place); returns how many were expanded.
+
+    ``flavor``: ``"exact"`` (this module's float reproduction of our numerics) or
+    ``"deploy"`` (integer GEMMs for ONNX Runtime, :mod:`.onnx_deploy`); ``int8_kernel``
+    picks the deploy form of ``w4a8-int8`` layers (``onnx_deploy.INT8_KERNELS``)."""
+    if flavor not in FLAVORS:
+        raise ValueError(f"svdq export: flavor must be one of {FLAVORS}, got {flavor!r}")
+    if int8_kernel not in onnx_deploy.INT8_KERNELS:
+        raise ValueError(f"svdq export: int8_kernel must be one of {onnx_deploy.INT8_KERNELS}, got {int8_kernel!r}")
     opset = model.opset_imports.get("", 0)
     if opset < MIN_OPSET:
         raise ValueError(f"svdq export needs ONNX opset >= {MIN_OPSET} (INT4 DequantizeLinear with block_size), "
@@ -295,8 +348,9 @@ def expand_quantized_linears(model: ir.Model) -> int:
     weights: dict = {}
     replaced: set = set()
     nodes = _placeholders(graph)
+    shared: dict = {}
     for i, node in enumerate(nodes):
-        _expand_one(builder, node, i, weights, replaced)
+        _expand_one(builder, node, i, weights, replaced, flavor, int8_kernel, shared)
     # A placeholder left inside a subgraph (If/Loop body) or a local function is not supported.
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if node.domain == PLACEHOLDER_DOMAIN:
@@ -309,4 +363,6 @@ def expand_quantized_linears(model: ir.Model) -> int:
         if not v.uses() and not v.is_graph_output() and v.name in graph.initializers:
             del graph.initializers[v.name]
     model.opset_imports.pop(PLACEHOLDER_DOMAIN, None)
+    if any(n.domain == "com.microsoft" for n in graph):
+        model.opset_imports["com.microsoft"] = 1
     return len(nodes)

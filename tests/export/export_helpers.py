@@ -122,3 +122,43 @@ def quantized_flux() -> FluxCall:
     calib = [flux_inputs(2, 16, seed=s) for s in range(2)]
     svdq_compile.quantize(model, (), calib, config=TEST_CONFIG, example_kwargs=calib[0], progress=False)
     return model
+
+
+def int8_linear(k: int, n: int, *, group: int = 64, rank: int = 8, smooth: bool = True, bias: bool = True,
+                seed: int = 0) -> SVDQLinear:
+    """A w4a8-int8 SVDQLinear (QServe progressive weights) with seeded random tensors."""
+    from svdq_compile.runtime.per_token import quantize_weight_progressive
+
+    g = torch.Generator().manual_seed(seed)
+    pw = quantize_weight_progressive(torch.randn(n, k, generator=g) * 0.1, group)
+    p = PackedLinear(
+        LinearSpec(k, n, group, 4, 8, False, 0.0, rank, scheme="int8"), pw.qweight, pw.wscales,
+        smooth=torch.rand(k, generator=g) + 0.5 if smooth else None,
+        lora_down=torch.randn(rank, k, generator=g) * 0.1 if rank else None,
+        lora_up=torch.randn(n, rank, generator=g) * 0.1 if rank else None,
+        bias=torch.randn(n, generator=g) * 0.1 if bias else None,
+        wzeros=pw.wzeros, wchannel=pw.wchannel,
+    )
+    return SVDQLinear(p, name=f"i{seed}")
+
+
+class Int8Block(nn.Module):
+    """q/k/v-like siblings on one input (shared smoothing), a GELU MLP, all w4a8-int8, plus a
+    W4A4 and a W4A16 layer: the deploy flavour's cases in one small model."""
+
+    def __init__(self, dim: int = 256, hidden: int = 512) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.q = int8_linear(dim, dim, seed=11)
+        self.k = int8_linear(dim, dim, seed=12)
+        self.k.smooth = self.q.smooth  # siblings share one smoothing vector (as quantize() makes them)
+        self.fc1 = int8_linear(dim, hidden, seed=13)
+        self.fc2 = int8_linear(hidden, dim, rank=0, seed=14)
+        self.w4a4 = packed_linear(dim, dim, seed=15)
+        self.w4a16 = packed_linear(dim, dim, abits=16, seed=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        h = self.q(h) * torch.sigmoid(self.k(h))
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.w4a16(self.w4a4(h))

@@ -30,3 +30,11 @@ def test_export_tensorrt_cli_without_tensorrt(tmp_path, capsys):
 def test_bad_model_spec(tmp_path):
     with pytest.raises(ValueError, match="module:function"):
         main(["export", "--model", "no_colon", "-o", str(tmp_path / "x.onnx")])
+
+
+def test_export_onnx_cli_deploy_lists_ort_ops(tmp_path, capsys):
+    out = tmp_path / "variants_deploy.onnx"
+    assert main(["export", "--flavor", "deploy", "--model", "export_helpers:variants_for_cli", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "(deploy," in text and "ONNX Runtime (CPU EP, default options) runs" in text
+    assert "MatMulNBits" in text  # the group-wise layers of Variants, fused by ORT

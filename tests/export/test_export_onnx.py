@@ -152,15 +152,20 @@ def test_weights_are_int4_in_the_file(exported):
         w = inits[node.input[0]]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert w.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8)
-        assert attrs["axis"] == 0 and attrs["block_size"] in (32, 64)
         assert len(node.input) == 2  # no zero point (TensorRT: "x_zero_point must be zero")
         k, n = w.dims
         scale = inits[node.input[1]]
+        if "block_size" not in attrs:
+            # w4a8-int8 (mode="auto" on CPU): the expanded INT8 operand, per-channel fp32 scale.
+            assert attrs["axis"] == 1 and w.data_type == onnx.TensorProto.INT8 and list(scale.dims) == [n]
+            continue
+        assert attrs["axis"] == 0 and attrs["block_size"] in (32, 64)
         assert list(scale.dims) == [k // attrs["block_size"], n]
         if w.data_type == onnx.TensorProto.INT4:
             assert len(w.raw_data) == (k * n + 1) // 2
     n_int4 = sum(t.data_type == onnx.TensorProto.INT4 for t in proto.graph.initializer)
-    n_w4 = sum(isinstance(m, SVDQLinear) and m.spec.weight_bits == 4 for m in model.modules())
+    n_w4 = sum(isinstance(m, SVDQLinear) and m.spec.weight_bits == 4 and m.spec.scheme == "group"
+               for m in model.modules())
     assert n_int4 == n_w4
     assert not any(name.endswith(".qweight") or name.endswith(".wscales") for name in inits)
 

@@ -1,0 +1,279 @@
+"""Suite ``export``: ONNX Runtime (CPU EP, default threads) latency of the exported files.
+
+Per model: the float model exported to ONNX (``float``), our quantized model exported with
+``flavor="exact"`` (float ops reproducing our numerics) and ``flavor="deploy"`` (ONNX
+Runtime's integer GEMMs; ``int8_kernel`` u8u8 = exact default, and the measured
+alternatives u8s8 and ``dynamic`` = DynamicQuantizeMatMul). All sessions of one model are
+timed interleaved (median of repeats, same run); speedup = float file / file. Output SQNR
+is against the torch quantized model (and the torch float model); file size against the
+model's parameters at 16 bits (bf16). The ops ONNX Runtime runs after its graph
+optimizations (``ort_optimized_op_types``) are recorded for the deploy files.
+
+Models: the trained demo (``svdq_compile.demo``, batch 200 = 100 samples with guidance, at
+rank 32 and, without ``--quick``, at the proportional rank 4), and a FLUX.1 single-stream
+block at FLUX.1 width (hidden 3072, MLP 12288, 512 image + 64 text tokens; ``--quick``: the
+reduced 768-wide block, 128 + 32 tokens). Quantization: ``mode="auto"`` (w4a8-int8 on CPU, AdaLN
+modulation W4A16), alpha 0.5, no refinement (speed does not depend on them).
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .harness import Context, flat_output, sqnr_db
+from .timing import time_interleaved
+
+__all__ = ["run", "to_markdown", "plot", "FILES"]
+
+# (key, flavor, int8 kernel, ORT exact session)
+FILES = (
+    ("float", None, None, False),
+    ("exact", "exact", "u8u8", True),
+    ("deploy", "deploy", "u8u8", False),
+    ("deploy_u8s8", "deploy", "u8s8", False),
+    ("deploy_dynamic", "deploy", "dynamic", False),
+)
+FILE_DOCS = {
+    "float": "the float model, torch.onnx.export (dynamo), ORT default session",
+    "exact": "export_onnx(flavor='exact'): float ops reproducing our numerics, session with "
+             "qdq_matmulnbits_accuracy_level=1 (ort_session(exact=True))",
+    "deploy": "export_onnx(flavor='deploy'): w4a8-int8 layers as per-token uint8 (QuantizeLinear, zero point "
+              "128) x in-graph expanded INT4->INT8 weights, com.microsoft.MatMulIntegerToFloat (MLAS U8U8, exact "
+              "int32); ORT default session",
+    "deploy_u8s8": "deploy with int8_kernel='u8s8': INT8 weights, MLAS U8S8 (vpmaddubsw: int16 pair sums "
+                   "saturate without AVX-VNNI)",
+    "deploy_dynamic": "deploy with int8_kernel='dynamic': com.microsoft.DynamicQuantizeMatMul (ORT's per-tensor "
+                      "asymmetric uint8 activations, not our per-token numerics)",
+}
+
+
+def _leaves(x: Any) -> list:
+    import torch.utils._pytree as pytree
+
+    return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
+
+
+def _feeds(sess: Any, inputs: tuple) -> dict:
+    leaves = _leaves(inputs)
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(leaves):
+        raise RuntimeError(f"ORT inputs {names} do not match the {len(leaves)} example tensors")
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)}
+
+
+def _ort_flat(outs: list) -> torch.Tensor:
+    return torch.cat([torch.from_numpy(o).reshape(-1).double() for o in outs])
+
+
+def _case(ctx: Context, name: str, float_model: torch.nn.Module, quant_model: torch.nn.Module, example: tuple,
+          info: dict, tmp: Path, bar: Any) -> None:
+    import onnxruntime as ort
+
+    from svdq_compile.export import (bf16_parameter_bytes, export_onnx, export_onnx_variants,
+                                     ort_optimized_op_types, ort_session)
+
+    bf16 = bf16_parameter_bytes(quant_model)
+    with torch.no_grad():
+        ref_q = flat_output(quant_model(*example))
+        ref_f = flat_output(float_model(*example))
+    ctx.note(f"{name}: torch quantized vs torch float {sqnr_db(ref_f, ref_q):.1f} dB")
+    files: dict[str, tuple[Path, int]] = {}
+    t0 = time.perf_counter()
+    res = export_onnx(float_model, example, tmp / "float.onnx")
+    files["float"] = (res.path, res.file_bytes)
+    export_s = {"float": round(time.perf_counter() - t0, 1)}
+    keys = [k for k, *_ in FILES if k != "float"]
+    t0 = time.perf_counter()
+    variants = {tmp / f"{k}.onnx": (fl, kern) for k, fl, kern, _ in FILES if k in keys}
+    written = export_onnx_variants(quant_model, example, variants)
+    for k in keys:
+        r = written[tmp / f"{k}.onnx"]
+        files[k] = (r.path, r.file_bytes)
+    export_s["quantized (all flavours)"] = round(time.perf_counter() - t0, 1)
+    bar.update(1)
+    sessions, rows = {}, {}
+    for key, _, _, exact in FILES:
+        if key not in files:
+            continue
+        path, nbytes = files[key]
+        row = {"case": name, **info, "file": key, "file_bytes": nbytes,
+               "file_vs_bf16": round(nbytes / bf16, 4) if key != "float" else round(nbytes / bf16, 4)}
+        try:
+            sess = ort_session(path, exact=exact) if key != "float" else ort.InferenceSession(
+                str(path), providers=["CPUExecutionProvider"])
+            feeds = _feeds(sess, example)
+            out = _ort_flat(sess.run(None, feeds))
+            row["sqnr_vs_torch_quant_db"] = round(sqnr_db(ref_q, out), 2)
+            row["sqnr_vs_torch_float_db"] = round(sqnr_db(ref_f, out), 2)
+            if key.startswith("deploy"):
+                ops = ort_optimized_op_types(path, exact=False)
+                row["ort_ops"] = {(f"{d}." if d else "") + op: c for (d, op), c in sorted(ops.items())}
+            sessions[key] = (sess, feeds)
+            row["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - recorded, the other files go on
+            row["status"] = f"n/a (error: {type(e).__name__}: {str(e)[:200]})"
+        rows[key] = row
+        bar.update(1)
+    timed = time_interleaved({k: (lambda s=s, f=f: s.run(None, f)) for k, (s, f) in sessions.items()}, "cpu",
+                             repeats=ctx.repeats, warmup=ctx.warmup)
+    base = timed.get("float", {}).get("median_ms")
+    for key, t in timed.items():
+        if "error" in t:
+            rows[key]["status"] = f"n/a (error while timing: {t['error'][:80]})"
+            continue
+        rows[key].update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items()})
+        if base:
+            rows[key]["speedup_vs_float"] = round(base / t["median_ms"], 3)
+    ctx.extra.setdefault("export_s", {})[name] = export_s
+    ctx.extra.setdefault("bf16_bytes", {})[name] = bf16
+    for key in rows:
+        ctx.record(rows[key])
+    sessions.clear()
+    gc.collect()
+
+
+def _quantize(model: torch.nn.Module, example: tuple, calib: list, **overrides: Any) -> torch.nn.Module:
+    import svdq_compile
+
+    from .baselines import bench_svdq_config
+
+    q = copy.deepcopy(model)
+    svdq_compile.quantize(q, list(example), calib, bench_svdq_config("auto", **overrides), progress=False)
+    return q
+
+
+def _demo_case(ctx: Context, tmp: Path, bar: Any, batch: int, rank: int) -> None:
+    from svdq_compile.demo.model import load_pretrained
+
+    from .model import demo_inputs
+
+    demo = load_pretrained()
+    ex = demo_inputs(batch, "cpu", 0)
+    q = _quantize(demo, ex, [demo_inputs(batch, "cpu", s) for s in (1, 2)], rank=rank)
+    sub = tmp / f"demo_r{rank}"
+    sub.mkdir()
+    _case(ctx, f"demo digits B={batch} rank {rank}", demo, q, ex,
+          {"model": "demo (digits FLUX, 2.3M)", "batch": batch, "tokens": 17, "rank": rank}, sub, bar)
+    del demo, q
+    gc.collect()
+
+
+def run(ctx: Context, tqdm: Any) -> None:
+    from svdq_compile.demo.model import CHECKPOINT_PATH
+
+    from .flux import FULL, REDUCED, block_inputs, fast_svd, make_block
+
+    if ctx.device != "cpu":
+        ctx.note("the export suite measures ONNX Runtime's CPU EP; --device is ignored")
+    n_files = len(FILES) + 1
+    bar = tqdm(total=3 * n_files, desc="bench export (ORT CPU)", disable=not ctx.progress)
+    with tempfile.TemporaryDirectory(prefix="svdq_bench_export_") as d:
+        tmp = Path(d)
+        # Demo: batch 200 = 100 samples with classifier-free guidance (DESIGN section 6).
+        batch = 16 if ctx.smoke else (64 if ctx.quick else 200)
+        has_demo = CHECKPOINT_PATH.is_file()
+        if has_demo:
+            _demo_case(ctx, tmp, bar, batch, rank=32)
+        else:
+            ctx.note(f"demo checkpoint {CHECKPOINT_PATH.name} not present: demo case skipped")
+        if ctx.smoke:
+            bar.close()
+            return
+        dims, (img, txt) = (REDUCED, (128, 32)) if ctx.quick else (FULL, (512, 64))
+        block = make_block("single", dims, "cpu", torch.float32, seed=1)
+        ex = block_inputs(dims, img, txt, "cpu", torch.float32, seed=0)
+        with fast_svd():
+            q = _quantize(block, ex, [block_inputs(dims, img, txt, "cpu", torch.float32, seed=s) for s in (1, 2)])
+        (tmp / "flux").mkdir()
+        _case(ctx, f"FLUX.1 single block {img}+{txt} tok", block, q, ex,
+              {"model": f"FluxSingleTransformerBlock, {dims.label}", "batch": 1, "tokens": img + txt},
+              tmp / "flux", bar)
+        del block, q
+        gc.collect()
+        if has_demo and not ctx.quick:
+            # DESIGN section 6: rank 32 is a quarter of the demo's 128-wide layers (~1% in FLUX);
+            # rank 4 is the proportional one.
+            _demo_case(ctx, tmp, bar, batch, rank=4)
+    bar.close()
+
+
+def to_markdown(p: dict) -> str:
+    from .report import _machine_line
+
+    lines = [f"## ONNX export: ONNX Runtime CPU latency{' (--quick)' if p.get('quick') else ''}", "",
+             f"Machine: {_machine_line(p)}.", ""]
+    if not p.get("complete"):
+        lines += ["**Incomplete run** (stopped early: time budget or error); rows below are what finished.", ""]
+    lines += [f"Median ms per session.run (min-max over {p.get('settings', {}).get('repeats')} interleaved repeats); "
+              "speedup = float ONNX median / median, same run; SQNR of the ORT output vs the torch quantized "
+              "model (and vs the torch float model); file size / the model's parameters at 16 bits.", "",
+              "| case | file | median ms | speedup vs float | SQNR vs torch quant | SQNR vs torch float | file MB "
+              "| file / bf16 |", "|---|---|---|---|---|---|---|---|"]
+    for r in p["rows"]:
+        if r.get("status") != "ok" or "median_ms" not in r:
+            lines.append(f"| {r['case']} | {r['file']} | {r.get('status')} | | | | {r['file_bytes'] / 1e6:.1f} "
+                         f"| {r['file_vs_bf16']:.3f} |")
+            continue
+        sp = r.get("speedup_vs_float")
+        sp_s = "-" if sp is None else (f"**{sp:.2f}x**" if r["file"] == "deploy" else f"{sp:.2f}x")
+        lines.append(f"| {r['case']} | {r['file']} | {r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f}) "
+                     f"| {sp_s} | {_db(r.get('sqnr_vs_torch_quant_db'))} | {_db(r.get('sqnr_vs_torch_float_db'))} "
+                     f"| {r['file_bytes'] / 1e6:.1f} | {r['file_vs_bf16']:.3f} |")
+    ops = [(r["case"], r["file"], r["ort_ops"]) for r in p["rows"] if r.get("ort_ops")]
+    if ops:
+        lines += ["", "Ops ONNX Runtime runs (its optimized model; the INT4 -> INT8 weight expansion is folded at "
+                  "session creation):", ""]
+        for case, f, o in ops:
+            lines.append(f"- {case} / {f}: " + ", ".join(f"{k} {v}" for k, v in sorted(o.items(), key=lambda kv: -kv[1])))
+    if p.get("notes"):
+        lines += ["", "Notes:"] + [f"- {n}" for n in p["notes"]]
+    lines += ["", "Files:"] + [f"- **{k}**: {v}" for k, v in FILE_DOCS.items()]
+    if p.get("error"):
+        lines += ["", f"Suite error: `{p['error']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _db(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return f"{v:.1f} dB"
+
+
+def plot(p: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in p["rows"] if r.get("speedup_vs_float") is not None]
+    if not rows:
+        return False
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    keys = [k for k, *_ in FILES if any(r["file"] == k for r in rows)]
+    cell = {(r["case"], r["file"]): r["speedup_vs_float"] for r in rows}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        ax.bar([j + i * width for j in range(len(cases))], [cell.get((c, k), 0) for c in cases], width, label=k)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(1.3, color="r", lw=0.8, ls="--", label="1.3x target")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels(cases, fontsize=8)
+    ax.set(ylabel="speedup vs float ONNX (x)", title="ONNX Runtime CPU: speedup vs the float ONNX file, same run")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,141 @@
+"""The ``deploy`` flavour of the ONNX export: activations quantized for ONNX Runtime's integer GEMM.
+
+The ``exact`` flavour (:mod:`.onnx_linear`) writes our activation quantization as float
+ops in front of a dequantized float ``MatMul``: right numbers, but slower than the float
+model in ONNX Runtime. The deploy flavour writes, per ``w4a8-int8`` layer::
+
+    xs = Cast(x) / smooth                                  # shared by layers that read the same x
+    s  = Where(s0 > 0, s0, 1),  s0 = ReduceMax(Abs(xs), axes=[-1]) / 127   # per token
+    qa = QuantizeLinear(xs, s, 128, axis=-1, block_size=K)                 # UINT8, one pass (ties: half to even)
+    E  = Cast((Cast(U, INT32) - Cast(Z, INT32)) * Cast(S, INT32) + 128, UINT8)   # [K, N], from initializers
+    y  = MatMulIntegerToFloat(qa, E, 1, c, 128, 128) * s                   # exact int32 sum over K, * c * s
+    y  = y + ([xs @ lora_down^T, 1]) @ [lora_up^T; bias] -> epilogue      # bias as the up projection's last row
+
+``U`` (UINT4 ``[K/G, G, N]``), ``Z`` (UINT4 ``[K/G, 1, N]``) and ``S`` (UINT8 ``[K/G, 1, N]``)
+are QServe's progressive weight (:mod:`svdq_compile.runtime.per_token`) stored at 4 bits;
+``int8_kernel="u8u8_floor"`` writes our ``floor(v/s + 0.5)`` as float ops instead of
+``QuantizeLinear`` (bit-exact codes, 3 more passes over the input). The expansion to the INT8 operand ``e = (u - z) * s`` reads only initializers, so ONNX
+Runtime constant-folds it when the session is created and the GEMM pre-packs the result
+(check with :func:`.onnx_export.ort_optimized_op_types`). Both operands are passed as
+UINT8 with zero point 128: MLAS's U8U8 kernel widens to 16 bits before multiplying, so the
+int32 sum is exact on every x86 CPU. Its U8S8 kernel (``int8_kernel="u8s8"``) is faster
+without AVX-VNNI but multiplies with ``vpmaddubsw``, whose int16 pair sums saturate
+(|e| up to 127 against activations up to 255); ``"dynamic"`` uses
+``com.microsoft.DynamicQuantizeMatMul`` (ONNX Runtime's own per-tensor asymmetric UINT8
+activations, not our per-token numerics). docs/export.md has the measured trade-off.
+
+Other schemes: group-wise modes (``w4a4``, ``w4a8``, ``w8a8``) keep their INT4 blocked
+``DequantizeLinear`` weight and feed it the smoothed float input (no float activation
+quantization): ONNX Runtime fuses that into ``com.microsoft.MatMulNBits``, which by default
+(accuracy level 4) quantizes the input to int8 blocks itself. That is *not* our W4A4
+numerics (it is closer to float); the error vs the torch model is stated in the docs.
+``w4a8-fp8`` layers are written as in the exact flavour (no FP8 GEMM on ONNX Runtime CPU).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from svdq_compile.runtime.packing import unpack_int4
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .onnx_linear import _Builder
+
+__all__ = ["INT8_KERNELS", "int8_weight", "int8_activation", "int8_matmul", "lowrank_with_bias", "unit_column"]
+
+INT8_KERNELS = ("u8u8", "u8u8_floor", "u8s8", "dynamic")
+
+
+def _pack_u4(values: torch.Tensor, shape: list[int], name: str) -> ir.TensorProtocol:
+    """Integers in [0, 15] -> an ONNX UINT4 tensor (two per byte, low nibble first)."""
+    flat = values.reshape(-1).to(torch.uint8).numpy()
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    return ir.PackedTensor(packed, ir.DataType.UINT4, shape=ir.Shape(shape), name=name)
+
+
+def int8_weight(b: "_Builder", arrays: dict, group: int, layer: str, kernel: str) -> tuple[ir.Value, ir.Value]:
+    """w4a8-int8 weight: UINT4 codes + UINT4 zero points + UINT8 group scales as initializers,
+    expanded in-graph to the ``[K, N]`` GEMM operand (UINT8 = e + 128, or INT8 e for
+    ``u8s8``/``dynamic``). Returns (operand, channel scale c [N] fp32 initializer)."""
+    q = torch.from_numpy(np.array(arrays["qweight"])).view(torch.int8)  # np.array: a writable copy
+    s = torch.from_numpy(np.array(arrays["wscales"])).to(torch.int16)  # [N, K/G] in [1, 16]
+    z = torch.from_numpy(np.array(arrays["wzeros"])).to(torch.int16)  # [N, K/G] in [0, 15]
+    u = unpack_int4(q, signed=True).to(torch.int16) + 8  # [N, K] in [0, 15]
+    n, k = u.shape
+    groups = k // group
+    u_t = u.t().contiguous().view(groups, group, n)  # [K/G, G, N]
+    z_t = z.t().contiguous().view(groups, 1, n)
+    s_t = s.t().contiguous().view(groups, 1, n)
+    u_v = b.initializer(f"{layer}.wcodes_u4", _pack_u4(u_t, [groups, group, n], f"{layer}.wcodes_u4"))
+    z_v = b.initializer(f"{layer}.wzeros_u4", _pack_u4(z_t, [groups, 1, n], f"{layer}.wzeros_u4"))
+    s_v = b.initializer(f"{layer}.wscales_u8", ir.Tensor(s_t.to(torch.uint8).numpy(), name=f"{layer}.wscales_u8"))
+    c_v = b.initializer(f"{layer}.wchannel_f32", ir.Tensor(np.ascontiguousarray(arrays["wchannel"], dtype=np.float32),
+                                                           name=f"{layer}.wchannel_f32"))
+    i32 = ir.DataType.INT32
+    e = b.op("Mul", [b.op("Sub", [b.op("Cast", [u_v], {"to": i32}), b.op("Cast", [z_v], {"to": i32})]),
+                     b.op("Cast", [s_v], {"to": i32})], name="wexpanded")  # (u - z) * s, |e| <= 127
+    if kernel.startswith("u8u8"):
+        e = b.op("Cast", [b.op("Add", [e, b.const(np.array(128, dtype=np.int32))])], {"to": ir.DataType.UINT8})
+    else:
+        e = b.op("Cast", [e], {"to": ir.DataType.INT8})
+    return b.op("Reshape", [e, b.i64([k, n])], name="w8_kn"), c_v
+
+
+def lowrank_with_bias(b: "_Builder", down: ir.Value, up: ir.Value, bias: ir.Value, layer: str) -> tuple[ir.Value, ir.Value]:
+    """``[K, r+1]`` down projection with a zero column and ``[r+1, N]`` up projection whose last
+    row is the bias: ``([xs @ down^T, 0] + [0, .., 0, 1]) @ up_aug = xs @ down^T @ up^T + bias``."""
+    d, u, bias_arr = down.const_value.numpy(), up.const_value.numpy(), bias.const_value.numpy()
+    dtype = d.dtype if d.dtype == u.dtype == bias_arr.dtype else np.float32
+    d_aug = np.concatenate([d.T.astype(dtype), np.zeros((d.shape[1], 1), dtype)], axis=1)
+    u_aug = np.concatenate([u.T.astype(dtype), bias_arr.reshape(1, -1).astype(dtype)], axis=0)
+    dv = b.initializer(f"{layer}.lora_down_t_aug", ir.Tensor(np.ascontiguousarray(d_aug), name=f"{layer}.lora_down_t_aug"))
+    uv = b.initializer(f"{layer}.lora_up_t_bias", ir.Tensor(np.ascontiguousarray(u_aug), name=f"{layer}.lora_up_t_bias"))
+    return dv, uv
+
+
+def unit_column(width: int) -> np.ndarray:
+    """``[0, .., 0, 1]`` (float32, ``width`` entries): the constant 1 that picks the bias row."""
+    e = np.zeros(width, dtype=np.float32)
+    e[-1] = 1.0
+    return e
+
+
+def int8_activation(b: "_Builder", xs: ir.Value, k: int, exact_rounding: bool = False) -> tuple[ir.Value, ir.Value]:
+    """Per-token int8 quantization of the smoothed input, shifted to UINT8 (zero point 128).
+    ``exact_rounding``: our ``floor(v/s + 0.5)`` as float ops (4 passes over [M, K]); default: one
+    ``QuantizeLinear`` (round half to even: differs on exact ties only). Returns (qa uint8
+    [..., K], s fp32 [..., 1])."""
+    absmax = b.op("ReduceMax", [b.op("Abs", [xs]), b.i64([-1])], {"keepdims": 1}, "absmax")
+    s = b.op("Div", [absmax, b.f32(127.0)], name="act_scale_raw")
+    s = b.op("Where", [b.op("Greater", [s, b.f32(0.0)]), s, b.f32(1.0)], name="act_scale")
+    if not exact_rounding:
+        # One fused pass: blocked QuantizeLinear with one block spanning K (opset 21) =
+        # saturate(round_half_even(xs / s) + 128). It differs from floor(v + 0.5) only where
+        # xs / s lands exactly on a half (ties: measured 1 code in 435k on random data).
+        zp = b.op("Expand", [b.const(np.array(128, dtype=np.uint8)), b.op("Shape", [s])], name="act_zero_point")
+        return b.op("QuantizeLinear", [xs, s, zp], {"axis": -1, "block_size": int(k)}, "act_u8"), s
+    # No Clip: |xs / s| <= 127 (1 + 2 eps) since s = absmax / 127, so floor(v + 0.5) is already in
+    # [-127, 127], exactly what the reference's clamp to [-128, 127] leaves (one [M, K] pass less).
+    q = b.op("Floor", [b.op("Add", [b.op("Div", [xs, s]), b.f32(0.5)])], name="act_int")
+    qa = b.op("Cast", [b.op("Add", [q, b.f32(128.0)])], {"to": ir.DataType.UINT8}, "act_u8")
+    return qa, s
+
+
+def int8_matmul(b: "_Builder", xs: ir.Value, act: Optional[tuple[ir.Value, ir.Value]], w: ir.Value, chan: ir.Value,
+                kernel: str) -> ir.Value:
+    """``(qa @ E) * s * c`` in float32 [..., N]."""
+    if kernel == "dynamic":
+        return b.op("DynamicQuantizeMatMul", [xs, w, chan], name="y_int", domain="com.microsoft")
+    qa, s = act
+    zp = b.const(np.array(128, dtype=np.uint8))
+    one = b.f32(1.0)
+    # com.microsoft.MatMulIntegerToFloat = MatMulInteger + Cast + the channel scale in one kernel
+    # (its a_scale is per tensor, so the per-token scale is one Mul after it).
+    ins = [qa, w, one, chan, zp] + ([zp] if kernel.startswith("u8u8") else [])
+    y = b.op("MatMulIntegerToFloat", ins, name="acc_scaled", domain="com.microsoft")
+    return b.op("Mul", [y, s], name="y_int")
