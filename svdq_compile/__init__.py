@@ -19,7 +19,14 @@ from .quantize_api import quantize, quantized_modules
 from .artifacts import ArtifactError, load, save
 from .explain import explain
 from .export import export_onnx, export_tensorrt
-from .pipelines import PIPELINE_SKIP, load_pipeline, pipeline_config, quantize_pipeline, save_pipeline
+from .diffusers_pipelines import PIPELINE_SKIP, load_pipeline, pipeline_config, quantize_pipeline, save_pipeline
+from . import diffusers_pipelines as _diffusers_pipelines
+
+# The diffusers side used to be ``svdq_compile.pipelines`` (one letter from the compile
+# pass pipeline, ``svdq_compile.pipeline``); the old import path stays an alias.
+import sys as _sys
+
+_sys.modules.setdefault(__name__ + ".pipelines", _diffusers_pipelines)
 
 __version__ = "0.1.0"
 

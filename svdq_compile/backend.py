@@ -88,6 +88,20 @@ class SVDQuantCompiled:
         self.example_inputs = list(example_inputs)
         self.sites = find_linear_sites(gm, example_inputs)
         self._fn: Optional[Callable] = None
+        # Dynamo's tracing context of this graph (fake mode, ShapeEnv with the symbols of
+        # dynamic=True, memo real input -> symbolic fake): Inductor reads it when Dynamo
+        # calls it directly. We compile later (after calibration, or for a new set of
+        # weights), so compile_fx runs under the same context, as AOTAutograd's lazy
+        # backward does; without it, the graph is re-faked with a fresh mode that has no
+        # ShapeEnv (the .item() of a float turned input under dynamic=True then fails).
+        self._tracing = torch._guards.TracingContext.try_get()
+        self._compile_context = torch._guards.CompileContext.try_get()
+        # Dynamo clears tensor_to_context (real input -> symbolic context) once the
+        # backend returns; keep our inputs' entries to restore them for compile_fx.
+        t2c = getattr(self._tracing, "tensor_to_context", None)
+        self._symbolic = [(i, t2c[x]) for i, x in enumerate(example_inputs)
+                          if t2c is not None and isinstance(x, torch.Tensor) and x in t2c]
+        self._scalars: list[tuple[int, float]] = []  # see _specialize_scalars
         self._calib_gm: Optional[fx.GraphModule] = None
         self._calls = 0
         self._versions: list[tuple[torch.Tensor, int]] = []
@@ -155,7 +169,8 @@ class SVDQuantCompiled:
 
             # Inference only: compiling under no_grad makes AOTAutograd build a forward
             # graph (svdq::linear has no backward; quantized training is out of scope).
-            with torch.no_grad():
+            self._scalars = _specialize_scalars(qgm, inputs)
+            with self._dynamo_context(inputs), torch.no_grad():
                 self._fn = compile_fx(qgm, inputs)
         else:
             self._fn = qgm
@@ -169,6 +184,32 @@ class SVDQuantCompiled:
         report.seconds = time.perf_counter() - t0
         log.info("svdquant: %s", report.summary())
         self._calib_gm = None
+
+    def _dynamo_context(self, inputs: Sequence[Any]):
+        """Re-enter the tracing / compile context Dynamo called the backend in (no-op
+        when already inside it or when the backend was called outside Dynamo)."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        if self._tracing is not None and torch._guards.TracingContext.try_get() is not self._tracing:
+            stack.enter_context(torch._guards.tracing(self._tracing))
+            for i, sc in self._symbolic:
+                self._tracing.tensor_to_context[inputs[i]] = sc
+            stack.callback(self._tracing.tensor_to_context.clear)
+            if self._compile_context is not None:
+                stack.enter_context(torch._guards.compile_context(self._compile_context))
+            shape_env = getattr(self._tracing.fake_mode, "shape_env", None)
+            if self._scalars and shape_env is not None:
+                # The floats are specialized in the graph already (_specialize_scalars):
+                # tell the tensorify pass, which otherwise asks for a Dynamo restart.
+                from torch._dynamo.symbolic_convert import TensorifyState
+                from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+                added = {str(k) for k in shape_env.backed_var_to_val
+                         if symbol_is_type(k, SymT.FLOAT)} - TensorifyState.force_specializations
+                TensorifyState.force_specializations.update(added)
+                stack.callback(TensorifyState.force_specializations.difference_update, added)
+        return stack
 
     def __call__(self, *args: Any) -> Any:
         if self._fn is None:
@@ -186,6 +227,9 @@ class SVDQuantCompiled:
             else:
                 log.info("svdquant: new set of weights for a shared graph; quantizing them")
                 self._finalize(args)
+        if any(args[i].item() != v for i, v in self._scalars):
+            log.info("svdquant: a float argument specialized at compile time changed; compiling again")
+            self._finalize(args)
         for w, v in self._versions:
             if _version(w) != v:
                 raise RuntimeError(
@@ -195,6 +239,37 @@ class SVDQuantCompiled:
                 )
         with torch.no_grad():
             return self._fn(*args)
+
+
+def _specialize_scalars(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[tuple[int, float]]:
+    """Bake the Python floats Dynamo passed as 0-d tensors (dynamic=True) into ``gm``.
+
+    Dynamo turns float arguments into CPU scalar tensors read by ``.item()``; when it
+    calls Inductor itself, Inductor's tensorify pass asks Dynamo to restart and
+    specialize the floats it cannot keep symbolic. We compile after Dynamo returned
+    (calibration comes first), where no restart is possible, so we specialize them all
+    here (eps, default arguments...) and check their values on every call instead of
+    Dynamo's guard (a change compiles again). Returns [(input index, value)].
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(inputs):
+        return []
+    out = []
+    for i, (node, x) in enumerate(zip(placeholders, inputs)):
+        users = list(node.users)
+        if not (isinstance(x, torch.Tensor) and x.dim() == 0 and x.is_floating_point() and x.device.type == "cpu"
+                and users and all(u.op == "call_method" and u.target == "item" for u in users)):
+            continue
+        value = float(x.item())
+        for u in users:
+            for reader in list(u.users):
+                reader.args = fx.node.map_arg(reader.args, lambda a, u=u: value if a is u else a)
+                reader.kwargs = fx.node.map_arg(reader.kwargs, lambda a, u=u: value if a is u else a)
+            gm.graph.erase_node(u)
+        out.append((i, value))
+    if out:
+        gm.recompile()
+    return out
 
 
 def svdquant_backend(

@@ -39,7 +39,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from svdq_compile.pipelines import PIPELINE_MANIFEST, load_pipeline
+    from svdq_compile.diffusers_pipelines import PIPELINE_MANIFEST, load_pipeline
 
     t0 = time.perf_counter()
     if Path(args.dir, PIPELINE_MANIFEST).is_file():
