@@ -161,3 +161,23 @@ def test_mode_names():
     assert LinearSpec(64, 64, act_bits=8, scheme="fp8").mode == "w4a8-fp8"
     assert LinearSpec(64, 64, act_bits=8).mode == "w4a8"
     assert isinstance(packed_args(torch.randn(1, 192), _packed("fp8")), LinearArgs)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cpu_paths_match_reference(monkeypatch, backend):
+    """The C++ kernel path (w4a8-int8: one group spanning K) and the torch path, each forced."""
+    from svdq_compile.runtime import cpu_gemm
+    from svdq_compile.runtime.cpu import PT_CACHE_ATTR
+
+    monkeypatch.setenv("SVDQ_CPU_GEMM", backend)
+    if backend == "auto" and not cpu_gemm.fast_backend_available():
+        pytest.skip("C++ CPU kernels unavailable (no C++ compiler, or a CPU below AVX2)")
+    p = _packed("int8")
+    x = torch.randn(33, p.spec.in_features, generator=torch.Generator().manual_seed(4))
+    y = torch.ops.svdq.linear(*packed_args(x, p, "silu"))
+    ref = quantized_linear_reference(x, p.qweight, p.wscales, p.smooth, p.lora_down, p.lora_up, p.bias,
+                                     act_bits=8, epilogue="silu", wzeros=p.wzeros, wchannel=p.wchannel, scheme="int8")
+    assert sqnr_db(ref, y) > 100.0  # exact integers; fp32 low-rank/rescale rounding only
+    _, _, w8, prep = getattr(p.qweight, PT_CACHE_ATTR)
+    used_kernel = prep is not None and prep.packed is not None
+    assert used_kernel == (backend == "auto") and (w8 is None) == used_kernel
