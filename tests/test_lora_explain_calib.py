@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 
 import svdq_compile as sq
+from svdq_compile.auto_mode import auto_choice
 from svdq_compile.calibration import LayerStats
 from svdq_compile.modules import SVDQLinear
 from models import AttnMLPBlock
@@ -40,9 +41,10 @@ def test_explain_table_and_dict():
     for r in info["layers"]:
         assert r["rank"] == 32 and r["sqnr_db"] > 10 and r["bytes"] > 0
     text = sq.explain(m)
-    # Default mode "auto" -> w4a8-int8 on CPU, and explain() says why.
-    assert "fc2" in text and "w4a8-int8" in text and "SQNR" in text
-    assert "mode w4a8-int8 <- auto: cpu" in text, text
+    # Default mode "auto" -> the CPU's choice (by ISA), and explain() says why.
+    expected = auto_choice("cpu")[0]
+    assert "fc2" in text and expected in text and "SQNR" in text
+    assert f"mode {expected} <- auto: cpu" in text, text
     assert all(r["mode_reason"].startswith("auto: cpu") for r in info["layers"])
 
 

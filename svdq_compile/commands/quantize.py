@@ -91,7 +91,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory of the quantized pipeline")
     add_common(p)
     p.add_argument("--rank", type=int, default=None, help="low-rank branch rank (default 32)")
-    p.add_argument("--mode", default=None, help="auto (default: per device, w4a8-fp8 on FP8 GPUs, else w4a8-int8), "
+    p.add_argument("--mode", default=None, help="auto (default: per device, see the README's Choosing a mode), "
                    "w4a4 (the paper's numerics), w4a8-int8, w4a8-fp8, w4a8, w8a8, w4a16 or w8a16")
     p.add_argument("--text-encoders", action="store_true", help="also quantize the text encoders' linears")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", default=[],
