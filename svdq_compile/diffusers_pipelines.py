@@ -43,6 +43,7 @@ from .artifacts import ArtifactError, read_artifact, replace_dir
 from .artifacts import save as save_artifact
 from .calibration import _NAME_ATTR, calibrating, clear_calibration
 from .config import SVDQuantConfig
+from .diffusers_lora import enable_peft_lora
 from .modules import SVDQLinear
 from .quantize_api import quantize
 
@@ -163,6 +164,7 @@ def quantize_pipeline(
     (``compile_options`` override run-time fields there, e.g. ``{"use_inductor": False}``).
     The per-component reports are in ``pipe.svdq_reports``.
     """
+    enable_peft_lora()  # pipe.load_lora_weights then reaches the quantized layers
     prompts = [calibration_prompts] if isinstance(calibration_prompts, str) else list(calibration_prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("quantize_pipeline: calibration_prompts must be a non-empty list of strings")
@@ -397,6 +399,7 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
+    enable_peft_lora()
     root = Path(path)
     mpath = root / PIPELINE_MANIFEST
     if not mpath.is_file():

@@ -31,6 +31,8 @@ class SVDQLinear(nn.Module):
             self.register_buffer(k, getattr(packed, k))
         self.base_rank = packed.rank  # rank before any LoRA was folded in
         self.loras: list[str] = []
+        self.lora_ranks: list[int] = []  # rank of each folded LoRA, in self.loras' order
+        _maybe_enable_peft()
 
     @property
     def in_features(self) -> int:
@@ -76,29 +78,56 @@ class SVDQLinear(nn.Module):
 
     # LoRA -----------------------------------------------------------------------------
     @torch.no_grad()
-    def fold_lora(self, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0, name: str = "lora") -> None:
-        """Add ``scale * up @ down`` (down: [r, K], up: [N, r]) to the layer, no re-quantization.
+    def lora_factors(self, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``scale * up @ down`` (down: [r, K], up: [N, r]) as extra rank of this layer's
+        16-bit branch: (down * lambda, up * scale) in the branch's dtype and device.
 
         The branch reads ``X' = X / lambda``, so ``X dW^T = X' (dW diag(lambda))^T``:
-        the LoRA's down projection is multiplied by lambda and concatenated to the
-        low-rank branch (DESIGN section 5: LoRA without re-quantizing).
+        the LoRA's down projection is multiplied by the smoothing factor lambda.
         """
         k, n = self.spec.in_features, self.spec.out_features
         if down.dim() != 2 or up.dim() != 2 or down.shape[1] != k or up.shape[0] != n or up.shape[1] != down.shape[0]:
-            raise ValueError(f"LoRA shapes must be down [r, {k}] and up [{n}, r], got "
+            raise ValueError(f"LoRA shapes of layer {self.name or '?'} must be down [r, {k}] and up [{n}, r], got "
                              f"{list(down.shape)} and {list(up.shape)}")
         dtype = self.lora_down.dtype if self.lora_down is not None else (
             self.bias.dtype if self.bias is not None else torch.float32)
-        d = down.double()
+        device = self.qweight.device
+        d = down.detach().to(device, torch.float64)
         if self.smooth is not None:
-            d = d * self.smooth.double()[None, :]
-        u = up.double() * scale
+            d = d * self.smooth.to(torch.float64)[None, :]
+        u = up.detach().to(device, torch.float64) * scale
+        return d.to(dtype), u.to(dtype)
+
+    @torch.no_grad()
+    def fold_lora(self, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0, name: str = "lora") -> None:
+        """Add ``scale * up @ down`` (down: [r, K], up: [N, r]) to the layer, no re-quantization.
+
+        The factors (:meth:`lora_factors`) are concatenated to the low-rank branch
+        (DESIGN section 5: LoRA without re-quantizing); :meth:`unfold_lora` takes them out.
+        """
+        d, u = self.lora_factors(down, up, scale)
         if self.lora_down is None:
-            self.lora_down, self.lora_up = d.to(dtype), u.to(dtype)
+            self.lora_down, self.lora_up = d, u
         else:
-            self.lora_down = torch.cat([self.lora_down, d.to(dtype)])
-            self.lora_up = torch.cat([self.lora_up, u.to(dtype)], dim=1)
+            self.lora_down = torch.cat([self.lora_down, d])
+            self.lora_up = torch.cat([self.lora_up, u], dim=1)
         self.loras.append(name)
+        self.lora_ranks.append(int(d.shape[0]))
+
+    @torch.no_grad()
+    def unfold_lora(self, name: str) -> None:
+        """Take the last LoRA folded as ``name`` out again (the other ranks are kept bit for bit)."""
+        if name not in self.loras:
+            raise ValueError(f"layer {self.name or '?'} has no folded LoRA {name!r} (has {self.loras})")
+        i = len(self.loras) - 1 - self.loras[::-1].index(name)
+        start = self.base_rank + sum(self.lora_ranks[:i])
+        stop = start + self.lora_ranks[i]
+        if self.lora_down.shape[0] == stop - start:
+            self.lora_down = self.lora_up = None
+        else:
+            self.lora_down = torch.cat([self.lora_down[:start], self.lora_down[stop:]]).contiguous()
+            self.lora_up = torch.cat([self.lora_up[:, :start], self.lora_up[:, stop:]], dim=1).contiguous()
+        del self.loras[i], self.lora_ranks[i]
 
     @torch.no_grad()
     def remove_loras(self) -> None:
@@ -109,3 +138,15 @@ class SVDQLinear(nn.Module):
             self.lora_down = self.lora_down[: self.base_rank].contiguous()
             self.lora_up = self.lora_up[:, : self.base_rank].contiguous()
         self.loras = []
+        self.lora_ranks = []
+
+
+def _maybe_enable_peft() -> None:
+    """Let PEFT (diffusers' ``load_lora_weights``, ``add_adapter``) target SVDQLinear once
+    PEFT is imported (see :mod:`svdq_compile.diffusers_lora`); PEFT is never imported here."""
+    import sys
+
+    if "peft" in sys.modules:
+        from svdq_compile.diffusers_lora import enable_peft_lora
+
+        enable_peft_lora()
