@@ -161,7 +161,8 @@ def pt_gemm_candidates(
     Hopper lists; other GPUs (mma.sync) get smaller tiles.
 
     INT8 on a GPU puts the composition first: Triton's Hopper pipeliner serialises every
-    wgmma of a non-fp32 accumulator (DESIGN 2.1), ``torch._int_mm`` (cuBLASLt) does not.
+    wgmma of a non-fp32 accumulator (DESIGN 2.1), ``torch._int_mm`` (cuBLASLt) does not; on
+    wgmma GPUs (sm_90, sm_100) the composition is the only candidate.
     """
     small = m <= 64
     if interpreting():
@@ -175,7 +176,10 @@ def pt_gemm_candidates(
         lib = [_MMA_SYNC_PT_LIBRARY]
     if not library:
         return fused
-    return lib + fused if scheme == "int8" and not interpreting() else fused + lib
+    if scheme == "int8" and not interpreting():
+        # wgmma GPUs: the fused int8 loop is serialised (no MMA in flight), never a candidate.
+        return lib if capability is None or capability[0] in (9, 10) else lib + fused
+    return fused + lib
 
 
 def gemm_candidates(m: int, n: int, k: int) -> list[GemmConfig]:

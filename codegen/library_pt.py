@@ -9,7 +9,10 @@
   the fused kernel; rowwise-scaled ``_scaled_mm`` would round the product to bf16 before
   the low-rank branch is added). ``use_fast_accum`` matches Triton's default for fp8 dots
   on sm_90 (``max_num_imprecise_acc_default = 2**30``: the wgmma's own accumulation).
-- int8 on CUDA: ``torch._int_mm`` (cuBLASLt, int32 out; M > 16, K and N multiples of 8).
+- int8 on CUDA: ``torch._int_mm`` (cuBLASLt, int32 out; K and N multiples of 8; it needs
+  M > 16, so a small or symbolic M gets 17 zero rows appended, a copy of M x K bytes, and
+  the product is sliced back). On wgmma GPUs (sm_90, sm_100) this is the only int8 GEMM:
+  Triton's pipeliner waits for every wgmma of an int32 accumulator (DESIGN 2.1).
 - CPU (tests, the interpreter): ``torch._int_mm`` for int8 and an fp32 matmul of the
   exactly-representable fp8 values for fp8 stand in for the library GEMM.
 """
@@ -20,6 +23,7 @@ import torch
 __all__ = ["library_available", "library_product", "FP8_FAST_ACCUM"]
 
 FP8_FAST_ACCUM = True
+_INT_MM_MIN_M = 16  # torch._int_mm on CUDA requires M > 16
 
 
 def library_available(scheme: str, m: int, n: int, k: int, device: torch.device) -> bool:
@@ -30,16 +34,20 @@ def library_available(scheme: str, m: int, n: int, k: int, device: torch.device)
         major, minor = torch.cuda.get_device_capability(device)
         return hasattr(torch, "_scaled_mm") and (major, minor) >= (8, 9) and k % 16 == 0 and n % 16 == 0
     if scheme == "int8":
-        # M > 16 is checked by _int_mm on CUDA; a symbolic M (torch.compile tracing) may be
-        # smaller at run time, so traced graphs keep the fused kernel for int8.
-        return hasattr(torch, "_int_mm") and isinstance(m, int) and m > 16 and k % 8 == 0 and n % 8 == 0
+        # Any M, symbolic (torch.compile tracing) included: library_product pads small M.
+        return hasattr(torch, "_int_mm") and k % 8 == 0 and n % 8 == 0
     return False
 
 
 def library_product(qa: torch.Tensor, w8: torch.Tensor, scheme: str) -> torch.Tensor:
     """qa: [M, K], w8: [N, K] (both int8 or both e4m3) -> [M, N] int32 / fp32 accumulator."""
     if scheme == "int8":
-        return torch._int_mm(qa, w8.t())  # B column-major: cuBLASLt's int8 "TN" layout
+        m = qa.shape[0]
+        if isinstance(m, int) and m > _INT_MM_MIN_M:
+            return torch._int_mm(qa, w8.t())  # B column-major: cuBLASLt's int8 "TN" layout
+        # _int_mm needs M > 16: append zero rows (their products are 0 and are sliced away).
+        padded = torch.cat([qa, qa.new_zeros((_INT_MM_MIN_M + 1, qa.shape[1]))])
+        return torch._int_mm(padded, w8.t())[:m]
     if qa.is_cuda:
         one = torch.ones((), dtype=torch.float32, device=qa.device)
         return torch._scaled_mm(qa, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32,

@@ -254,15 +254,33 @@ def test_library_composition(scheme, m):
         assert torch.equal(y, fused)
 
 
-def test_candidates_offer_library_and_fused():
+def test_candidates_offer_library_and_fused(monkeypatch):
     c = autotune.pt_gemm_candidates(4096, 3072, 3072, "fp8", True)
     assert any(x.library for x in c) and any(not x.library for x in c)
     assert not any(x.library for x in autotune.pt_gemm_candidates(4096, 3072, 3072, "fp8", False))
-    if not autotune.interpreting():
-        hopper = autotune.pt_gemm_candidates(4096, 3072, 3072, "int8", True, (9, 0))
-        assert hopper[0].library  # int8 on Hopper: the serialised int32 loop is not the default
-        ada = autotune.pt_gemm_candidates(4096, 3072, 3072, "fp8", False, (8, 9))
-        assert all(c.block_m * c.block_n <= 128 * 64 for c in ada)  # mma.sync: no 128x128 (spills)
+    # The GPU lists (the interpreter has its own): checked here without a GPU.
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    for cap in ((9, 0), (10, 0)):
+        # int8 on wgmma GPUs: only the library GEMM (the fused int32 loop is serialised there)
+        assert all(x.library for x in autotune.pt_gemm_candidates(4096, 3072, 3072, "int8", True, cap))
+    ampere = autotune.pt_gemm_candidates(4096, 3072, 3072, "int8", True, (8, 0))
+    assert ampere[0].library and any(not x.library for x in ampere)  # mma.sync pipelines int32 fine
+    hopper_fp8 = autotune.pt_gemm_candidates(4096, 3072, 3072, "fp8", True, (9, 0))
+    assert not hopper_fp8[0].library and any(x.library for x in hopper_fp8)
+    ada = autotune.pt_gemm_candidates(4096, 3072, 3072, "fp8", False, (8, 9))
+    assert all(c.block_m * c.block_n <= 128 * 64 for c in ada)  # mma.sync: no 128x128 (spills)
+
+
+def test_int8_library_pads_small_m():
+    """_int_mm needs M > 16 on CUDA: small M runs on 17 appended zero rows, sliced back (exact)."""
+    from svdq_compile.codegen.library_pt import library_product
+
+    g = torch.Generator().manual_seed(1)
+    for m in (1, 16, 17):
+        qa = torch.randint(-128, 128, (m, 64), generator=g, dtype=torch.int8)
+        w8 = torch.randint(-127, 128, (24, 64), generator=g, dtype=torch.int8)
+        acc = library_product(qa, w8, "int8")
+        assert acc.shape == (m, 24) and torch.equal(acc, qa.int() @ w8.int().t())
 
 
 # ------------------------------------------------------------------ ops, options
