@@ -109,7 +109,10 @@ def _compile(pipe: Any, name: str, config: SVDQuantConfig, dynamic: Optional[boo
     for lname, m in model.named_modules():
         if isinstance(m, nn.Linear):
             setattr(m.weight, _NAME_ATTR, lname)
-    setattr(pipe, name, torch.compile(model, backend="svdquant", options=config.to_dict(), dynamic=dynamic))
+    # In place (nn.Module.compile): pipe.<name> stays the diffusers model, so diffusers'
+    # own APIs that check its class (load_lora_weights, set_adapters, ...) still see it.
+    model.compile(backend="svdquant", options=config.to_dict(), dynamic=dynamic)
+    setattr(pipe, name, model)
 
 
 def _component_config(model: nn.Module, config: SVDQuantConfig) -> SVDQuantConfig:

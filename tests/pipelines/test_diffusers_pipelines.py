@@ -486,7 +486,8 @@ def test_lora_compiled(case):
         counts[tag] = _unique_graphs() - g0
         return out
 
-    base = run("base")
+    run("base")  # the backend's first calls run its calibration graph (unfused, last-ulp differences)
+    base = run("base again")
     q.load_lora_weights(files["a"], adapter_name="a")
     a = run("load a")
     q.load_lora_weights(files["b"], adapter_name="b")
@@ -503,7 +504,7 @@ def test_lora_compiled(case):
     np.testing.assert_array_equal(run("unload"), base)
     print(f"\nflux compiled, new Dynamo graphs per change: {counts}")
     assert all(c <= 1 for c in counts.values()), counts
-    assert counts["new weights"] == 0
+    assert counts["new weights"] == 0 and counts["base again"] == 0
 
 
 def test_lora_bad_input(case, tmp_path):
