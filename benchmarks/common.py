@@ -33,6 +33,12 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    try:  # which C++ CPU kernels ran (amx, avx512_vnni, avx_vnni, avx2, or torch)
+        from svdq_compile.runtime import cpu_gemm
+
+        info["cpu_isa"] = cpu_gemm.active_isa()
+    except Exception as e:  # noqa: BLE001 - reported, never fatal for a benchmark
+        info["cpu_isa"] = f"unknown ({type(e).__name__})"
     if hasattr(os, "getloadavg"):
         # CPU timings on a shared 2-core machine depend on other jobs: record the load.
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)

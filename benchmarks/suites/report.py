@@ -24,7 +24,8 @@ def _num(v: Any, fmt: str) -> str:
 
 def _machine_line(p: dict) -> str:
     m, v = p.get("machine", {}), p.get("versions", {})
-    hw = m.get("gpu") or f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} threads)"
+    hw = m.get("gpu") or (f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} threads"
+                          f"{', CPU kernels: ' + m['cpu_isa'] if m.get('cpu_isa') else ''})")
     sw = ", ".join(f"{k} {val}" for k, val in [("torch", m.get("torch")), *v.items()] if val)
     load = m.get("loadavg")
     load_s = f"; load average {load[0]:.1f}" if load else ""
