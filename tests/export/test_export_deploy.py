@@ -143,8 +143,11 @@ def test_compiled_model_before_and_after_calls(tmp_path):
     two calls the file reproduces the compiled model, and the compiled model is left as it was."""
     torch._dynamo.reset()
     model = NormMLP().eval()
+    # w4a8-int8 explicitly: the deploy flavour's exact integer path (mode "auto" depends on the CPU's
+    # ISA; W4A4 deploys through ORT's own int8 activations, see test_w4a4_deploy_*).
     compiled = torch.compile(model, backend="svdquant",
-                             options={"min_features": TEST_CONFIG.min_features, "search_grid": 4})
+                             options={"min_features": TEST_CONFIG.min_features, "search_grid": 4,
+                                      "mode": "w4a8-int8"})
     x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(3))
     with pytest.raises(NotQuantizedYetError, match="run the compiled model"):
         export_onnx(compiled, (x,), tmp_path / "early.onnx")
