@@ -28,10 +28,10 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed, use_inductor=not args.no_inductor)
     m = run_demo(args.out, opts)
     print(f"classifier held-out accuracy on real digits: {m['classifier_heldout_accuracy']:.3f}")
-    print(f"{'variant':26s} {'accuracy':>8s} {'PSNR dB':>8s} {'SSIM':>6s} {'bytes':>10s} {'s/step':>7s}")
+    print(f"{'variant':30s} {'accuracy':>8s} {'PSNR dB':>8s} {'SSIM':>6s} {'bytes':>10s} {'s/step':>7s}")
     for name, r in m["variants"].items():
         ps = "-" if r.get("psnr_db") is None else f"{r['psnr_db']:.2f}"
         ss = "-" if r.get("ssim") is None else f"{r['ssim']:.3f}"
-        print(f"{name:26s} {r['accuracy']:8.3f} {ps:>8s} {ss:>6s} {r['total_bytes']:10,d} {r['s_per_step']:7.3f}")
+        print(f"{name:30s} {r['accuracy']:8.3f} {ps:>8s} {ss:>6s} {r['total_bytes']:10,d} {r['s_per_step']:7.3f}")
     print(f"wrote {args.out}/grid.png, {args.out}/report.md, {args.out}/metrics.json")
     return 0
