@@ -160,9 +160,11 @@ class _Guard(NamedTuple):
 
 
 def cached_expanded_weight(a: LinearArgs, fast: bool) -> tuple[torch.Tensor, Optional[cpu_gemm.PreparedWeight]]:
-    """The per-token scheme's [N, K] 8-bit weight (and, with ``fast``, the C++ kernel's
-    prepared copy of it, one group spanning K, ``wchannel`` as the per-column scale),
-    cached on ``qweight`` and rebuilt when any of the weight tensors changed."""
+    """(w8, prep) of a per-token layer, cached on ``qweight`` and rebuilt when any of the
+    weight tensors changed: with ``fast`` (int8 scheme), the C++ kernels' prepared copy
+    (one group spanning K, ``wchannel`` as the per-column scale) and ``w8 = None``;
+    otherwise (or if the kernels cannot take it) the [N, K] 8-bit operand and ``prep = None``
+    or an unusable one."""
     key = (a.scheme, a.group_size, fast)
     watched = tuple(t for t in (a.qweight, a.wscales, a.wzeros, a.wchannel) if t is not None)
     e = getattr(a.qweight, PT_CACHE_ATTR, None)
@@ -198,8 +200,7 @@ def _per_token_linear(a: LinearArgs, x2: torch.Tensor) -> torch.Tensor:
         if res is not None:
             qa, sa, _, h = res
             return cpu_gemm.gemm_prepared_u8(qa, sa, prep.packed, n, k, h, a.lora_up, a.bias)
-        w8 = expanded_weight(a.scheme, a.qweight, a.wscales, a.wzeros, a.wchannel, a.group_size)
-    if w8 is None:
+    if w8 is None:  # the kernel's copy exists but the fused quantizer declined this input
         w8 = expanded_weight(a.scheme, a.qweight, a.wscales, a.wzeros, a.wchannel, a.group_size)
     xs = smooth_input(x2, a.smooth)  # [M, K] fp32
     qa, sa = quantize_tokens(xs, a.scheme)
