@@ -110,8 +110,11 @@ def run_demo(out_dir: str | Path, opts: DemoOptions = DemoOptions()) -> dict[str
             fn = torch.compile(model, backend="svdquant", options=cfg_opts)
             # Quantize + compile now, at the sampling batch shape (2B: both CFG branches), so
             # neither the quantization nor a shape recompile lands in the s/step figure.
+            # Under no_grad like the sampler: a grad-mode call would compile a graph whose
+            # grad-mode guard fails on the first sampling step (a second compile, ~10 s).
             both = torch.cat([labels, labels])
-            fn(torch.zeros(len(both), 16, 4), torch.ones(len(both)), both)
+            with torch.no_grad():
+                fn(torch.zeros(len(both), 16, 4), torch.ones(len(both)), both)
             info["quantize_compile_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         imgs = sample(fn, labels, steps=opts.steps, guidance=opts.guidance, seed=opts.seed, progress=opts.progress)
