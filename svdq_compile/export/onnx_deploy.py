@@ -33,7 +33,8 @@ numerics (it is closer to float); the error vs the torch model is stated in the 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import logging
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
 import onnx_ir as ir
@@ -44,9 +45,16 @@ from svdq_compile.runtime.packing import unpack_int4
 if TYPE_CHECKING:  # pragma: no cover
     from .onnx_linear import _Builder
 
-__all__ = ["INT8_KERNELS", "int8_weight", "int8_activation", "int8_matmul", "lowrank_with_bias", "unit_column"]
+__all__ = ["INT8_KERNELS", "int8_weight", "int8_activation", "int8_matmul", "lowrank_with_bias", "unit_column",
+           "store_fp16", "FP16_MIN_ELEMENTS", "FP16_MIN_SQNR_DB"]
+
+log = logging.getLogger(__name__)
 
 INT8_KERNELS = ("u8u8", "u8u8_floor", "u8s8", "dynamic")
+# Float initializers at least this large are stored in fp16 + Cast (smaller ones: not worth a node).
+FP16_MIN_ELEMENTS = 256
+# ... unless fp16 rounding costs more than this (values above 65504, or mostly below fp16's normal range).
+FP16_MIN_SQNR_DB = 60.0
 
 
 def _pack_u4(values: torch.Tensor, shape: list[int], name: str) -> ir.TensorProtocol:
@@ -139,3 +147,60 @@ def int8_matmul(b: "_Builder", xs: ir.Value, act: Optional[tuple[ir.Value, ir.Va
     ins = [qa, w, one, chan, zp] + ([zp] if kernel.startswith("u8u8") else [])
     y = b.op("MatMulIntegerToFloat", ins, name="acc_scaled", domain="com.microsoft")
     return b.op("Mul", [y, s], name="y_int")
+
+
+def _fp16_copy(arr: np.ndarray) -> Optional[np.ndarray]:
+    """``arr`` rounded to fp16, or None where that loses more than ``FP16_MIN_SQNR_DB`` (overflow, or
+    values mostly in fp16's subnormal range)."""
+    h = arr.astype(np.float16)
+    if not np.isfinite(h).all():
+        return None
+    ref = arr.astype(np.float64)
+    signal = float(np.sum(ref * ref))
+    noise = float(np.sum((ref - h.astype(np.float64)) ** 2))
+    if noise > 0 and (signal == 0 or 10.0 * np.log10(signal / noise) < FP16_MIN_SQNR_DB):
+        return None
+    return h
+
+
+def store_fp16(graph: ir.Graph, values: Iterable[ir.Value], min_elements: int = FP16_MIN_ELEMENTS) -> tuple[int, int]:
+    """Store float32 initializers as fp16 initializers followed by ``Cast(to=FLOAT)`` (in place).
+
+    The Cast reads only an initializer, so ONNX Runtime constant-folds it when the session is
+    created (the GEMMs then pre-pack the fp32 result, as before): the file halves these tensors
+    and the session runs the same graph, on weights rounded to fp16 (|rel. error| <= 2^-11).
+    Initializers that are graph inputs or outputs, smaller than ``min_elements``, or that fp16
+    cannot hold (:func:`_fp16_copy`) stay float32. Returns (tensors converted, bytes saved)."""
+    first = next(iter(graph), None)
+    n_done = saved = 0
+    casts = []
+    for v in values:
+        t = v.const_value
+        if (t is None or v.dtype != ir.DataType.FLOAT or v.name not in graph.initializers or v.is_graph_input()
+                or v.is_graph_output() or not v.uses() or int(np.prod(t.shape)) < min_elements):
+            continue
+        h = _fp16_copy(t.numpy())
+        if h is None:
+            log.info("svdq export: %s stays float32 (fp16 would lose more than %.0f dB)", v.name, FP16_MIN_SQNR_DB)
+            continue
+        name = f"{v.name}_fp16"
+        while name in graph.initializers:
+            name += "_"
+        hv = ir.Value(name=name, shape=ir.Shape(h.shape), type=ir.TensorType(ir.DataType.FLOAT16),
+                      const_value=ir.Tensor(h, name=name))
+        graph.register_initializer(hv)
+        cast = ir.Node("", "Cast", [hv], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{name}/Cast",
+                       num_outputs=1)
+        out = cast.outputs[0]
+        out.name, out.shape, out.type = f"{v.name}_f32", v.shape, v.type
+        v.replace_all_uses_with(out)
+        del graph.initializers[v.name]
+        casts.append(cast)
+        n_done += 1
+        saved += h.nbytes
+    if casts:
+        if first is not None:
+            graph.insert_before(first, casts)
+        else:  # pragma: no cover - a graph of initializers only
+            graph.extend(casts)
+    return n_done, saved

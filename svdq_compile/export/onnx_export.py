@@ -195,6 +195,7 @@ def export_onnx(
     debug_info: bool = False,
     flavor: str = "exact",
     int8_kernel: str = "u8u8",
+    fp16_weights: bool = True,
 ) -> OnnxExport:
     """Export a model quantized with :func:`svdq_compile.quantize` / :func:`svdq_compile.load`,
     or compiled with ``torch.compile(model, backend="svdquant")`` and run at least once.
@@ -227,6 +228,11 @@ def export_onnx(
         int8_kernel: deploy form of ``w4a8-int8`` layers: ``"u8u8"`` (exact, default),
             ``"u8s8"`` (faster without AVX-VNNI, saturating), ``"dynamic"`` (ONNX Runtime's
             per-tensor ``DynamicQuantizeMatMul``).
+        fp16_weights: deploy flavour: store the float weights (low-rank factors with the bias row,
+            the model's non-quantized layers, group-wise scales) as fp16 initializers + ``Cast``,
+            which ONNX Runtime folds when the session is created (same graph at run time, half the
+            bytes; adds fp16 rounding of those weights). ``False``: float32, the integer path's
+            exact numerics. Ignored by the exact flavour.
 
     Returns:
         :class:`OnnxExport` (path, number of quantized linears, op types, file size).
@@ -258,15 +264,15 @@ def export_onnx(
         return _export(model, example_inputs, path, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                        dynamic_axes=dynamic_axes, input_names=input_names, output_names=output_names, opset=opset,
                        external_data=external_data, check=check, debug_info=debug_info, flavor=flavor,
-                       int8_kernel=int8_kernel)
+                       int8_kernel=int8_kernel, fp16_weights=fp16_weights)
 
 
 def _export(model, example_inputs, path, *, example_kwargs, dynamic_shapes, dynamic_axes, input_names, output_names,
-            opset, external_data, check, debug_info, flavor, int8_kernel) -> OnnxExport:
+            opset, external_data, check, debug_info, flavor, int8_kernel, fp16_weights=True) -> OnnxExport:
     program = _trace(model, example_inputs, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                      dynamic_axes=dynamic_axes, input_names=input_names, output_names=output_names, opset=opset)
     return _write(program.model, path, opset=opset, external_data=external_data, check=check, debug_info=debug_info,
-                  flavor=flavor, int8_kernel=int8_kernel)
+                  flavor=flavor, int8_kernel=int8_kernel, fp16_weights=fp16_weights)
 
 
 def _trace(model, example_inputs, *, example_kwargs, dynamic_shapes, dynamic_axes, input_names, output_names, opset):
@@ -290,7 +296,8 @@ def _trace(model, example_inputs, *, example_kwargs, dynamic_shapes, dynamic_axe
         )
 
 
-def _write(ir_model, path, *, opset, external_data, check, debug_info, flavor, int8_kernel) -> OnnxExport:
+def _write(ir_model, path, *, opset, external_data, check, debug_info, flavor, int8_kernel,
+           fp16_weights=True) -> OnnxExport:
     """Expand the placeholders of a traced model (in place), save and check it."""
     import onnx
     import onnx_ir as ir
@@ -299,7 +306,7 @@ def _write(ir_model, path, *, opset, external_data, check, debug_info, flavor, i
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n_linears = expand_quantized_linears(ir_model, flavor=flavor, int8_kernel=int8_kernel)
+    n_linears = expand_quantized_linears(ir_model, flavor=flavor, int8_kernel=int8_kernel, fp16_weights=fp16_weights)
     ir_model.producer_name = "svdq_compile"
     if not debug_info:
         _strip_debug_metadata(ir_model)
@@ -330,7 +337,7 @@ def export_onnx_variants(
     opset: int = 21,
     check: bool = True,
 ) -> dict[Path, OnnxExport]:
-    """Several files from one trace: ``variants = {path: (flavor, int8_kernel)}`` (the benchmark
+    """Several files from one trace: ``variants = {path: (flavor, int8_kernel[, fp16_weights])}`` (the benchmark
     suite's way to write the exact and deploy files of a large model without tracing it again)."""
     import onnx_ir as ir
 
@@ -344,7 +351,8 @@ def export_onnx_variants(
     proto = ir.serde.serialize_model(program.model)
     del program
     out = {}
-    for path, (flavor, kernel) in variants.items():
+    for path, spec in variants.items():
+        flavor, kernel, fp16 = (tuple(spec) + (True,))[:3]
         out[Path(path)] = _write(ir.serde.deserialize_model(proto), path, opset=opset, external_data=None,
-                                 check=check, debug_info=False, flavor=flavor, int8_kernel=kernel)
+                                 check=check, debug_info=False, flavor=flavor, int8_kernel=kernel, fp16_weights=fp16)
     return out

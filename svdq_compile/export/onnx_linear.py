@@ -27,6 +27,7 @@ the ops above reproduce ``floor(v / s + 0.5)`` exactly.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import numpy as np
@@ -46,6 +47,7 @@ MIN_OPSET = 21  # DequantizeLinear with INT4 inputs and block_size
 FLAVORS = ("exact", "deploy")
 _F32 = ir.DataType.FLOAT
 _PREFIX = "svdq_export"
+logger = logging.getLogger(__name__)
 
 
 class _Builder:
@@ -228,6 +230,12 @@ def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced:
                 up = b.initializer(f"{layer}.lora_up_t", _transposed(ins["lora_up"], f"{layer}.lora_up_t"))
             replaced.update({ins["lora_down"], ins["lora_up"]})
         replaced.update({qweight, wscales})
+        if flavor == "deploy":
+            # Low-rank factors (and the bias row riding on them) and group-wise fp16 scales held as fp32:
+            # fp16 in the file + a Cast ONNX Runtime folds at session creation (onnx_deploy.store_fp16).
+            shared.setdefault("fp16", []).extend(v for v in (down, up) if v is not None)
+            if scheme == "group":
+                shared["fp16"].append(scale)
         if bias_in_up:
             replaced.add(ins["bias"])
         weights[qweight] = (n, k, w, scale, down, up, bias_in_up)
@@ -329,12 +337,15 @@ def _placeholders(graph: ir.Graph) -> list[ir.Node]:
     return [n for n in graph if n.domain == PLACEHOLDER_DOMAIN and n.op_type == PLACEHOLDER_OP]
 
 
-def expand_quantized_linears(model: ir.Model, flavor: str = "exact", int8_kernel: str = "u8u8") -> int:
+def expand_quantized_linears(model: ir.Model, flavor: str = "exact", int8_kernel: str = "u8u8",
+                             fp16_weights: bool = True) -> int:
     """Replace every placeholder of ``model`` (in place); returns how many were expanded.
 
     ``flavor``: ``"exact"`` (this module's float reproduction of our numerics) or
     ``"deploy"`` (integer GEMMs for ONNX Runtime, :mod:`.onnx_deploy`); ``int8_kernel``
-    picks the deploy form of ``w4a8-int8`` layers (``onnx_deploy.INT8_KERNELS``)."""
+    picks the deploy form of ``w4a8-int8`` layers (``onnx_deploy.INT8_KERNELS``); ``fp16_weights``
+    (deploy only) stores the float weights (low-rank factors, float layers) as fp16 + Cast
+    (:func:`.onnx_deploy.store_fp16`)."""
     if flavor not in FLAVORS:
         raise ValueError(f"svdq export: flavor must be one of {FLAVORS}, got {flavor!r}")
     if int8_kernel not in onnx_deploy.INT8_KERNELS:
@@ -349,6 +360,9 @@ def expand_quantized_linears(model: ir.Model, flavor: str = "exact", int8_kernel
     replaced: set = set()
     nodes = _placeholders(graph)
     shared: dict = {}
+    # The model's own float weights (embedders, final layer, norms), not the quantized layers' inputs.
+    own = [v for v in graph.initializers.values()
+           if not any(u.node.domain == PLACEHOLDER_DOMAIN for u in v.uses())] if flavor == "deploy" and fp16_weights else []
     for i, node in enumerate(nodes):
         _expand_one(builder, node, i, weights, replaced, flavor, int8_kernel, shared)
     # A placeholder left inside a subgraph (If/Loop body) or a local function is not supported.
@@ -362,6 +376,9 @@ def expand_quantized_linears(model: ir.Model, flavor: str = "exact", int8_kernel
     for v in replaced:
         if not v.uses() and not v.is_graph_output() and v.name in graph.initializers:
             del graph.initializers[v.name]
+    if flavor == "deploy" and fp16_weights:
+        n16, saved = onnx_deploy.store_fp16(graph, list(dict.fromkeys(own + shared.get("fp16", []))))
+        logger.info("svdq export (deploy): %d float initializers stored as fp16 + Cast (%.2f MB saved)", n16, saved / 1e6)
     model.opset_imports.pop(PLACEHOLDER_DOMAIN, None)
     if any(n.domain == "com.microsoft" for n in graph):
         model.opset_imports["com.microsoft"] = 1
