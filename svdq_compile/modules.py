@@ -71,6 +71,19 @@ class SVDQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_from_packed(x, self.packed)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        n0 = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not any(prefix + k in state_dict for k in _KEYS):
+            # A state dict for other modules (a PEFT/diffusers LoRA): this layer's whole state
+            # is missing, as expected. PEFT and diffusers take any missing key containing
+            # ".lora_" for a missing adapter weight ("missing keys ... lora_down" warning):
+            # those two names are left out of the report; qweight etc. stay in it.
+            missing_keys[n0:] = [k for k in missing_keys[n0:]
+                                 if k not in (prefix + "lora_down", prefix + "lora_up")]
+
     def extra_repr(self) -> str:
         s = self.spec
         return (f"in={s.in_features}, out={s.out_features}, mode={s.mode}{'u' if s.act_unsigned else ''}, "
