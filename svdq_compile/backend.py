@@ -8,9 +8,11 @@ Inductor (or eager with ``use_inductor=False``).
 """
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import time
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -28,12 +30,25 @@ __all__ = ["svdquant_backend", "last_reports"]
 
 log = logging.getLogger(__name__)
 
-# Reports of the graphs compiled in this process, newest last (for explain()).
-_REPORTS: list[CompileReport] = []
+# Reports of the graphs compiled in this process, newest last (for explain()); bounded,
+# since a pipeline whose LoRA adapters change compiles again at every change.
+_REPORTS: "collections.deque[CompileReport]" = collections.deque(maxlen=256)
+# Every compiled graph of this process (weakly: Dynamo owns them), for retained_variants().
+_LIVE: "weakref.WeakSet[SVDQuantCompiled]" = weakref.WeakSet()
 
 
 def last_reports() -> list[CompileReport]:
     return list(_REPORTS)
+
+
+def retained_variants() -> int:
+    """Quantized variants (compiled graph + the tensors it baked) held in this process.
+
+    A variant is kept while every tensor that keys it is alive (see
+    :class:`SVDQuantCompiled`): at most one per set of live weights, whatever the
+    number of adapter changes a pipeline went through.
+    """
+    return sum(len(c._variants) for c in list(_LIVE))
 
 
 class _Recorder(torch.nn.Module):
@@ -77,8 +92,33 @@ def _calibration_graph(gm: fx.GraphModule, sites, new_stats: Callable[[Any, int]
     return cgm
 
 
+class _Variant:
+    """One quantized, compiled version of a Dynamo graph for one set of weight tensors.
+
+    Holds its key tensors only weakly: when one of them dies (a LoRA layer replaced its
+    factors, ``fuse_lora`` / ``unload_lora_weights`` / ``delete_adapters`` rebuilt a
+    buffer, the model was deleted) the key can never match again, so the variant (its
+    compiled function and the fused copies it baked) is dropped at once, before the
+    tensor's id could be reused by a new tensor.
+    """
+
+    __slots__ = ("fn", "versions", "refs")
+
+    def __init__(self, fn: Callable, versions: list, refs: list) -> None:
+        self.fn = fn
+        self.versions = versions  # [(weakref to a tensor baked in, its version at compile time)]
+        self.refs = refs  # weakrefs with the eviction callback (keep them alive)
+
+
 class SVDQuantCompiled:
-    """Callable returned to Dynamo: calibrates on the first calls if needed, then runs quantized."""
+    """Callable returned to Dynamo: calibrates on the first calls if needed, then runs quantized.
+
+    Quantized variants are keyed by the identity of the weight tensors the graph bakes in
+    (Dynamo shares one graph between instances of a module class and between LoRA factor
+    tensors of the same shapes). Each variant lives as long as all its key tensors do
+    (:class:`_Variant`): switching adapters N times on a compiled pipeline leaves one
+    variant per live set of tensors, not N.
+    """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], config: SVDQuantConfig) -> None:
         from svdq_compile.passes.find_linears import find_linear_sites
@@ -119,8 +159,10 @@ class SVDQuantCompiled:
                 self._svdq_idx += [placeholders.index(a) for a in n.args[1:9]
                                    if isinstance(a, fx.Node) and a.op == "placeholder"]
         self._widx += self._svdq_idx
-        self._key: tuple = ()
-        self._variants: dict[tuple, tuple[Callable, list]] = {}
+        self._key: Optional[tuple] = None
+        self._variants: dict[tuple, _Variant] = {}
+        self._ready = False  # calibrated (the first variant was built)
+        _LIVE.add(self)
         missing = [s for s in self.sites if (stats_of(s.weight) is None or stats_of(s.weight).seen == 0)]
         if missing and config.calibration == "require":
             names = ", ".join(s.name for s in missing[:5])
@@ -162,7 +204,7 @@ class SVDQuantCompiled:
                                  f"({', '.join(missing[:5])}...) of another instance of this model")
         qgm, report = quantize_graph(self.gm, inputs, sites, self.config)
         _REPORTS.append(report)
-        self._versions = [(s.weight, _version(s.weight)) for s in sites]
+        versions = [(s.weight, _version(s.weight)) for s in sites]
         # ops_inserted also counts svdq ops of already-quantized models (quantize()/load()).
         if self.config.use_inductor and (report.rewritten or report.ops_inserted):
             from torch._inductor.compile_fx import compile_fx
@@ -177,13 +219,29 @@ class SVDQuantCompiled:
         apply_aliases(qgm)  # only now: compiling checks the inputs' storage offsets
         # Buffers of already-quantized layers (quantize()/load()) are baked into fused ops
         # too: an in-place edit of one must not leave the compiled model half stale.
-        self._versions += [(inputs[i], _version(inputs[i])) for i in self._svdq_idx
-                           if isinstance(inputs[i], torch.Tensor)]
-        self._key = self._weight_key(inputs)
-        self._variants[self._key] = (self._fn, self._versions)
+        versions += [(inputs[i], _version(inputs[i])) for i in self._svdq_idx
+                     if isinstance(inputs[i], torch.Tensor)]
+        self._key = key = self._weight_key(inputs)
+        self._versions = [(weakref.ref(t), v) for t, v in versions]
+        self._drop_variant(key)
+        evict = _evictor(weakref.ref(self), key)
+        refs = [weakref.ref(inputs[i], evict) for i in self._widx if isinstance(inputs[i], torch.Tensor)]
+        self._variants[key] = _Variant(self._fn, self._versions, refs)
         report.seconds = time.perf_counter() - t0
-        log.info("svdquant: %s", report.summary())
+        log.info("svdquant: %s (%d variant(s) of this graph held)", report.summary(), len(self._variants))
         self._calib_gm = None
+        self._ready = True
+        # The first call's tensors are not needed any more: holding them would keep the
+        # first variant's key alive for ever (LoRA factors replaced since then). Cleared in
+        # place: Dynamo's wrapper of this callable holds a copy of our __dict__ (functools.wraps).
+        self.example_inputs.clear()
+
+    def _drop_variant(self, key: tuple) -> None:
+        variant = self._variants.pop(key, None)
+        if variant is not None:
+            variant.refs.clear()  # its callbacks must not evict the variant replacing it
+        if key == self._key and variant is not None and variant.fn is self._fn:
+            self._fn, self._versions, self._key = None, [], None
 
     def _dynamo_context(self, inputs: Sequence[Any]):
         """Re-enter the tracing / compile context Dynamo called the backend in (no-op
@@ -212,7 +270,7 @@ class SVDQuantCompiled:
         return stack
 
     def __call__(self, *args: Any) -> Any:
-        if self._fn is None:
+        if not self._ready:
             self._calls += 1
             with torch.no_grad():
                 out = self._calib_gm(*args)
@@ -220,18 +278,20 @@ class SVDQuantCompiled:
                 self._finalize()
             return out
         key = self._weight_key(args)
-        if key != self._key:  # another instance of the same module class
-            if key in self._variants:
+        if key != self._key or self._fn is None:  # another instance, or new (LoRA) tensors
+            variant = self._variants.get(key)
+            if variant is not None:
                 self._key = key
-                self._fn, self._versions = self._variants[key]
+                self._fn, self._versions = variant.fn, variant.versions
             else:
                 log.info("svdquant: new set of weights for a shared graph; quantizing them")
                 self._finalize(args)
         if any(args[i].item() != v for i, v in self._scalars):
             log.info("svdquant: a float argument specialized at compile time changed; compiling again")
             self._finalize(args)
-        for w, v in self._versions:
-            if _version(w) != v:
+        for ref, v in self._versions:
+            w = ref()
+            if w is not None and _version(w) != v:
                 raise RuntimeError(
                     "svdquant: a quantized weight was modified after compilation; the compiled "
                     "model would run stale weights. Re-create it with torch.compile(...) (and "
@@ -239,6 +299,19 @@ class SVDQuantCompiled:
                 )
         with torch.no_grad():
             return self._fn(*args)
+
+
+def _evictor(owner: "weakref.ref[SVDQuantCompiled]", key: tuple) -> Callable[[Any], None]:
+    """Weakref callback: drop ``owner``'s variant ``key`` when one of its key tensors dies."""
+
+    def evict(_: Any) -> None:
+        compiled = owner()
+        if compiled is not None and key in compiled._variants:
+            compiled._drop_variant(key)
+            log.debug("svdquant: a tensor of a compiled variant was freed; variant dropped (%d held)",
+                      len(compiled._variants))
+
+    return evict
 
 
 def _specialize_scalars(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[tuple[int, float]]:

@@ -28,6 +28,9 @@ the graph once more at the next call. So: one recompilation per change, none per
 denoising step; padding the rank would save only Dynamo's re-trace, not the
 backend's, so it is not done. ``unload_lora_weights`` puts the original ``SVDQLinear``
 modules back (Dynamo re-traces; outputs are the quantized pipeline's, bit for bit).
+Every change makes new factor tensors and frees the old ones; the backend drops the
+variant compiled from them at that moment (``svdq_compile.backend``: variants are held
+by weak keys), so N changes leave one variant per live set of tensors, not N.
 """
 from __future__ import annotations
 
