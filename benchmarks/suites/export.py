@@ -12,8 +12,15 @@ optimizations (``ort_optimized_op_types``) are recorded for the deploy files.
 Models: the trained demo (``svdq_compile.demo``, batch 200 = 100 samples with guidance, at
 rank 32 and, without ``--quick``, at the proportional rank 4), and a FLUX.1 single-stream
 block at FLUX.1 width (hidden 3072, MLP 12288, 512 image + 64 text tokens; ``--quick``: the
-reduced 768-wide block, 128 + 32 tokens). Quantization: ``mode="auto"`` (w4a8-int8 on CPU, AdaLN
-modulation W4A16), alpha 0.5, no refinement (speed does not depend on them).
+reduced 768-wide block, 128 + 32 tokens). Quantization: ``mode="w4a8-int8"`` (the deploy
+flavour's integer path; ``"auto"`` picks W4A4 on AVX2 CPUs since the torch kernels' ISA dispatch;
+AdaLN modulation W4A16), alpha 0.5, no refinement (speed does not depend on them).
+
+Profile (``ort_profile``): one extra ORT session per float / deploy file with
+``SessionOptions.enable_profiling``, kernel time per category over a few runs: for the float
+file, the MatMul/Gemm nodes of the layers we quantize (found by the exporter's module scopes)
+vs the rest; for the deploy file, the int8 GEMMs, the low-rank MatMuls, the activation
+quantizer's ops and the rest. That is the Amdahl bound of the quantized file.
 """
 from __future__ import annotations
 
@@ -32,11 +39,15 @@ from .timing import time_interleaved
 
 __all__ = ["run", "to_markdown", "plot", "FILES"]
 
+QUANT_MODE = "w4a8-int8"
+PROFILE_RUNS = 3
+
 # (key, flavor, int8 kernel, ORT exact session)
 FILES = (
     ("float", None, None, False),
     ("exact", "exact", "u8u8", True),
     ("deploy", "deploy", "u8u8", False),
+    ("deploy_fp32", "deploy", "u8u8", False),
     ("deploy_u8s8", "deploy", "u8s8", False),
     ("deploy_dynamic", "deploy", "dynamic", False),
 )
@@ -76,6 +87,7 @@ def _case(ctx: Context, name: str, float_model: torch.nn.Module, quant_model: to
           info: dict, tmp: Path, bar: Any) -> None:
     import onnxruntime as ort
 
+    from svdq_compile import SVDQLinear
     from svdq_compile.export import (bf16_parameter_bytes, export_onnx, export_onnx_variants,
                                      ort_optimized_op_types, ort_session)
 
@@ -86,12 +98,13 @@ def _case(ctx: Context, name: str, float_model: torch.nn.Module, quant_model: to
     ctx.note(f"{name}: torch quantized vs torch float {sqnr_db(ref_f, ref_q):.1f} dB")
     files: dict[str, tuple[Path, int]] = {}
     t0 = time.perf_counter()
-    res = export_onnx(float_model, example, tmp / "float.onnx")
-    files["float"] = (res.path, res.file_bytes)
+    res = export_onnx(float_model, example, tmp / "float.onnx", debug_info=True)
+    qscopes = _strip_scopes(res.path, {n for n, m in quant_model.named_modules() if isinstance(m, SVDQLinear)})
+    files["float"] = (res.path, res.path.stat().st_size)
     export_s = {"float": round(time.perf_counter() - t0, 1)}
     keys = [k for k, *_ in FILES if k != "float"]
     t0 = time.perf_counter()
-    variants = {tmp / f"{k}.onnx": (fl, kern) for k, fl, kern, _ in FILES if k in keys}
+    variants = {tmp / f"{k}.onnx": (fl, kern, k != "deploy_fp32") for k, fl, kern, _ in FILES if k in keys}
     written = export_onnx_variants(quant_model, example, variants)
     for k in keys:
         r = written[tmp / f"{k}.onnx"]
@@ -131,6 +144,12 @@ def _case(ctx: Context, name: str, float_model: torch.nn.Module, quant_model: to
         rows[key].update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items()})
         if base:
             rows[key]["speedup_vs_float"] = round(base / t["median_ms"], 3)
+    for key in ("float", "deploy"):
+        if rows.get(key, {}).get("status") == "ok":
+            try:
+                rows[key]["ort_profile"] = _profile(files[key][0], sessions[key][1], qscopes, key == "float")
+            except Exception as e:  # noqa: BLE001 - the profile is extra information
+                ctx.note(f"{name}: ORT profile of {key} failed: {type(e).__name__}: {e}")
     ctx.extra.setdefault("export_s", {})[name] = export_s
     ctx.extra.setdefault("bf16_bytes", {})[name] = bf16
     for key in rows:
@@ -139,13 +158,84 @@ def _case(ctx: Context, name: str, float_model: torch.nn.Module, quant_model: to
     gc.collect()
 
 
+def _strip_scopes(path: Path, quantized: set) -> set:
+    """Names of the float file's MatMul/Gemm nodes inside the layers we quantize (from the exporter's
+    module scopes); then the file is saved without that metadata (as export_onnx writes it by default)."""
+    import ast
+
+    import onnx
+
+    model = onnx.load(str(path))
+    found = set()
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            scopes = []
+        if node.op_type in ("MatMul", "Gemm") and any(sc in quantized for sc in scopes):
+            found.add(node.name)
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        del v.metadata_props[:]
+    onnx.save(model, str(path))
+    return found
+
+
+# the per-token quantizer (smoothing Div, absmax, scale, QuantizeLinear, the * s after the GEMM) and the
+# layer's elementwise epilogue (activation, gate, output Cast)
+_QUANTIZER_OPS = {"Abs", "ReduceMax", "Div", "Max", "QuantizeLinear", "Mul", "Shape", "Expand", "Greater", "Where",
+                  "Gelu", "FastGelu", "BiasGelu", "Sigmoid", "Relu", "Cast"}
+
+
+def _profile(path: Path, feeds: dict, qscopes: set, is_float: bool) -> dict:
+    """ms per run by category (see the module docstring), from ORT's own profiler."""
+    import json
+    import os
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(path.with_suffix("")) + "_prof"
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(PROFILE_RUNS + 1):
+        sess.run(None, feeds)
+    prof = sess.end_profiling()
+    with open(prof) as f:
+        events = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    os.remove(prof)
+    events = events[len(events) // (PROFILE_RUNS + 1):]  # the first run: warm-up
+    cats: dict[str, float] = {}
+    for e in events:
+        node, op = e["name"][: -len("_kernel_time")], e["args"].get("op_name", "")
+        if is_float:
+            cat = "quantized-layer GEMMs" if node.split("/")[0] in qscopes else "rest"
+        elif "/" not in node or node.startswith("svdq_export"):
+            cat = "rest"  # the quantized layers' nodes are named <layer>/<op>
+        elif op in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul"):
+            cat = "int8 GEMMs"
+        elif op == "MatMulNBits":
+            cat = "MatMulNBits (W4A16)"
+        elif op in ("Gemm", "MatMul", "FusedMatMul", "Add", "Reshape"):
+            cat = "low-rank GEMMs + adds"
+        elif op in _QUANTIZER_OPS:
+            cat = "quantizer + elementwise epilogue"
+        else:
+            cat = "rest"
+        cats[cat] = cats.get(cat, 0.0) + e["dur"] / 1e3 / PROFILE_RUNS
+    return {k: round(v, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+
+
 def _quantize(model: torch.nn.Module, example: tuple, calib: list, **overrides: Any) -> torch.nn.Module:
     import svdq_compile
 
     from .baselines import bench_svdq_config
 
     q = copy.deepcopy(model)
-    svdq_compile.quantize(q, list(example), calib, bench_svdq_config("auto", **overrides), progress=False)
+    svdq_compile.quantize(q, list(example), calib, bench_svdq_config(QUANT_MODE, **overrides), progress=False)
     return q
 
 
@@ -232,12 +322,38 @@ def to_markdown(p: dict) -> str:
                   "session creation):", ""]
         for case, f, o in ops:
             lines.append(f"- {case} / {f}: " + ", ".join(f"{k} {v}" for k, v in sorted(o.items(), key=lambda kv: -kv[1])))
+    lines += _profile_markdown(p["rows"])
     if p.get("notes"):
         lines += ["", "Notes:"] + [f"- {n}" for n in p["notes"]]
     lines += ["", "Files:"] + [f"- **{k}**: {v}" for k, v in FILE_DOCS.items()]
     if p.get("error"):
         lines += ["", f"Suite error: `{p['error']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _profile_markdown(rows: list) -> list:
+    """Kernel time by category (ORT profiler, same process, after the timed runs) and the Amdahl bound."""
+    by_case: dict = {}
+    for r in rows:
+        if r.get("ort_profile"):
+            by_case.setdefault(r["case"], {})[r["file"]] = r["ort_profile"]
+    if not by_case:
+        return []
+    out = ["", f"Where the time goes (ORT profiler, kernel ms per run, mean of {PROFILE_RUNS} runs; the float "
+           "file's MatMul/Gemm nodes of the layers we quantize vs the rest):", ""]
+    for case, prof in by_case.items():
+        fl, dep = prof.get("float"), prof.get("deploy")
+        if fl:
+            tot = sum(fl.values())
+            q = fl.get("quantized-layer GEMMs", 0.0)
+            bound = tot / (tot - q) if tot > q else float("inf")
+            out.append(f"- {case} / float: {tot:.1f} ms; quantized-layer GEMMs {q:.1f} ms = {100 * q / tot:.1f}% "
+                       f"-> even free GEMMs give at most **{bound:.2f}x**")
+            if dep:
+                dt = sum(dep.values())
+                parts = ", ".join(f"{k} {v:.1f} ms ({100 * v / tot:.1f}% of float)" for k, v in dep.items())
+                out.append(f"- {case} / deploy: {dt:.1f} ms ({tot / dt:.2f}x): {parts}")
+    return out
 
 
 def _db(v: Any) -> str:

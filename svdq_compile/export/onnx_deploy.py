@@ -5,11 +5,12 @@ ops in front of a dequantized float ``MatMul``: right numbers, but slower than t
 model in ONNX Runtime. The deploy flavour writes, per ``w4a8-int8`` layer::
 
     xs = Cast(x) / smooth                                  # shared by layers that read the same x
-    s  = Where(s0 > 0, s0, 1),  s0 = ReduceMax(Abs(xs), axes=[-1]) / 127   # per token
+    s  = Max(s0, FLT_MIN),  s0 = ReduceMax(Abs(xs), axes=[-1]) / 127      # per token (0 rows: codes 0)
     qa = QuantizeLinear(xs, s, 128, axis=-1, block_size=K)                 # UINT8, one pass (ties: half to even)
     E  = Cast((Cast(U, INT32) - Cast(Z, INT32)) * Cast(S, INT32) + 128, UINT8)   # [K, N], from initializers
     y  = MatMulIntegerToFloat(qa, E, 1, c, 128, 128) * s                   # exact int32 sum over K, * c * s
-    y  = y + ([xs @ lora_down^T, 1]) @ [lora_up^T; bias] -> epilogue      # bias as the up projection's last row
+    y  = Gemm([xs @ lora_down^T, 1], [lora_up^T; bias], C=y) -> epilogue  # bias as the up projection's last row,
+                                                                          # the add inside the GEMM (2-D views)
 
 ``U`` (UINT4 ``[K/G, G, N]``), ``Z`` (UINT4 ``[K/G, 1, N]``) and ``S`` (UINT8 ``[K/G, 1, N]``)
 are QServe's progressive weight (:mod:`svdq_compile.runtime.per_token`) stored at 4 bits;
@@ -120,7 +121,9 @@ def int8_activation(b: "_Builder", xs: ir.Value, k: int, exact_rounding: bool = 
     [..., K], s fp32 [..., 1])."""
     absmax = b.op("ReduceMax", [b.op("Abs", [xs]), b.i64([-1])], {"keepdims": 1}, "absmax")
     s = b.op("Div", [absmax, b.f32(127.0)], name="act_scale_raw")
-    s = b.op("Where", [b.op("Greater", [s, b.f32(0.0)]), s, b.f32(1.0)], name="act_scale")
+    # The reference's Where(s > 0, s, 1) as one op: equal for every s >= FLT_MIN; an all-zero row gets
+    # s = FLT_MIN instead of 1, and its codes and output are 0 either way (two [M, 1] ops less per quantizer).
+    s = b.op("Max", [s, b.f32(float(np.finfo(np.float32).tiny))], name="act_scale")
     if not exact_rounding:
         # One fused pass: blocked QuantizeLinear with one block spanning K (opset 21) =
         # saturate(round_half_even(xs / s) + 128). It differs from floor(v + 0.5) only where
