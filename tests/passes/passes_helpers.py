@@ -59,9 +59,13 @@ class Spy:
         self.options = options
         self.compiled: list = []
         self.inputs: list[str] = []
+        # Each compilation's example inputs: the backend clears its own list once the first
+        # variant is built (so it does not keep the first call's tensors alive).
+        self.example_inputs: list[list] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
         self.inputs.append(str(gm.graph))
+        self.example_inputs.append(list(example_inputs))
         c = svdq_compile.svdquant_backend(gm, example_inputs, options=self.options)
         self.compiled.append(c)
         return c
@@ -108,7 +112,7 @@ def quantized_graph(model: torch.nn.Module, args: tuple, options: Optional[dict]
     with torch.no_grad():
         torch.compile(model, backend=spy)(*args)
     assert len(spy.compiled) == 1, "expected one graph (no graph breaks)"
-    return spy.gm, spy.compiled[-1].example_inputs
+    return spy.gm, spy.example_inputs[-1]
 
 
 def run_gm(gm: fx.GraphModule, example_inputs) -> torch.Tensor:

@@ -75,7 +75,7 @@ def test_tiny_flux_counts(flux):
     assert len(gelus) == 1 and gelus[0].args[0].target is __import__("operator").getitem
     # Running the epilogue pass again finds nothing more (idempotent).
     before = str(spy.gm.graph)
-    assert fuse_epilogue(spy.gm, GraphTensors(spy.gm, spy.compiled[-1].example_inputs)) == 0
+    assert fuse_epilogue(spy.gm, GraphTensors(spy.gm, spy.example_inputs[-1])) == 0
     assert str(spy.gm.graph) == before
 
 
@@ -94,7 +94,7 @@ def test_tiny_flux_passes_preserve_numerics(flux):
     # level; with these seeds none does and the outputs agree to fp32 rounding.
     assert rel_diff(y_on[0], y_off[0]) < 1e-5
     # Each pass on its own, applied in order to the unfused graph: same output every step.
-    gm, ex = spy.gm, spy.compiled[-1].example_inputs
+    gm, ex = spy.gm, spy.example_inputs[-1]
     tensors = GraphTensors(gm, ex)
     y_prev = run_gm(gm, ex)
     for name, _, fn in PASSES:
@@ -149,5 +149,5 @@ def test_tiny_flux_dynamic_tokens(flux):
             assert y.shape == (2, t, 4)
             assert svdq_compile.sqnr_db(m(**inp)[0], y) > 10.0
     assert len(spy.compiled) == 2
-    assert any(isinstance(e, torch.SymInt) for e in spy.compiled[1].example_inputs)
+    assert any(isinstance(e, torch.SymInt) for e in spy.example_inputs[1])
     assert report().passes == {"quantize_linears": 20, "fold_smoothing": 5, "fuse_siblings": 3, "fuse_epilogue": 12}
