@@ -9,8 +9,7 @@ model in ONNX Runtime. The deploy flavour writes, per ``w4a8-int8`` layer::
     qa = QuantizeLinear(xs, s, 128, axis=-1, block_size=K)                 # UINT8, one pass (ties: half to even)
     E  = Cast((Cast(U, INT32) - Cast(Z, INT32)) * Cast(S, INT32) + 128, UINT8)   # [K, N], from initializers
     y  = MatMulIntegerToFloat(qa, E, 1, c, 128, 128) * s                   # exact int32 sum over K, * c * s
-    y  = Gemm([xs @ lora_down^T, 1], [lora_up^T; bias], C=y) -> epilogue  # bias as the up projection's last row,
-                                                                          # the add inside the GEMM (2-D views)
+    y  = y + ([xs @ lora_down^T, 1]) @ [lora_up^T; bias] -> epilogue      # bias as the up projection's last row
 
 ``U`` (UINT4 ``[K/G, G, N]``), ``Z`` (UINT4 ``[K/G, 1, N]``) and ``S`` (UINT8 ``[K/G, 1, N]``)
 are QServe's progressive weight (:mod:`svdq_compile.runtime.per_token`) stored at 4 bits;

@@ -299,15 +299,7 @@ def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced:
         h = b.op("MatMul", [xs, b.to_f32(down)], name="lowrank_down")
         if bias_in_up:
             h = b.op("Add", [h, b.const(onnx_deploy.unit_column(int(up.shape[0])))], name="lowrank_one")
-        if bias_in_up:
-            # Deploy: Gemm(h, up, C=y) on 2-D views accumulates the low-rank product into y (one [M, N]
-            # Add less; ONNX Runtime does not fuse MatMul + Add of two activations by itself).
-            r1 = int(up.shape[0])
-            g = b.op("Gemm", [b.op("Reshape", [h, b.i64([-1, r1])]), b.to_f32(up), b.op("Reshape", [y, b.i64([-1, n])])],
-                     name="lowrank_up_acc")
-            y = b.op("Reshape", [g, b.op("Shape", [y])], name="y_lowrank")
-        else:
-            y = b.op("Add", [y, b.op("MatMul", [h, b.to_f32(up)], name="lowrank_up")], name="y_lowrank")
+        y = b.op("Add", [y, b.op("MatMul", [h, b.to_f32(up)], name="lowrank_up")], name="y_lowrank")
     if ins["bias"] is not None and not bias_in_up:
         y = b.op("Add", [y, b.to_f32(ins["bias"])], name="y_bias")
     if epilogue == "gelu":
