@@ -118,10 +118,22 @@ inline void lora_down_rows(const float* const* xr, int rb, const float* __restri
 
 // Low byte of each int32 lane (the AVX-512 kernel's _mm512_cvtepi32_epi8 truncation: the
 // int32 0x80000000 of a NaN becomes 0, as torch's float -> int8 cast gives).
+// In registers (a byte shuffle per 128-bit lane, then the two lanes' 4 bytes side by side):
+// the scalar loop through memory it replaces cost ~1 cycle per element, a third of the
+// quantizer on 128-wide layers.
 inline void store_low_bytes(int8_t* dst, __m256i v, uint8_t bias, int64_t n) {
-  alignas(32) int32_t tmp[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), v);
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<int8_t>(static_cast<uint8_t>(tmp[i]) ^ bias);
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i b = _mm256_shuffle_epi8(v, pick);
+  __m128i lo8 = _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  lo8 = _mm_xor_si128(lo8, _mm_set1_epi8(static_cast<char>(bias)));
+  if (n >= 8) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), lo8);
+  } else {
+    alignas(16) int8_t tmp[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), lo8);
+    std::memcpy(dst, tmp, static_cast<size_t>(n));
+  }
 }
 
 template <typename T>
@@ -173,8 +185,14 @@ void quantize_rows(const T* __restrict X, const float* __restrict smooth, int64_
           const int64_t n = G - j;
           __m256 a = load8<float>(vg + j, n);
           if (has_shift) a = _mm256_add_ps(a, vshift);
+          if (n >= 8) {  // full vector: no lane mask (same max, same NaN test)
+            nan |= _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0;
+            a = is_unsigned ? _mm256_max_ps(a, vzero) : _mm256_and_ps(a, vabs);
+            amax = _mm256_max_ps(amax, a);
+            continue;
+          }
           __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-              _mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+              _mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
           nan |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q), valid)) != 0;
           a = is_unsigned ? _mm256_max_ps(a, vzero) : _mm256_and_ps(a, vabs);
           amax = _mm256_blendv_ps(amax, _mm256_max_ps(amax, a), valid);
