@@ -322,35 +322,6 @@ template <int L>
 constexpr MicroFn<L> kMicro[MR + 1] = {nullptr, micro<1, L>, micro<2, L>, micro<3, L>, micro<4, L>, micro<5, L>,
                                        micro<6, L>};
 
-// Epilogue of one row of a panel (64 columns): c0 += h0 @ L (fp32 FMAs, ascending rank),
-// then c0 += yb (this panel's bias slice). See lowrank_bias_rows.
-inline void lowrank_bias_one_row(float* __restrict c0, const float* __restrict h0, const float* __restrict L,
-                                 const int32_t* __restrict js, int64_t nact, const float* __restrict yb) {
-  for (int half = 0; half < 2; ++half) {  // 32 columns at a time: 4 accumulators + 4 loads
-    float* c = c0 + 32 * half;
-    __m256 a0 = _mm256_loadu_ps(c), a1 = _mm256_loadu_ps(c + 8), a2 = _mm256_loadu_ps(c + 16),
-           a3 = _mm256_loadu_ps(c + 24);
-    if (h0) {
-      for (int64_t jj = 0; jj < nact; ++jj) {
-        const float* l = L + jj * NC + 32 * half;
-        const __m256 x = _mm256_set1_ps(h0[js[jj]]);
-        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(l), a0);
-        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(l + 8), a1);
-        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(l + 16), a2);
-        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(l + 24), a3);
-      }
-    }
-    if (yb) {
-      const float* y = yb + 32 * half;
-      a0 = _mm256_add_ps(a0, _mm256_loadu_ps(y));
-      a1 = _mm256_add_ps(a1, _mm256_loadu_ps(y + 8));
-      a2 = _mm256_add_ps(a2, _mm256_loadu_ps(y + 16));
-      a3 = _mm256_add_ps(a3, _mm256_loadu_ps(y + 24));
-    }
-    _mm256_storeu_ps(c, a0); _mm256_storeu_ps(c + 8, a1); _mm256_storeu_ps(c + 16, a2); _mm256_storeu_ps(c + 24, a3);
-  }
-}
-
 // Epilogue of rows [m_lo, m_hi) x panel columns [n0, n0 + NC), as the AVX-512 kernel's
 // lowrank_bias_rows: C += H @ L (fp32 FMAs, ascending rank), then C += ybias. L holds the
 // panel's nonzero rank rows of lora_up^T ([nact][NC], row jj = rank js[jj]); yb is the
@@ -365,18 +336,20 @@ inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, in
                               const float* __restrict H, int64_t R, const float* __restrict L,
                               const int32_t* __restrict js, int64_t nact, const float* __restrict yb) {
   const float* ybp = yb ? yb + n0 : nullptr;
-  int64_t m = m_lo;
-  for (; m + 1 < m_hi; m += 2) {
+  for (int64_t m = m_lo; m < m_hi; m += 2) {
+    // Odd tail: the second row is row m again (as the AVX-512 kernel): both loads happen
+    // before both stores and compute the same values, so the row is written twice, unchanged.
+    const int64_t m1 = std::min(m + 1, m_hi - 1);
     for (int half = 0; half < 2; ++half) {
       float* c = C + (m - m_lo) * ldc + 32 * half;
-      float* d = c + ldc;
+      float* d = C + (m1 - m_lo) * ldc + 32 * half;
       __m256 a0 = _mm256_loadu_ps(c), a1 = _mm256_loadu_ps(c + 8), a2 = _mm256_loadu_ps(c + 16),
              a3 = _mm256_loadu_ps(c + 24);
       __m256 b0 = _mm256_loadu_ps(d), b1 = _mm256_loadu_ps(d + 8), b2 = _mm256_loadu_ps(d + 16),
              b3 = _mm256_loadu_ps(d + 24);
       if (H) {
         const float* h0 = H + m * R;
-        const float* h1 = h0 + R;
+        const float* h1 = H + m1 * R;
         for (int64_t jj = 0; jj < nact; ++jj) {
           const float* l = L + jj * NC + 32 * half;
           const __m256 l0 = _mm256_loadu_ps(l), l1 = _mm256_loadu_ps(l + 8), l2 = _mm256_loadu_ps(l + 16),
@@ -404,7 +377,6 @@ inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, in
       _mm256_storeu_ps(d, b0); _mm256_storeu_ps(d + 8, b1); _mm256_storeu_ps(d + 16, b2); _mm256_storeu_ps(d + 24, b3);
     }
   }
-  if (m < m_hi) lowrank_bias_one_row(C + (m - m_lo) * ldc, H ? H + m * R : nullptr, L, js, nact, ybp);
 }
 
 // The panel's slice of lora_up^T with its all-zero rank columns skipped (the AVX-512
