@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .onnx_linear import _Builder
 
 __all__ = ["INT8_KERNELS", "int8_weight", "int8_activation", "int8_matmul", "lowrank_with_bias", "unit_column",
-           "store_fp16", "FP16_MIN_ELEMENTS", "FP16_MIN_SQNR_DB"]
+           "store_fp16", "fresh_initializer_name", "FP16_MIN_ELEMENTS", "FP16_MIN_SQNR_DB"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,13 @@ def int8_matmul(b: "_Builder", xs: ir.Value, act: Optional[tuple[ir.Value, ir.Va
     return b.op("Mul", [y, s], name="y_int")
 
 
+def fresh_initializer_name(graph: ir.Graph, name: str) -> str:
+    """``name``, with underscores appended until no initializer of ``graph`` uses it."""
+    while name in graph.initializers:
+        name += "_"
+    return name
+
+
 def _fp16_copy(arr: np.ndarray) -> Optional[np.ndarray]:
     """``arr`` rounded to fp16, or None where that loses more than ``FP16_MIN_SQNR_DB`` (overflow, or
     values mostly in fp16's subnormal range)."""
@@ -185,9 +192,7 @@ def store_fp16(graph: ir.Graph, values: Iterable[ir.Value], min_elements: int = 
         if h is None:
             log.info("svdq export: %s stays float32 (fp16 would lose more than %.0f dB)", v.name, FP16_MIN_SQNR_DB)
             continue
-        name = f"{v.name}_fp16"
-        while name in graph.initializers:
-            name += "_"
+        name = fresh_initializer_name(graph, f"{v.name}_fp16")
         hv = ir.Value(name=name, shape=ir.Shape(h.shape), type=ir.TensorType(ir.DataType.FLOAT16),
                       const_value=ir.Tensor(h, name=name))
         graph.register_initializer(hv)

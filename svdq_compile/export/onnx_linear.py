@@ -80,9 +80,7 @@ class _Builder:
         """A small shared constant (shapes, axes, scalars), one initializer per distinct value."""
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._consts:
-            name = f"{_PREFIX}/const_{len(self._consts)}"
-            while name in self.graph.initializers:
-                name += "_"
+            name = onnx_deploy.fresh_initializer_name(self.graph, f"{_PREFIX}/const_{len(self._consts)}")
             self._consts[key] = self.initializer(name, ir.Tensor(array, name=name))
         return self._consts[key]
 
@@ -90,9 +88,7 @@ class _Builder:
         """A small constant of a dtype numpy cannot key on (e.g. a float8 zero point)."""
         key = ("tensor", str(tensor.dtype), tuple(tensor.shape), tensor.tobytes())
         if key not in self._consts:
-            name = f"{_PREFIX}/const_{len(self._consts)}"
-            while name in self.graph.initializers:
-                name += "_"
+            name = onnx_deploy.fresh_initializer_name(self.graph, f"{_PREFIX}/const_{len(self._consts)}")
             tensor.name = name
             self._consts[key] = self.initializer(name, tensor)
         return self._consts[key]
