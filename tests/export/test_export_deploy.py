@@ -44,40 +44,39 @@ def _int8_only() -> torch.nn.Module:
 FP16_DB = 45.0
 
 
+def _export_int8_block(tmp_path_factory, name: str, **kwargs):
+    model = _int8_only()
+    path = tmp_path_factory.mktemp("deploy") / name
+    return model, export_onnx(model, (torch.randn(2, 5, 256),), path, dynamic_shapes=DIMS, flavor="deploy", **kwargs)
+
+
 @pytest.fixture(scope="module")
 def deploy(tmp_path_factory):
-    model = _int8_only()
-    path = tmp_path_factory.mktemp("deploy") / "int8_block.onnx"
-    return model, export_onnx(model, (torch.randn(2, 5, 256),), path, dynamic_shapes=DIMS, flavor="deploy")
+    return _export_int8_block(tmp_path_factory, "int8_block.onnx")
 
 
 @pytest.fixture(scope="module")
 def deploy_fp32(tmp_path_factory):
-    model = _int8_only()
-    path = tmp_path_factory.mktemp("deploy") / "int8_block_fp32.onnx"
-    return model, export_onnx(model, (torch.randn(2, 5, 256),), path, dynamic_shapes=DIMS, flavor="deploy",
-                              fp16_weights=False)
+    return _export_int8_block(tmp_path_factory, "int8_block_fp32.onnx", fp16_weights=False)
+
+
+def _assert_ort_matches_torch(model, res, min_db: float) -> None:
+    """ORT's output of the file vs the torch model, at two (batch, tokens) shapes."""
+    sess = ort_session(res.path, exact=False)
+    for shape in [(2, 5), (1, 33)]:
+        x = torch.randn(*shape, 256, generator=torch.Generator().manual_seed(shape[1]))
+        with torch.no_grad():
+            ref = model(x)
+        assert sqnr_db(ref, _run(sess, x)) >= min_db, shape
 
 
 def test_deploy_matches_torch_exactly(deploy_fp32):
     """fp16_weights=False: float32 low-rank factors, so only the epilogue's float32 rounding differs."""
-    model, res = deploy_fp32
-    sess = ort_session(res.path, exact=False)
-    for shape in [(2, 5), (1, 33)]:
-        x = torch.randn(*shape, 256, generator=torch.Generator().manual_seed(shape[1]))
-        with torch.no_grad():
-            ref = model(x)
-        assert sqnr_db(ref, _run(sess, x)) >= EXACT_INT8_DB
+    _assert_ort_matches_torch(*deploy_fp32, EXACT_INT8_DB)
 
 
 def test_deploy_fp16_weights_match_torch(deploy):
-    model, res = deploy
-    sess = ort_session(res.path, exact=False)
-    for shape in [(2, 5), (1, 33)]:
-        x = torch.randn(*shape, 256, generator=torch.Generator().manual_seed(shape[1]))
-        with torch.no_grad():
-            ref = model(x)
-        assert sqnr_db(ref, _run(sess, x)) >= FP16_DB
+    _assert_ort_matches_torch(*deploy, FP16_DB)
 
 
 def test_deploy_fp16_initializers_are_cast_and_folded(deploy, deploy_fp32):
