@@ -40,8 +40,7 @@ def main() -> None:
     if args.isa:
         os.environ["SVDQ_CPU_ISA"] = args.isa
 
-    import svdq_compile as sq
-    from svdq_compile.demo.run import VARIANTS, DemoOptions, _record_calibration_inputs
+    from svdq_compile.demo.run import VARIANTS, DemoOptions, _record_calibration_inputs, compile_variant
     from svdq_compile.demo.model import NULL_LABEL, load_pretrained
     from svdq_compile.runtime import cpu_gemm
 
@@ -62,9 +61,7 @@ def main() -> None:
             if args.inductor_fp32:
                 fns["fp32 (Inductor)"] = torch.compile(load_pretrained())
             continue
-        cfg_opts = {"search_grid": opts.search_grid, "use_inductor": opts.use_inductor, **options}
-        sq.calibrate(model, calib, sq.SVDQuantConfig.from_options(cfg_opts), progress=False)
-        fns[name] = torch.compile(model, backend="svdquant", options=cfg_opts)
+        fns[name] = compile_variant(model, options, calib, opts)
 
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():

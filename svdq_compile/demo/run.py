@@ -22,7 +22,7 @@ from .metrics import psnr, ssim
 from .model import load_pretrained
 from .sampler import sample
 
-__all__ = ["DemoOptions", "VARIANTS", "run_demo"]
+__all__ = ["DemoOptions", "VARIANTS", "compile_variant", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,17 @@ def _transformer_bytes(model: torch.nn.Module) -> dict[str, int]:
             "total_bytes": q_bytes + fp_rest if q_names else fp32}
 
 
+def compile_variant(model: torch.nn.Module, options: dict[str, Any], calib_items: list[tuple],
+                    opts: DemoOptions) -> Any:
+    """``model`` calibrated on ``calib_items`` and compiled with the svdquant backend and one
+    row's ``options`` (quantized on its first call)."""
+    import svdq_compile as sq
+
+    cfg_opts = {"search_grid": opts.search_grid, "use_inductor": opts.use_inductor, **options}
+    sq.calibrate(model, calib_items, sq.SVDQuantConfig.from_options(cfg_opts), progress=opts.progress)
+    return torch.compile(model, backend="svdquant", options=cfg_opts)
+
+
 def run_demo(out_dir: str | Path, opts: DemoOptions = DemoOptions()) -> dict[str, Any]:
     import svdq_compile as sq
 
@@ -105,9 +116,7 @@ def run_demo(out_dir: str | Path, opts: DemoOptions = DemoOptions()) -> dict[str
             fn = model
         else:
             t0 = time.perf_counter()
-            cfg_opts = {"search_grid": opts.search_grid, "use_inductor": opts.use_inductor, **options}
-            sq.calibrate(model, calib_items, sq.SVDQuantConfig.from_options(cfg_opts), progress=opts.progress)
-            fn = torch.compile(model, backend="svdquant", options=cfg_opts)
+            fn = compile_variant(model, options, calib_items, opts)
             # Quantize + compile now, at the sampling batch shape (2B: both CFG branches), so
             # neither the quantization nor a shape recompile lands in the s/step figure.
             # Under no_grad like the sampler: a grad-mode call would compile a graph whose
