@@ -3,7 +3,10 @@
 Per model: the float model exported to ONNX (``float``), our quantized model exported with
 ``flavor="exact"`` (float ops reproducing our numerics) and ``flavor="deploy"`` (ONNX
 Runtime's integer GEMMs; ``int8_kernel`` u8u8 = exact default, and the measured
-alternatives u8s8 and ``dynamic`` = DynamicQuantizeMatMul). All sessions of one model are
+alternatives u8s8 and ``dynamic`` = DynamicQuantizeMatMul), and a reference that is not ours,
+``ort_int8_ref``: ONNX Runtime's ``quantize_dynamic`` of the float file (one fused int8 node per
+linear, no smoothing, no low-rank branch: the least work an int8 file can do with ORT's own
+kernels, so its speedup bounds the deploy file's on this CPU). All sessions of one model are
 timed interleaved (median of repeats, same run); speedup = float file / file. Output SQNR
 is against the torch quantized model (and the torch float model); file size against the
 model's parameters at 16 bits (bf16). The ops ONNX Runtime runs after its graph
@@ -50,6 +53,7 @@ FILES = (
     ("deploy_fp32", "deploy", "u8u8", False),
     ("deploy_u8s8", "deploy", "u8s8", False),
     ("deploy_dynamic", "deploy", "dynamic", False),
+    ("ort_int8_ref", None, None, False),
 )
 FILE_DOCS = {
     "float": "the float model, torch.onnx.export (dynamo), ORT default session",
@@ -62,6 +66,11 @@ FILE_DOCS = {
                    "saturate without AVX-VNNI)",
     "deploy_dynamic": "deploy with int8_kernel='dynamic': com.microsoft.DynamicQuantizeMatMul (ORT's per-tensor "
                       "asymmetric uint8 activations, not our per-token numerics)",
+    "ort_int8_ref": "reference, not ours: onnxruntime.quantization.quantize_dynamic of the float file with its "
+                    "defaults (every MatMul/Gemm with a constant weight -> INT8 weights x per-tensor dynamic UINT8 "
+                    "activations, one fused int8 node per layer, no low-rank branch). Any standard-op int8 file "
+                    "does at least this much work per layer, so its speedup bounds what a deploy file can reach "
+                    "with ONNX Runtime's own kernels on this CPU",
 }
 
 
@@ -102,7 +111,9 @@ def _case(ctx: Context, name: str, float_model: torch.nn.Module, quant_model: to
     qscopes = _strip_scopes(res.path, {n for n, m in quant_model.named_modules() if isinstance(m, SVDQLinear)})
     files["float"] = (res.path, res.path.stat().st_size)
     export_s = {"float": round(time.perf_counter() - t0, 1)}
-    keys = [k for k, *_ in FILES if k != "float"]
+    ref = _ort_int8_reference(res.path, tmp / "ort_int8_ref.onnx")
+    files["ort_int8_ref"] = (ref, ref.stat().st_size)
+    keys = [k for k, fl, *_ in FILES if fl is not None]
     t0 = time.perf_counter()
     variants = {tmp / f"{k}.onnx": (fl, kern, k != "deploy_fp32") for k, fl, kern, _ in FILES if k in keys}
     written = export_onnx_variants(quant_model, example, variants)
@@ -119,7 +130,7 @@ def _case(ctx: Context, name: str, float_model: torch.nn.Module, quant_model: to
         row = {"case": name, **info, "file": key, "file_bytes": nbytes,
                "file_vs_bf16": round(nbytes / bf16, 4) if key != "float" else round(nbytes / bf16, 4)}
         try:
-            sess = ort_session(path, exact=exact) if key != "float" else ort.InferenceSession(
+            sess = ort_session(path, exact=exact) if key not in ("float", "ort_int8_ref") else ort.InferenceSession(
                 str(path), providers=["CPUExecutionProvider"])
             feeds = _feeds(sess, example)
             out = _ort_flat(sess.run(None, feeds))
@@ -156,6 +167,24 @@ def _case(ctx: Context, name: str, float_model: torch.nn.Module, quant_model: to
         ctx.record(rows[key])
     sessions.clear()
     gc.collect()
+
+
+def _ort_int8_reference(float_path: Path, out: Path) -> Path:
+    """ONNX Runtime's own dynamic int8 quantization of the float file (its defaults): the lightest
+    standard-op int8 graph, used as the bound on what a deploy file can gain on this CPU."""
+    import logging
+
+    from onnxruntime.quantization import quantize_dynamic
+
+    # quantize_dynamic logs a "consider pre-processing" warning through the root logger: quiet it.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(float_path), str(out), op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
+    return out
 
 
 def _strip_scopes(path: Path, quantized: set) -> set:
@@ -316,6 +345,10 @@ def to_markdown(p: dict) -> str:
         lines.append(f"| {r['case']} | {r['file']} | {r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f}) "
                      f"| {sp_s} | {_db(r.get('sqnr_vs_torch_quant_db'))} | {_db(r.get('sqnr_vs_torch_float_db'))} "
                      f"| {r['file_bytes'] / 1e6:.1f} | {r['file_vs_bf16']:.3f} |")
+    bound = _reference_lines(p["rows"])
+    if bound:
+        lines += ["", "ONNX Runtime's own int8 (`ort_int8_ref`, one fused int8 node per layer, 8-bit weights, no "
+                  "low-rank branch) in the same run, against our deploy file:", ""] + bound
     ops = [(r["case"], r["file"], r["ort_ops"]) for r in p["rows"] if r.get("ort_ops")]
     if ops:
         lines += ["", "Ops ONNX Runtime runs (its optimized model; the INT4 -> INT8 weight expansion is folded at "
@@ -329,6 +362,19 @@ def to_markdown(p: dict) -> str:
     if p.get("error"):
         lines += ["", f"Suite error: `{p['error']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _reference_lines(rows: list) -> list:
+    """Per case: the ORT reference's speedup next to the deploy file's (the bound on standard ops)."""
+    cell = {(r["case"], r["file"]): r for r in rows if r.get("speedup_vs_float") is not None}
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        ref, dep = cell.get((case, "ort_int8_ref")), cell.get((case, "deploy"))
+        if ref and dep:
+            out.append(f"- {case}: ort_int8_ref {ref['speedup_vs_float']:.2f}x "
+                       f"({_db(ref.get('sqnr_vs_torch_float_db'))} vs torch float), deploy "
+                       f"{dep['speedup_vs_float']:.2f}x")
+    return out
 
 
 def _profile_markdown(rows: list) -> list:

@@ -28,7 +28,7 @@ def test_export_suite_is_selectable_and_reports(tmp_path):
     assert "export" in runner.EXTRA_SUITES
     assert runner._suite("export") is suite
     rows = []
-    for key, ms in [("float", 100.0), ("exact", 150.0), ("deploy", 60.0)]:
+    for key, ms in [("float", 100.0), ("exact", 150.0), ("deploy", 60.0), ("ort_int8_ref", 50.0)]:
         rows.append({"case": "block", "file": key, "status": "ok", "median_ms": ms, "min_ms": ms, "max_ms": ms,
                      "speedup_vs_float": 100.0 / ms, "sqnr_vs_torch_quant_db": 90.0, "sqnr_vs_torch_float_db": 30.0,
                      "file_bytes": 1e6, "file_vs_bf16": 0.3,
@@ -37,6 +37,7 @@ def test_export_suite_is_selectable_and_reports(tmp_path):
                "machine": {"cpu": "x", "cores": 2}, "versions": {}, "rows": rows}
     md = suite.to_markdown(payload)
     assert "**1.67x**" in md and "MatMulIntegerToFloat 4" in md
+    assert "- block: ort_int8_ref 2.00x (30.0 dB vs torch float), deploy 1.67x" in md
     png = tmp_path / "p.png"
     if suite.plot(payload, png):
         assert png.stat().st_size > 0
