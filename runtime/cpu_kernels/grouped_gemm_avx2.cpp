@@ -53,6 +53,8 @@
 #include <optional>
 #include <vector>
 
+#include "op_glue.h"
+
 #ifndef SVDQ_NS
 #define SVDQ_NS svdq_cpu_avx2
 #endif
@@ -379,24 +381,6 @@ inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, in
   }
 }
 
-// The panel's slice of lora_up^T with its all-zero rank columns skipped (the AVX-512
-// kernel's panel_lora_up, same 64-column panels, so the same ranks are skipped).
-inline int64_t panel_lora_up(const float* __restrict LU, int64_t N, int64_t R, int64_t n0, float* __restrict L,
-                             int32_t* __restrict js) {
-  int64_t nact = 0;
-  for (int64_t j = 0; j < R; ++j) {
-    float* row = L + nact * NC;
-    bool any = false;
-    for (int64_t c = 0; c < NC; ++c) {
-      const int64_t n = n0 + c;
-      row[c] = n < N ? LU[n * R + j] : 0.0f;
-      any |= row[c] != 0.0f;
-    }
-    if (any) js[nact++] = static_cast<int32_t>(j);
-  }
-  return nact;
-}
-
 // w[n][k] of qw ([N, K] int8, or [N, K/2] packed int4: low nibble = even k).
 inline int8_t weight_at(const int8_t* q, int64_t row_bytes, bool int4, int64_t n, int64_t k) {
   if (!int4) return q[n * row_bytes + k];
@@ -711,7 +695,7 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
         }
       }
       if (HP && lpanel_nb != nb) {
-        lnact = panel_lora_up(LUP, N, R, n0, lpanel.data(), ljs.data());
+        lnact = panel_lora_up<NC>(LUP, N, R, n0, lpanel.data(), ljs.data());
         lpanel_nb = nb;
       }
       if (HP || YB) lowrank_bias_rows(Cl, NC, m_lo, m_hi, n0, HP, R, lpanel.data(), ljs.data(), lnact, YB);

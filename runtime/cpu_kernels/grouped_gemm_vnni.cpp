@@ -31,6 +31,8 @@
 #include <optional>
 #include <vector>
 
+#include "op_glue.h"
+
 namespace {
 
 // AMX blocks on (set_amx): on by default where the CPU and OS allow it. Atomic: a
@@ -168,29 +170,6 @@ inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, in
     _mm512_storeu_ps(c0, a0); _mm512_storeu_ps(c0 + 16, a1); _mm512_storeu_ps(c0 + 32, a2); _mm512_storeu_ps(c0 + 48, a3);
     _mm512_storeu_ps(c1, b0); _mm512_storeu_ps(c1 + 16, b1); _mm512_storeu_ps(c1 + 32, b2); _mm512_storeu_ps(c1 + 48, b3);
   }
-}
-
-// The panel's slice of lora_up^T: L[jj][c] = lora_up[n0 + c][js[jj]] (0 past N) for the rank
-// indices js whose column slice is not all zero; returns their count. Built per panel (R x 64
-// floats) instead of transposing the whole [N, R] matrix on every call (that copy cost
-// 50-300 us per linear of a width-768 FLUX block, ~10% of the block). Skipping all-zero
-// slices matters for fused siblings: their lora_up is block-diagonal ([3N, 3R] for Q/K/V),
-// so a panel inside one sibling has R nonzero rank columns out of 3R (a third of the FMAs;
-// and the unfused layers never multiplied the other siblings' h by those zeros either).
-inline int64_t panel_lora_up(const float* __restrict LU, int64_t N, int64_t R, int64_t n0, float* __restrict L,
-                             int32_t* __restrict js) {
-  int64_t nact = 0;
-  for (int64_t j = 0; j < R; ++j) {
-    float* row = L + nact * NC;
-    bool any = false;
-    for (int64_t c = 0; c < NC; ++c) {
-      const int64_t n = n0 + c;
-      row[c] = n < N ? LU[n * R + j] : 0.0f;
-      any |= row[c] != 0.0f;
-    }
-    if (any) js[nact++] = static_cast<int32_t>(j);
-  }
-  return nact;
 }
 
 // qw: [N, K] int8, sw: [N, K/G] fp32 ->
@@ -389,7 +368,7 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
         }
       }
       if (HP && lpanel_nb != nb) {
-        lnact = panel_lora_up(LUP, N, R, n0, lpanel.data(), ljs.data());
+        lnact = panel_lora_up<NC>(LUP, N, R, n0, lpanel.data(), ljs.data());
         lpanel_nb = nb;
       }
       if (HP || YB) lowrank_bias_rows(Cp, Np, m_lo, m_hi, n0, N, HP, R, lpanel.data(), ljs.data(), lnact, YB);

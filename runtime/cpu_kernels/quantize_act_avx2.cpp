@@ -23,6 +23,8 @@
 #include <optional>
 #include <vector>
 
+#include "op_glue.h"
+
 #ifndef SVDQ_NS
 #define SVDQ_NS svdq_cpu_avx2
 #endif
@@ -227,54 +229,12 @@ void quantize_rows(const T* __restrict X, const float* __restrict smooth, int64_
   });
 }
 
-// Same signature and contract as quantize_act.cpp's op.
+// Same signature and contract as op_glue.h's quantize_act_op (checks, outputs, dtype dispatch).
 std::vector<at::Tensor> quantize_act(const at::Tensor& x_in, const std::optional<at::Tensor>& smooth_in, int64_t G,
                                      int64_t qmin, int64_t qmax, bool is_unsigned, double shift, bool emit_xs,
                                      bool biased, const std::optional<at::Tensor>& lora_down_in) {
-  TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
-  TORCH_CHECK(x_in.device().is_cpu(), "x must be on the CPU");
-  const auto dt = x_in.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x must be float32, bfloat16 or float16");
-  const int64_t M = x_in.size(0), K = x_in.size(1);
-  TORCH_CHECK(G > 0 && K % G == 0, "K must be a multiple of the group size");
-  TORCH_CHECK(qmax > 0 && qmin < qmax && qmin >= -128 && qmax <= 127, "bad integer grid");
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor smooth;
-  if (smooth_in.has_value() && smooth_in->defined()) {
-    smooth = smooth_in->to(at::kFloat).contiguous();
-    TORCH_CHECK(smooth.numel() == K, "smooth must have K elements");
-  }
-  at::Tensor ld;
-  if (lora_down_in.has_value() && lora_down_in->defined()) {
-    ld = lora_down_in->to(at::kFloat).contiguous();
-    TORCH_CHECK(ld.dim() == 2 && ld.size(1) == K && ld.size(0) > 0, "lora_down must be [R, K]");
-  }
-  const int64_t R = ld.defined() ? ld.size(0) : 0;
-  at::Tensor h = at::empty({M, R}, x.options().dtype(at::kFloat));
-  at::Tensor q = at::empty({M, K}, x.options().dtype(biased ? at::kByte : at::kChar));
-  at::Tensor s = at::empty({M, K / G}, x.options().dtype(at::kFloat));
-  at::Tensor xs = emit_xs ? at::empty({M, K}, x.options().dtype(at::kFloat)) : at::Tensor();
-  if (M == 0 || K == 0) return {q, s, emit_xs ? xs : at::empty({0}, s.options()), h.zero_()};
-  const float* sm = smooth.defined() ? smooth.data_ptr<float>() : nullptr;
-  const float fshift = static_cast<float>(shift);
-  int8_t* qp = reinterpret_cast<int8_t*>(q.data_ptr());
-  float* sp = s.data_ptr<float>();
-  float* xp = emit_xs ? xs.data_ptr<float>() : nullptr;
-  const float fqmin = static_cast<float>(qmin), fqmax = static_cast<float>(qmax);
-  const bool has_shift = shift != 0.0;
-  const float* ldp = ld.defined() ? ld.data_ptr<float>() : nullptr;
-  float* hp = h.data_ptr<float>();
-  if (dt == at::kFloat) {
-    quantize_rows(x.data_ptr<float>(), sm, M, K, G, fqmin, fqmax, is_unsigned, fshift, has_shift, biased, qp, sp, xp,
-                  ldp, R, hp);
-  } else if (dt == at::kBFloat16) {
-    quantize_rows(x.data_ptr<at::BFloat16>(), sm, M, K, G, fqmin, fqmax, is_unsigned, fshift, has_shift, biased, qp,
-                  sp, xp, ldp, R, hp);
-  } else {
-    quantize_rows(x.data_ptr<at::Half>(), sm, M, K, G, fqmin, fqmax, is_unsigned, fshift, has_shift, biased, qp, sp,
-                  xp, ldp, R, hp);
-  }
-  return {q, s, emit_xs ? xs : at::empty({0}, s.options()), h};
+  return quantize_act_op([](const auto* x, auto... a) { quantize_rows(x, a...); }, x_in, smooth_in, G, qmin, qmax,
+                         is_unsigned, shift, emit_xs, biased, lora_down_in);
 }
 
 }  // namespace

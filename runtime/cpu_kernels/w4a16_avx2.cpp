@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "op_glue.h"
+
 #ifndef SVDQ_NS
 #define SVDQ_NS svdq_cpu_avx2
 #endif
@@ -85,19 +87,9 @@ void gemv_block(const float* xe, const float* xo, int64_t m0, int64_t Kh, const 
   }
 }
 
-void check(const at::Tensor& qweight, const at::Tensor& wscales, int64_t G) {
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.is_contiguous(),
-              "w4a16: qweight must be contiguous int8 [N, K/2]");
-  TORCH_CHECK(wscales.scalar_type() == at::kFloat && wscales.dim() == 2 && wscales.is_contiguous(),
-              "w4a16: wscales must be contiguous fp32 [N, K/G]");
-  TORCH_CHECK(G % 32 == 0, "w4a16: group size must be a multiple of 32");
-  TORCH_CHECK(wscales.size(0) == qweight.size(0) && wscales.size(1) * (G / 2) == qweight.size(1),
-              "w4a16: qweight / wscales shapes disagree");
-}
-
 at::Tensor w4a16_gemv(const at::Tensor& xe, const at::Tensor& xo, const at::Tensor& qweight,
                       const at::Tensor& wscales, int64_t G) {
-  check(qweight, wscales, G);
+  w4a16_check(qweight, wscales, G);
   TORCH_CHECK(xe.scalar_type() == at::kFloat && xo.scalar_type() == at::kFloat && xe.is_contiguous() &&
                   xo.is_contiguous() && xe.sizes() == xo.sizes() && xe.dim() == 2 && xe.size(1) == qweight.size(1),
               "w4a16_gemv: xe / xo must be contiguous fp32 [M, K/2]");
@@ -117,7 +109,7 @@ at::Tensor w4a16_gemv(const at::Tensor& xe, const at::Tensor& xo, const at::Tens
 }
 
 at::Tensor w4a16_dequant(const at::Tensor& qweight, const at::Tensor& wscales, int64_t G) {
-  check(qweight, wscales, G);
+  w4a16_check(qweight, wscales, G);
   const int64_t N = qweight.size(0), Kh = qweight.size(1), gh = G / 2, groups = Kh / gh;
   at::Tensor w = at::empty({N, 2 * Kh}, wscales.options());
   const int8_t* pq = qweight.data_ptr<int8_t>();
