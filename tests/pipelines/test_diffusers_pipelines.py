@@ -306,15 +306,23 @@ def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:
     return float(20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - x)))
 
 
-def _make_lora_files(case, root: Path, targets=LORA_TARGETS) -> dict:
-    """Two LoRAs (rank 4) built with PEFT on the 16-bit denoiser, saved the diffusers way.
+_LORA_FILES: dict = {}  # (pipeline dir, targets) -> files: seeded, read-only, so the tests share them
+
+
+def _make_lora_files(case, targets=LORA_TARGETS) -> dict:
+    """Two LoRAs (rank 4) built with PEFT on the 16-bit denoiser, saved the diffusers way
+    (once per pipeline and target list; the tests only read them).
 
     B is random (PEFT initialises it to zero): the adapters change the images clearly
     more than quantization does, so the comparisons below are not vacuous.
     """
+    key = (str(case.q_dir), tuple(targets))
+    if key in _LORA_FILES and all(p.exists() for p in _LORA_FILES[key].values()):
+        return _LORA_FILES[key]
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
+    root = Path(f"{case.q_dir}_lora_{len(_LORA_FILES)}")
     pipe = _load_fp(case.fp_dir)
     dname = denoiser_name(pipe)
     den = getattr(pipe, dname)
@@ -342,6 +350,7 @@ def _make_lora_files(case, root: Path, targets=LORA_TARGETS) -> dict:
             path.mkdir(parents=True)
             save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "adapter.safetensors"))
         files[adapter] = path
+    _LORA_FILES[key] = files
     return files
 
 
@@ -378,7 +387,7 @@ def test_lora(case, tmp_path, record_property):
     """A PEFT LoRA through diffusers' API on the quantized pipeline: the adapters become
     extra rank of the 16-bit branch; quality vs the 16-bit pipeline with the same
     LoRA, two weighted adapters, disable/enable, fuse/unfuse, delete, unload."""
-    files = _make_lora_files(case, tmp_path)
+    files = _make_lora_files(case)
     fp = _load_fp(case.fp_dir)
     q = load_pipeline(case.q_dir, compile=False, local_files_only=True)
     q.set_progress_bar_config(disable=True)
@@ -482,7 +491,7 @@ def test_lora_compiled(case):
     of the module structure, none per step; unload gives the base outputs bit for bit."""
     if case.name != "flux":
         pytest.skip("one pipeline is enough for the recompilation counts")
-    files = _make_lora_files(case, Path(str(case.q_dir) + "_lora_c"))
+    files = _make_lora_files(case)
     q = load_pipeline(case.q_dir, compile_options=RUNTIME, local_files_only=True)
     q.set_progress_bar_config(disable=True)
     counts = {}
@@ -521,7 +530,7 @@ def test_lora_compiled_past_recompile_limit(case):
     float fallback)."""
     if case.name != "flux":
         pytest.skip("one pipeline")
-    files = _make_lora_files(case, Path(str(case.q_dir) + "_lora_l"))
+    files = _make_lora_files(case)
     eager = load_pipeline(case.q_dir, compile=False, local_files_only=True)
     torch._dynamo.reset()
     q = load_pipeline(case.q_dir, compile_options=RUNTIME, local_files_only=True)
@@ -562,7 +571,7 @@ def test_lora_compiled_variants_bounded(case):
 
     torch._dynamo.reset()  # variants of earlier tests' graphs go with them
     gc.collect()
-    files = _make_lora_files(case, Path(str(case.q_dir) + "_lora_v"))
+    files = _make_lora_files(case)
     q = load_pipeline(case.q_dir, compile_options=RUNTIME, local_files_only=True)
     q.set_progress_bar_config(disable=True)
     _lora_images(q, case.name)  # calibration calls of the backend
@@ -631,7 +640,7 @@ def test_lora_bad_input(case, tmp_path):
     with pytest.raises((RuntimeError, ValueError), match="size mismatch|shape"):
         q.load_lora_weights(tmp_path / "bad.safetensors", adapter_name="bad")
     # proj_out (top level) and context_embedder stay float (PIPELINE_SKIP): plain PEFT layers.
-    files = _make_lora_files(case, tmp_path / "float", targets=["proj_out", "context_embedder"])
+    files = _make_lora_files(case, targets=["proj_out", "context_embedder"])
     q.load_lora_weights(files["a"], adapter_name="a")
     den = q.transformer
     assert isinstance(den.proj_out, PeftLinear) and isinstance(den.context_embedder, PeftLinear)
