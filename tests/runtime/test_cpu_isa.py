@@ -388,7 +388,9 @@ def _compile_only(key: str, sources: list, flag: str) -> list:
         cmd += [f for f in ext.cflags if f.startswith(("-m", "-D", "-std"))]
         cmd += [f"-I{p}" for p in include_paths()]
         procs.append((src.name, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
-    return [(name, proc.wait(timeout=300), proc.stderr.read()) for name, proc in procs]
+    # communicate(), not wait(): a compiler that fills the stderr pipe would block until the timeout.
+    outs = [(name, proc.communicate(timeout=300)[1], proc) for name, proc in procs]
+    return [(name, proc.returncode, err) for name, err, proc in outs]
 
 
 def _need_compiler() -> None:
