@@ -22,9 +22,9 @@ import time
 import torch
 
 from svdq_compile import SVDQuantConfig
-from svdq_compile.calibration import LayerStats
-from svdq_compile.decompose import LayerTarget, quantized_output, sqnr_db
-from svdq_compile.search import quantize_group
+from svdq_compile.quant.stats import LayerStats
+from svdq_compile.quant.decompose import LayerTarget, quantized_output, sqnr_db
+from svdq_compile.quant.search import quantize_group
 
 from .common import machine_info, write_json, RESULTS
 
@@ -78,7 +78,7 @@ def run_demo(quick: bool) -> list[dict]:
     from svdq_compile.demo.model import load_pretrained
     from svdq_compile.demo.sampler import sample
     from svdq_compile.demo.classifier import accuracy
-    from svdq_compile.quantize_api import quantize
+    from svdq_compile.capture.quantize_module import quantize
 
     n, steps = (20, 10) if quick else (100, 20)
     labels = torch.arange(n) % 10

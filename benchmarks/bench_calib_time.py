@@ -16,9 +16,9 @@ import time
 import torch
 
 from svdq_compile import SVDQuantConfig
-from svdq_compile.calibration import LayerStats
-from svdq_compile.decompose import LayerTarget, quantized_output, sqnr_db
-from svdq_compile.search import quantize_group
+from svdq_compile.quant.stats import LayerStats
+from svdq_compile.quant.decompose import LayerTarget, quantized_output, sqnr_db
+from svdq_compile.quant.search import quantize_group
 
 from .common import RESULTS, machine_info, write_json
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from svdq_compile.runtime import cpu_gemm
-from svdq_compile.runtime.cpu import quantized_linear_cpu
+from svdq_compile.runtime.torch_path import quantized_linear_cpu
 from svdq_compile.runtime.packing import pack_int4
 from svdq_compile.runtime.quantize import quantize_activation, quantize_weight
 

@@ -134,7 +134,8 @@ def make_variants(x: torch.Tensor, L: Layer) -> dict[str, Callable[[], Any]]:
     from dataclasses import replace
 
     from svdq_compile.codegen.gemm import run_gemm
-    from svdq_compile.codegen.linear import make_spec, quantized_linear_triton
+    from svdq_compile.codegen.call_spec import make_spec
+    from svdq_compile.codegen.linear import quantized_linear_triton
     from svdq_compile.codegen.prologue import run_prologue
     from svdq_compile.codegen.unfused import unfused_quantized_linear
 

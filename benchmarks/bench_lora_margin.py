@@ -50,7 +50,7 @@ import test_diffusers_pipelines as T  # noqa: E402  (the test's helpers and sett
 import tiny_pipelines as tp  # noqa: E402
 
 from svdq_compile.cli import main as cli  # noqa: E402
-from svdq_compile.diffusers_pipelines import denoiser_name, load_pipeline, pipeline_config, quantize_pipeline  # noqa: E402
+from svdq_compile.integrations.diffusers.pipelines import denoiser_name, load_pipeline, pipeline_config, quantize_pipeline  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 PROMPTS = T.EVAL_PROMPTS  # 4 prompts, seeds 0..3 (the test: the first 2)

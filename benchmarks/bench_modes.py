@@ -176,7 +176,7 @@ def image_psnr(ref, x) -> float:
 
 def reference_run(path: Path, name: str, prompts=EVAL_PROMPTS):
     """Float images and the float denoiser's calls (inputs + outputs) while generating them."""
-    from svdq_compile.diffusers_pipelines import denoiser_name
+    from svdq_compile.integrations.diffusers.pipelines import denoiser_name
 
     pipe = load_fp_pipeline(path)
     rec = _Recorder(getattr(pipe, denoiser_name(pipe)))
@@ -189,7 +189,7 @@ def reference_run(path: Path, name: str, prompts=EVAL_PROMPTS):
 def quantize_tiny_pipeline(path: Path, name: str, mode: str, rank: int, fast: dict[str, Any],
                            prompts=CALIB_PROMPTS):
     import tiny_pipelines as tp
-    from svdq_compile.diffusers_pipelines import pipeline_config, quantize_pipeline
+    from svdq_compile.integrations.diffusers.pipelines import pipeline_config, quantize_pipeline
 
     pipe = load_fp_pipeline(path)
     cfg = pipeline_config(mode=mode, rank=rank, **fast)
@@ -201,7 +201,7 @@ def quantize_tiny_pipeline(path: Path, name: str, mode: str, rank: int, fast: di
 def denoiser_sqnr(pipe, calls: list[tuple]) -> float:
     """SQNR (dB) of the quantized denoiser's outputs vs the float ones, on recorded inputs."""
     from svdq_compile import sqnr_db
-    from svdq_compile.diffusers_pipelines import denoiser_name
+    from svdq_compile.integrations.diffusers.pipelines import denoiser_name
 
     den = getattr(pipe, denoiser_name(pipe))
     refs, outs = [], []
@@ -215,7 +215,7 @@ def denoiser_sqnr(pipe, calls: list[tuple]) -> float:
 def run_pipelines(quick: bool, log, names=PIPE_NAMES) -> list[dict]:
     _import_test_helpers()
     import tiny_pipelines as tp
-    from svdq_compile.diffusers_pipelines import denoiser_name
+    from svdq_compile.integrations.diffusers.pipelines import denoiser_name
 
     rows = []
     fast = pipeline_fast(quick)

@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, machine_info, write_json  # noqa: E402
 
 import svdq_compile  # noqa: E402
-import svdq_compile.pipeline as pipeline  # noqa: E402
-from svdq_compile.decompose import smoothing_factors  # noqa: E402
+import svdq_compile.passes.pipeline as pipeline  # noqa: E402
+from svdq_compile.quant.decompose import smoothing_factors  # noqa: E402
 from svdq_compile.passes.op_nodes import ARG, GraphTensors, is_svdq  # noqa: E402
 from svdq_compile.runtime.packed import LinearSpec, PackedLinear  # noqa: E402
 from svdq_compile.runtime.quantize import quantize_weight  # noqa: E402
@@ -93,7 +93,7 @@ def block_inputs(dim: int, heads: int, tokens: int, text_tokens: int, batch: int
 # --- fast packing (see module docstring) -----------------------------------------------
 @torch.no_grad()
 def fast_quantize_group(weights, biases, stats, target, config) -> list[PackedLinear]:
-    from svdq_compile.search import _shift_for
+    from svdq_compile.quant.search import _shift_for
 
     lam = None
     if target.act_bits != 16 and config.smooth and stats is not None and stats.seen:
@@ -239,7 +239,7 @@ def run(args) -> dict[str, Any]:
             y = cm(*inputs)
             res[f"compile_{tag}_s"] = time.perf_counter() - t0
             assert len(spy.compiled) == 1, "expected one graph per block"
-            report = svdq_compile.backend.last_reports()[-1]
+            report = svdq_compile.capture.backend.last_reports()[-1]
             res[f"passes_{tag}"] = dict(report.passes)
             res[f"sqnr_{tag}_db"] = min(svdq_compile.sqnr_db(r, o) for r, o in zip(ref, y))
             compiled[tag], spies[tag] = cm, spy

@@ -93,7 +93,7 @@ def w4a16_rows(dev: str, bench) -> list[dict]:
     dequantize + matmul fallback vs bf16 F.linear."""
     from svdq_compile.codegen.w4a16 import run_w4a16
     from svdq_compile.runtime import pack_int4, quantize_weight
-    from svdq_compile.runtime.cpu import dequantize_weight
+    from svdq_compile.runtime.torch_path import dequantize_weight
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(18432, 3072, generator=g) * 0.02
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
 
     from svdq_compile.codegen.autotune import gemm_candidates
     from svdq_compile.codegen.gemm import run_gemm
-    from svdq_compile.codegen.linear import make_spec
+    from svdq_compile.codegen.call_spec import make_spec
     from svdq_compile.codegen.prologue import run_prologue
     from svdq_compile.runtime import pack_int4, quantize_weight
 

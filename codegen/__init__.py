@@ -42,14 +42,14 @@ def install() -> bool:
     Returns False (and logs why) when Triton cannot be imported.
     """
     try:
-        from ..runtime.ops import register_triton_impl
-        from .linear import quantized_linear_triton
+        from svdq_compile.runtime.ops import register_triton_impl
+        from svdq_compile.codegen.linear import quantized_linear_triton
     except Exception as e:  # noqa: BLE001 - a broken Triton install must not break imports
         log.warning("svdq_compile.codegen: Triton kernels unavailable: %s", e)
         return False
     register_triton_impl(quantized_linear_triton)
     try:
-        from . import op  # noqa: F401 - registers svdq::triton_linear
+        from svdq_compile.codegen import op  # noqa: F401 - registers svdq::triton_linear
     except Exception as e:  # noqa: BLE001
         log.debug("svdq::triton_linear not registered: %s", e)
     return True

@@ -24,9 +24,9 @@ from typing import Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 
-from .cache import make_key, tune_cache
-from .launch import interpreting
-from .spec import KernelSpec
+from svdq_compile.codegen.cache import make_key, tune_cache
+from svdq_compile.codegen.launch import interpreting
+from svdq_compile.codegen.spec import KernelSpec
 
 __all__ = [
     "GemmConfig",

@@ -18,7 +18,7 @@ GEMM reads it. The trade-off:
   pass reads N*K/2 bytes and writes N*K (~14 MB for 3072x3072, a few percent of the
   GEMM at M = 4608, more at small M where the GEMM itself reads ~N*K bytes);
 - ``SVDQ_KEEP_EXPANDED=1``: one expanded copy per layer, kept on the ``qweight`` tensor and
-  validated on every call by the weight tensors' versions (runtime/cpu.py
+  validated on every call by the weight tensors' versions (runtime/torch_path.py
   ``cached_expanded_weight``): no expansion pass, but 2x the INT4 bytes per layer (still
   ~1.9x smaller than bf16). Eager only: while ``torch.compile`` traces the op the
   expansion is always part of the graph.
@@ -32,11 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime.cpu import cached_expanded_weight
-from ..runtime.op_args import LinearArgs
-from ..runtime.per_token import FP8_DTYPE
-from .launch import interpreting, launch
-from .prologue_pt import to_e4m3
+from svdq_compile.runtime.torch_path import cached_expanded_weight
+from svdq_compile.runtime.op_args import LinearArgs
+from svdq_compile.runtime.per_token import FP8_DTYPE
+from svdq_compile.codegen.launch import interpreting, launch
+from svdq_compile.codegen.prologue_pt import to_e4m3
 
 __all__ = ["expand_kernel", "run_expand", "expanded_operand", "keep_expanded"]
 

@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from ..runtime.cpu import quantized_linear_cpu
-from ..runtime.op_args import LinearArgs
-from .spec import KernelSpec
+from svdq_compile.runtime.torch_path import quantized_linear_cpu
+from svdq_compile.runtime.op_args import LinearArgs
+from svdq_compile.codegen.spec import KernelSpec
 
 __all__ = ["run_or_fallback"]
 

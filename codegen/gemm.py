@@ -23,11 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import GemmConfig, choose_config, gemm_candidates
-from .epilogue import finish_tile
-from .launch import interpreting, launch
-from .spec import KernelSpec
-from .tiling import grouped_tile
+from svdq_compile.codegen.autotune import GemmConfig, choose_config, gemm_candidates
+from svdq_compile.codegen.epilogue import finish_tile
+from svdq_compile.codegen.launch import interpreting, launch
+from svdq_compile.codegen.spec import KernelSpec
+from svdq_compile.codegen.tiling import grouped_tile
 
 __all__ = ["gemm_kernel", "run_gemm", "broadcast_operand", "EpilogueInputs", "epilogue_operands",
            "epilogue_constexprs"]

@@ -27,13 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import PtGemmConfig, choose_config, pt_gemm_candidates
-from .epilogue import finish_tile
-from .gemm import EpilogueInputs, epilogue_constexprs, epilogue_operands
-from .launch import launch
-from .library_pt import library_available, library_product
-from .spec import KernelSpec
-from .tiling import grouped_tile
+from svdq_compile.codegen.autotune import PtGemmConfig, choose_config, pt_gemm_candidates
+from svdq_compile.codegen.epilogue import finish_tile
+from svdq_compile.codegen.gemm import EpilogueInputs, epilogue_constexprs, epilogue_operands
+from svdq_compile.codegen.launch import launch
+from svdq_compile.codegen.library_pt import library_available, library_product
+from svdq_compile.codegen.spec import KernelSpec
+from svdq_compile.codegen.tiling import grouped_tile
 
 __all__ = ["gemm_pt_kernel", "run_gemm_pt"]
 

@@ -14,78 +14,21 @@ from typing import Any, Optional
 
 import torch
 
-from ..runtime.cpu import quantized_linear_cpu
-from ..runtime.op_args import bind
-from ..runtime.ops import check_args
-from .fallback import run_or_fallback
-from .gemm import run_gemm
-from .launch import interpreting
-from .prologue import run_prologue
-from .w4a16 import run_w4a16, try_run_w4a16, w4a16_supported
-from .spec import LORA_PRECISIONS, KernelSpec
-from .per_token_linear import per_token_linear
+from svdq_compile.runtime.torch_path import quantized_linear_cpu
+from svdq_compile.runtime.op_args import bind
+from svdq_compile.runtime.ops import check_args
+from svdq_compile.codegen.fallback import run_or_fallback
+from svdq_compile.codegen.gemm import run_gemm
+from svdq_compile.codegen.launch import interpreting
+from svdq_compile.codegen.prologue import run_prologue
+from svdq_compile.codegen.w4a16 import run_w4a16, try_run_w4a16, w4a16_supported
+from svdq_compile.codegen.spec import LORA_PRECISIONS, KernelSpec
+from svdq_compile.codegen.per_token_linear import per_token_linear
+from svdq_compile.codegen.call_spec import default_lora_precision, inner_contiguous, is_tracing, make_spec
 
-__all__ = ["quantized_linear_triton", "make_spec", "default_lora_precision", "is_tracing"]
+__all__ = ["quantized_linear_triton"]
 
 log = logging.getLogger(__name__)
-
-
-def default_lora_precision(device: torch.device) -> str:
-    """``tl.dot`` precision of the low-rank branch: ``$SVDQ_LORA_PRECISION`` or a default.
-
-    On GPU the default is "tf32x3" (three tensor-core MMAs, near-fp32 accuracy: the
-    low-rank branch carries most of the output's energy, so its error should stay far
-    below the bf16 output rounding). "ieee" is exact fp32 but runs on CUDA cores (a
-    slower prologue); the interpreter computes every precision exactly.
-    """
-    env = os.environ.get("SVDQ_LORA_PRECISION")
-    if env:
-        if env not in LORA_PRECISIONS:
-            raise ValueError(f"SVDQ_LORA_PRECISION must be one of {LORA_PRECISIONS}, got {env!r}")
-        return env
-    return "tf32x3" if device.type == "cuda" else "ieee"
-
-
-def is_tracing(x: torch.Tensor) -> bool:
-    """True while torch.compile / export traces us (fake tensors): never benchmark then."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(x) or torch.compiler.is_compiling()
-
-
-def make_spec(
-    x: torch.Tensor,
-    smooth: Optional[torch.Tensor],
-    lora_down: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    gate: Optional[torch.Tensor],
-    group_size: int,
-    weight_bits: int,
-    act_bits: int,
-    act_unsigned: bool,
-    epilogue: str,
-    lora_precision: Optional[str] = None,
-) -> KernelSpec:
-    """The :class:`KernelSpec` of one call (dtype of Y = dtype of X, as the op defines)."""
-    rank = 0 if lora_down is None else int(lora_down.shape[0])
-    if rank == 0:
-        lora_precision = "ieee"  # unused without a low-rank branch: one canonical spec
-    return KernelSpec(
-        weight_bits=weight_bits,
-        act_bits=act_bits,
-        act_unsigned=act_unsigned,
-        group_size=group_size,
-        rank=rank,
-        epilogue=epilogue,
-        has_smooth=smooth is not None,
-        has_bias=bias is not None,
-        has_gate=gate is not None,
-        has_residual=residual is not None,
-        in_dtype=x.dtype,
-        out_dtype=x.dtype,
-        lora_precision=lora_precision or default_lora_precision(x.device),
-    )
 
 
 def _check_operands(
@@ -130,13 +73,6 @@ def _check_operands(
             raise ValueError(f"svdq.linear: {name} is on {t.device} but the input is on {dev}")
         if t is not None and not t.dtype.is_floating_point:
             raise TypeError(f"svdq.linear: {name} must be a floating tensor, got {t.dtype}")
-
-
-def _inner_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The kernels index the last dim with unit stride; copy only when that is not so."""
-    if t is None or t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] == 1:
-        return t
-    return t.contiguous()
 
 
 def quantized_linear_triton(
@@ -187,10 +123,10 @@ def quantized_linear_triton(
     lead = tuple(x.shape[:-1])
     k = x.shape[-1]
     x2d = x.reshape(-1, k)  # [M, K], a view whenever possible (strides go to the kernel)
-    qweight = _inner_contiguous(qweight)
-    wscales = _inner_contiguous(wscales)
+    qweight = inner_contiguous(qweight)
+    wscales = inner_contiguous(wscales)
     smooth = None if smooth is None else smooth.contiguous()
-    lora_up = _inner_contiguous(lora_up)
+    lora_up = inner_contiguous(lora_up)
     bias = None if bias is None else bias.contiguous()
     tune = not is_tracing(x)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..runtime.op_args import with_signature
-from .linear import quantized_linear_triton
+from svdq_compile.runtime.op_args import with_signature
+from svdq_compile.codegen.linear import quantized_linear_triton
 
 __all__ = ["TRITON_OP_AVAILABLE", "triton_linear"]
 

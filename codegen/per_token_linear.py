@@ -20,14 +20,15 @@ from typing import Optional
 
 import torch
 
-from ..runtime.cpu import quantized_linear_cpu
-from ..runtime.op_args import LinearArgs
-from .expand_weight import expanded_operand
-from .fallback import run_or_fallback
-from .gemm import EpilogueInputs
-from .gemm_pt import run_gemm_pt
-from .prologue_pt import run_prologue_pt
-from .spec import KernelSpec
+from svdq_compile.runtime.torch_path import quantized_linear_cpu
+from svdq_compile.runtime.op_args import LinearArgs
+from svdq_compile.codegen.expand_weight import expanded_operand
+from svdq_compile.codegen.fallback import run_or_fallback
+from svdq_compile.codegen.gemm import EpilogueInputs
+from svdq_compile.codegen.call_spec import inner_contiguous, is_tracing, make_spec
+from svdq_compile.codegen.gemm_pt import run_gemm_pt
+from svdq_compile.codegen.prologue_pt import run_prologue_pt
+from svdq_compile.codegen.spec import KernelSpec
 
 __all__ = ["per_token_linear", "check_per_token_args", "unsupported_reason"]
 
@@ -50,16 +51,12 @@ def unsupported_reason(a: LinearArgs) -> Optional[str]:
 
 
 def _spec(a: LinearArgs, lora_precision: Optional[str]) -> KernelSpec:
-    from .linear import make_spec  # deferred: .linear imports this module
-
     spec = make_spec(a.x, a.smooth, a.lora_down, a.bias, a.residual, a.gate, a.group_size, a.weight_bits,
                      a.act_bits, a.act_unsigned, a.epilogue, lora_precision)
     return replace(spec, scheme=a.scheme)
 
 
 def _run(a: LinearArgs, spec: KernelSpec, *, wrap: bool, eager: bool) -> torch.Tensor:
-    from .linear import _inner_contiguous
-
     x = a.x
     lead = tuple(x.shape[:-1])
     k = x.shape[-1]
@@ -67,7 +64,7 @@ def _run(a: LinearArgs, spec: KernelSpec, *, wrap: bool, eager: bool) -> torch.T
     smooth = None if a.smooth is None else a.smooth.contiguous()
     qa, sa, h = run_prologue_pt(x2d, smooth, a.lora_down, spec, wrap=wrap, tune=eager)
     w8 = expanded_operand(a, wrap=wrap, eager=eager)
-    inputs = EpilogueInputs(h if spec.has_lora else None, _inner_contiguous(a.lora_up),
+    inputs = EpilogueInputs(h if spec.has_lora else None, inner_contiguous(a.lora_up),
                             None if a.bias is None else a.bias.contiguous(), a.gate, a.residual)
     y = run_gemm_pt(qa, sa, w8, a.wchannel.contiguous(), inputs, spec, lead, wrap=wrap, tune=eager)
     return y.reshape(*lead, a.n)
@@ -75,8 +72,6 @@ def _run(a: LinearArgs, spec: KernelSpec, *, wrap: bool, eager: bool) -> torch.T
 
 def per_token_linear(a: LinearArgs, *, lora_precision: Optional[str] = None, wrap: bool = False) -> torch.Tensor:
     """x: [..., K] -> [..., N] for a per-token scheme (arguments already checked by the caller)."""
-    from .linear import is_tracing
-
     check_per_token_args(a)
     reason = unsupported_reason(a)
     if reason is not None:

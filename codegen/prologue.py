@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import PrologueConfig, choose_config, prologue_candidates
-from .launch import launch
-from .spec import KernelSpec
+from svdq_compile.codegen.autotune import PrologueConfig, choose_config, prologue_candidates
+from svdq_compile.codegen.launch import launch
+from svdq_compile.codegen.spec import KernelSpec
 
 __all__ = ["prologue_kernel", "run_prologue", "qrange_f"]
 

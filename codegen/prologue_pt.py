@@ -32,10 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime.per_token import FP8_DTYPE, FP8_MAX
-from .autotune import PrologueConfig, choose_config, prologue_candidates
-from .launch import interpreting, launch
-from .spec import KernelSpec
+from svdq_compile.runtime.per_token import FP8_DTYPE, FP8_MAX
+from svdq_compile.codegen.autotune import PrologueConfig, choose_config, prologue_candidates
+from svdq_compile.codegen.launch import interpreting, launch
+from svdq_compile.codegen.spec import KernelSpec
 
 __all__ = ["prologue_pt_kernel", "run_prologue_pt", "e4m3_bits", "to_e4m3", "PT_QMAX"]
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..runtime.per_token import SCHEMES
+from svdq_compile.runtime.per_token import SCHEMES
 
 __all__ = ["KernelSpec", "ACTIVATIONS", "LORA_PRECISIONS", "rank_pad"]
 

@@ -14,11 +14,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..runtime.epilogue import finish_output
-from ..runtime.op_args import bind
-from .gemm import run_gemm
-from .linear import make_spec
-from .prologue import run_prologue
+from svdq_compile.runtime.epilogue import finish_output
+from svdq_compile.runtime.op_args import bind
+from svdq_compile.codegen.gemm import run_gemm
+from svdq_compile.codegen.call_spec import make_spec
+from svdq_compile.codegen.prologue import run_prologue
 
 __all__ = ["unfused_quantized_linear"]
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreting, launch
+from svdq_compile.codegen.launch import interpreting, launch
 
 __all__ = ["w4a16_kernel", "run_w4a16", "try_run_w4a16", "w4a16_supported"]
 

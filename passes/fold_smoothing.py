@@ -31,9 +31,9 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .op_nodes import ARG, GraphTensors, add_buffer, drop_unused_buffers, is_svdq
-from .patterns import is_add, is_mul, norm_of
-from .shapes import broadcasts_to, dtype_of, per_sample, same_size, shape_of
+from svdq_compile.passes.op_nodes import ARG, GraphTensors, add_buffer, drop_unused_buffers, is_svdq
+from svdq_compile.passes.patterns import is_add, is_mul, norm_of
+from svdq_compile.passes.shapes import broadcasts_to, dtype_of, per_sample, same_size, shape_of
 
 __all__ = ["fold_smoothing"]
 

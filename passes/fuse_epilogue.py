@@ -27,9 +27,9 @@ from typing import Any, Optional
 
 import torch.fx as fx
 
-from .op_nodes import ARG, GraphTensors, is_svdq, replace_op
-from .patterns import activation_of, is_add, is_identity_dropout, is_mul
-from .shapes import broadcasts_to, dtype_of, same_size, shape_of
+from svdq_compile.passes.op_nodes import ARG, GraphTensors, is_svdq, replace_op
+from svdq_compile.passes.patterns import activation_of, is_add, is_identity_dropout, is_mul
+from svdq_compile.passes.shapes import broadcasts_to, dtype_of, same_size, shape_of
 
 __all__ = ["fuse_epilogue"]
 

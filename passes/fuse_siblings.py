@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .concat import concat_packed
-from .op_nodes import ARG, GraphTensors, drop_unused_buffers, insert_op, is_svdq, packed_of
+from svdq_compile.passes.concat import concat_packed
+from svdq_compile.passes.op_nodes import ARG, GraphTensors, drop_unused_buffers, insert_op, is_svdq, packed_of
 from svdq_compile.runtime.packed import PackedLinear
 
 __all__ = ["fuse_siblings", "apply_aliases"]

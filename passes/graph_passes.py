@@ -16,12 +16,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch.fx as fx
 
-from svdq_compile.config import SVDQuantConfig
+from svdq_compile.quant.config import SVDQuantConfig
 
-from .fold_smoothing import fold_smoothing
-from .fuse_epilogue import fuse_epilogue
-from .fuse_siblings import fuse_siblings
-from .op_nodes import GraphTensors, canonicalize
+from svdq_compile.passes.fold_smoothing import fold_smoothing
+from svdq_compile.passes.fuse_epilogue import fuse_epilogue
+from svdq_compile.passes.fuse_siblings import fuse_siblings
+from svdq_compile.passes.op_nodes import GraphTensors, canonicalize
 
 __all__ = ["run_graph_passes", "PASSES"]
 

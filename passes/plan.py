@@ -14,12 +14,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from svdq_compile.config import SVDQuantConfig
-from svdq_compile.decompose import LayerTarget
+from svdq_compile.quant.config import SVDQuantConfig
+from svdq_compile.quant.decompose import LayerTarget
 from svdq_compile.runtime.packed import mode_bits, mode_scheme
-from svdq_compile.auto_mode import AUTO, auto_choice
+from svdq_compile.quant.auto_mode import AUTO, auto_choice
 
-from .find_linears import LinearSite
+from svdq_compile.passes.find_linears import LinearSite
 
 __all__ = ["SiteGroup", "plan_sites", "nonneg_producer"]
 

@@ -9,8 +9,8 @@ import torch.fx as fx
 
 from svdq_compile.runtime.packed import PackedLinear
 
-from .op_nodes import insert_op
-from .plan import SiteGroup
+from svdq_compile.passes.op_nodes import insert_op
+from svdq_compile.passes.plan import SiteGroup
 
 __all__ = ["RewriteResult", "rewrite_linears"]
 

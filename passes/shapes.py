@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .op_nodes import ARG, GraphTensors, is_svdq
+from svdq_compile.passes.op_nodes import ARG, GraphTensors, is_svdq
 
 __all__ = ["shape_of", "dtype_of", "same_size", "is_one", "broadcasts_to", "per_sample"]
 

@@ -1,9 +1,9 @@
 """Runtime: packed weight format, reference numerics, and the ``svdq::linear`` custom op."""
-from .packing import pack_int4, unpack_int4
-from .quantize import dequantize_groups, quantize_activation, quantize_groups, quantize_weight, qrange
-from .packed import EPILOGUES, MODES, LinearSpec, PackedLinear, mode_bits
-from .reference import quantized_linear_reference
-from .ops import linear_from_packed, svdq_linear
+from svdq_compile.runtime.packing import pack_int4, unpack_int4
+from svdq_compile.runtime.quantize import dequantize_groups, quantize_activation, quantize_groups, quantize_weight, qrange
+from svdq_compile.runtime.packed import EPILOGUES, MODES, LinearSpec, PackedLinear, mode_bits
+from svdq_compile.runtime.reference import quantized_linear_reference
+from svdq_compile.runtime.ops import linear_from_packed, svdq_linear
 
 __all__ = [
     "pack_int4", "unpack_int4", "quantize_groups", "dequantize_groups", "quantize_weight",

@@ -14,10 +14,10 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .cpu import quantized_linear_cpu
-from .op_args import SCHEMA, LinearArgs, bind
-from .packed import EPILOGUES, LinearSpec, PackedLinear
-from .per_token import PER_TOKEN_SCHEMES, SCHEMES
+from svdq_compile.runtime.torch_path import quantized_linear_cpu
+from svdq_compile.runtime.op_args import SCHEMA, LinearArgs, bind
+from svdq_compile.runtime.packed import EPILOGUES, LinearSpec, PackedLinear
+from svdq_compile.runtime.per_token import PER_TOKEN_SCHEMES, SCHEMES
 
 __all__ = ["svdq_linear", "linear_from_packed", "check_linear_args", "check_args", "register_triton_impl",
            "triton_on_cpu", "packed_args", "spec_args"]

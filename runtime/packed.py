@@ -10,9 +10,9 @@ from typing import Optional
 
 import torch
 
-from .packing import pack_int4, unpack_int4
-from .per_token import PER_TOKEN_SCHEMES, SCHEMES, dequantized_weight
-from .quantize import dequantize_groups
+from svdq_compile.runtime.packing import pack_int4, unpack_int4
+from svdq_compile.runtime.per_token import PER_TOKEN_SCHEMES, SCHEMES, dequantized_weight
+from svdq_compile.runtime.quantize import dequantize_groups
 
 __all__ = ["LinearSpec", "PackedLinear", "EPILOGUES", "MODES", "mode_bits", "mode_scheme", "spec_mode"]
 

@@ -40,8 +40,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .packing import pack_int4, unpack_int4
-from .quantize import dequantize_groups, quantize_groups, quantize_weight
+from svdq_compile.runtime.packing import pack_int4, unpack_int4
+from svdq_compile.runtime.quantize import dequantize_groups, quantize_groups, quantize_weight
 
 __all__ = [
     "SCHEMES", "PER_TOKEN_SCHEMES", "FP8_DTYPE", "FP8_MAX", "CHANNEL_QMAX",

@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 
-from .epilogue import finish_output
-from .packing import unpack_int4
-from .per_token import expanded_weight, quantize_tokens
-from .quantize import dequantize_groups, quantize_activation
+from svdq_compile.runtime.epilogue import finish_output
+from svdq_compile.runtime.packing import unpack_int4
+from svdq_compile.runtime.per_token import expanded_weight, quantize_tokens
+from svdq_compile.runtime.quantize import dequantize_groups, quantize_activation
 
 __all__ = ["smooth_input", "quantized_linear_reference", "int_weight"]
 

@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import logging
 
-from . import runtime  # registers the svdq::linear custom op
-from .calibration import LayerStats, calibrate, calibrating, clear_calibration, stats_of
-from .config import SVDQuantConfig
-from .decompose import sqnr_db
-from .modules import SVDQLinear
-from .quantize_api import quantize, quantized_modules
-from .artifacts import ArtifactError, load, save
-from .explain import explain
-from .export import export_onnx, export_tensorrt
-from .diffusers_pipelines import PIPELINE_SKIP, load_pipeline, pipeline_config, quantize_pipeline, save_pipeline
-from . import diffusers_pipelines as _diffusers_pipelines
-
-# The diffusers side used to be ``svdq_compile.pipelines`` (one letter from the compile
-# pass pipeline, ``svdq_compile.pipeline``); the old import path stays an alias.
-import sys as _sys
-
-_sys.modules.setdefault(__name__ + ".pipelines", _diffusers_pipelines)
+from svdq_compile import runtime  # registers the svdq::linear custom op
+from svdq_compile.capture.calibration import LayerStats, calibrate, calibrating, clear_calibration, stats_of
+from svdq_compile.quant.config import SVDQuantConfig
+from svdq_compile.quant.decompose import sqnr_db
+from svdq_compile.quant.modules import SVDQLinear
+from svdq_compile.capture.quantize_module import quantize, quantized_modules
+from svdq_compile.export.artifacts import ArtifactError, load, save
+from svdq_compile.capture.explain import explain
+from svdq_compile.export import export_onnx, export_tensorrt
+from svdq_compile.integrations.diffusers.pipelines import PIPELINE_SKIP, load_pipeline, pipeline_config, quantize_pipeline, save_pipeline
 
 __version__ = "0.1.0"
 
@@ -61,7 +54,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 def _install_triton() -> None:
     """Route CUDA tensors to the generated Triton kernels when they can run."""
     try:
-        from . import codegen
+        from svdq_compile import codegen
     except Exception:  # pragma: no cover - codegen is optional at import time
         return
     install = getattr(codegen, "install", None)
@@ -87,7 +80,7 @@ def _register_backend() -> None:
     import torch._dynamo
 
     def svdquant(gm, example_inputs, **kwargs):
-        from .backend import svdquant_backend
+        from svdq_compile.capture.backend import svdquant_backend
 
         return svdquant_backend(gm, example_inputs, **kwargs)
 
@@ -99,7 +92,7 @@ _register_backend()
 
 def __getattr__(name: str):
     if name == "svdquant_backend":
-        from .backend import svdquant_backend
+        from svdq_compile.capture.backend import svdquant_backend
 
         return svdquant_backend
     raise AttributeError(name)

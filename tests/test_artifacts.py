@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import svdq_compile as sq
+from svdq_compile.export import artifacts
 from models import AttnMLPBlock
 
 CFG = sq.SVDQuantConfig(search_grid=4)
@@ -50,7 +51,7 @@ def test_fresh_process_bit_identical(artifact, tmp_path):
 def test_manifest_contents(artifact):
     path, _, _ = artifact
     man = json.loads((path / "manifest.json").read_text())
-    assert man["format_version"] == sq.artifacts.FORMAT_VERSION
+    assert man["format_version"] == artifacts.FORMAT_VERSION
     assert man["config"]["rank"] == 32
     layer = man["layers"]["q"]
     assert set(layer["keys"]) >= {"qweight", "wscales", "smooth", "lora_down", "lora_up", "bias"}
@@ -116,7 +117,7 @@ def test_interrupted_save_keeps_old_artifact(artifact, tmp_path, monkeypatch):
         path.write_bytes(b"half a file")  # a crash after writing part of the new artifact
         raise KeyboardInterrupt("simulated crash mid-save")
 
-    monkeypatch.setattr(sq.artifacts, "write_safetensors", boom)
+    monkeypatch.setattr(artifacts, "write_safetensors", boom)
     with pytest.raises(KeyboardInterrupt):
         sq.save(m, p)
     assert (p / "weights.safetensors").read_bytes() == before

@@ -1,4 +1,4 @@
-"""mode="auto" and the quality rule behind it (issue 16, svdq_compile/auto_mode.py).
+"""mode="auto" and the quality rule behind it (issue 16, svdq_compile/quant/auto_mode.py).
 
 auto picks a per-token 8-bit-activation mode on the promise that its quality is at
 least W4A4's. Checked here on the outlier block and two tiny diffusers pipeline
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import svdq_compile
-from svdq_compile.backend import last_reports
+from svdq_compile.capture.backend import last_reports
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -100,7 +100,7 @@ def test_per_token_modes_beat_w4a4_on_tiny_denoiser(tiny_dirs, name):
 @pytest.mark.parametrize("isa,expected", [("avx2", "w4a4"), ("avx512_vnni", "w4a8-int8"), ("torch", "w4a8-int8")])
 def test_default_backend_is_auto(monkeypatch, isa, expected):
     """No mode option: the backend runs mode="auto", whose CPU choice follows the kernels'
-    ISA (svdq_compile/auto_mode.py: W4A4 where it measured faster, AVX2; else w4a8-int8);
+    ISA (svdq_compile/quant/auto_mode.py: W4A4 where it measured faster, AVX2; else w4a8-int8);
     explain() says which and why. The ISA is forced so every branch runs on any machine
     (the kernels that execute are this machine's; only the decision is forced)."""
     from svdq_compile.runtime import cpu_gemm

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 import svdq_compile
-from svdq_compile.auto_mode import auto_choice
+from svdq_compile.quant.auto_mode import auto_choice
 from svdq_compile import SVDQuantConfig, sqnr_db
-from svdq_compile.backend import last_reports
+from svdq_compile.capture.backend import last_reports
 from models import AttnMLPBlock
 
 FAST = dict(use_inductor=False, search_grid=6)  # tests: eager graph, coarse alpha grid
@@ -29,7 +29,7 @@ def test_entry_point_in_fresh_process():
         assert "svdq_compile" not in sys.modules
         y = torch.compile(m, backend="svdquant", options={"use_inductor": False})(x)
         assert "svdq_compile" in sys.modules
-        from svdq_compile.backend import last_reports
+        from svdq_compile.capture.backend import last_reports
         assert last_reports()[-1].rewritten == 2, last_reports()[-1].summary()
         print("OK", float((y - m(x)).norm() / m(x).norm()))
     """)

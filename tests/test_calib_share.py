@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from svdq_compile import SVDQuantConfig, calibrating
-from svdq_compile.calibration import LayerStats, stats_of
+from svdq_compile.capture.calibration import LayerStats, stats_of
 
 CFG = SVDQuantConfig(calib_tokens=48)  # small cap: later calls overwrite reservoir rows
 

@@ -1,7 +1,7 @@
 """Pure SVDQuant numerics: smoothing, low rank, residual quantization."""
 import torch
 
-from svdq_compile.decompose import LayerTarget, decompose_layer, low_rank, search_candidates, smoothing_factors
+from svdq_compile.quant.decompose import LayerTarget, decompose_layer, low_rank, search_candidates, smoothing_factors
 
 
 def _weight(n=192, k=256, seed=0):

@@ -13,9 +13,9 @@ import torch.nn as nn
 
 import svdq_compile
 from svdq_compile import SVDQuantConfig, sqnr_db
-from svdq_compile.backend import last_reports
-from svdq_compile.decompose import LayerTarget, decompose_layer
-from svdq_compile.runtime.cpu import quantized_linear_cpu
+from svdq_compile.capture.backend import last_reports
+from svdq_compile.quant.decompose import LayerTarget, decompose_layer
+from svdq_compile.runtime.torch_path import quantized_linear_cpu
 from svdq_compile.runtime.ops import linear_from_packed
 
 FAST = dict(use_inductor=False, search_grid=2)

@@ -3,9 +3,9 @@ import torch
 import torch.nn as nn
 
 import svdq_compile as sq
-from svdq_compile.auto_mode import auto_choice
-from svdq_compile.calibration import LayerStats
-from svdq_compile.modules import SVDQLinear
+from svdq_compile.quant.auto_mode import auto_choice
+from svdq_compile.capture.calibration import LayerStats
+from svdq_compile.quant.modules import SVDQLinear
 from models import AttnMLPBlock
 
 

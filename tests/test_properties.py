@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import svdq_compile
 from svdq_compile import SVDQuantConfig
-from svdq_compile.backend import last_reports
-from svdq_compile.decompose import LayerTarget, decompose_layer
+from svdq_compile.capture.backend import last_reports
+from svdq_compile.quant.decompose import LayerTarget, decompose_layer
 from svdq_compile.runtime.packing import pack_int4, unpack_int4
 from svdq_compile.runtime.quantize import dequantize_groups, qrange, quantize_groups, quantize_weight
 

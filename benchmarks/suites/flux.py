@@ -107,7 +107,7 @@ def fast_svd(max_exact_dim: int = 1024) -> Iterator[None]:
     """Randomized SVD for layers with min(N, K) > ``max_exact_dim`` while quantizing for
     the benchmarks.
 
-    ``svdq_compile.decompose`` takes an exact float64 eigendecomposition up to
+    ``svdq_compile.quant.decompose`` takes an exact float64 eigendecomposition up to
     min(N, K) = 4096 (all FLUX layers): minutes per real-size block on a 2-core CPU.
     Small layers keep the exact path (single-threaded LAPACK, fast even on a busy
     machine). Speed and weight bytes do not depend on which SVD found the factors.

@@ -52,7 +52,7 @@ def synthetic_svdq_linear(layer: nn.Linear, mode: str, gen: torch.Generator) -> 
     output SQNR against the float layer checks the kernels end to end.
     """
     from svdq_compile import SVDQLinear
-    from svdq_compile.decompose import LayerTarget, _quant_residual
+    from svdq_compile.quant.decompose import LayerTarget, _quant_residual
     from svdq_compile.runtime.packed import LinearSpec, PackedLinear, mode_bits, mode_scheme
 
     wbits, abits = mode_bits(mode)

@@ -102,7 +102,7 @@ def _peak_forward(ctx: Context, model: nn.Module, inputs: tuple) -> Optional[int
 
 def _cpu_prepared_bytes(layers) -> int:
     """Bytes of the CPU kernels' prepared weights cached on the layers' qweights."""
-    from svdq_compile.runtime.cpu import CACHE_ATTR
+    from svdq_compile.runtime.torch_path import CACHE_ATTR
 
     total = 0
     for m in layers:

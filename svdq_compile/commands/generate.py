@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .quantize import DTYPES, add_common, call_kwargs, load_pipeline_dir, parse_pairs
+from svdq_compile.commands.quantize import DTYPES, add_common, call_kwargs, load_pipeline_dir, parse_pairs
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from svdq_compile.diffusers_pipelines import PIPELINE_MANIFEST, load_pipeline
+    from svdq_compile.integrations.diffusers.pipelines import PIPELINE_MANIFEST, load_pipeline
 
     t0 = time.perf_counter()
     if Path(args.dir, PIPELINE_MANIFEST).is_file():

@@ -103,7 +103,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from svdq_compile.diffusers_pipelines import pipeline_config, quantize_pipeline, save_pipeline
+    from svdq_compile.integrations.diffusers.pipelines import pipeline_config, quantize_pipeline, save_pipeline
 
     options = parse_pairs(args.option, "--option")
     if args.rank is not None:

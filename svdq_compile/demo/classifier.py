@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import DEFAULT_SEED, load_digits_split, to_pixels
+from svdq_compile.demo.data import DEFAULT_SEED, load_digits_split, to_pixels
 
 if TYPE_CHECKING:
     from sklearn.svm import SVC

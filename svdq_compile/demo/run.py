@@ -17,10 +17,10 @@ from typing import Any, Optional
 
 import torch
 
-from .classifier import accuracy, heldout_accuracy
-from .metrics import psnr, ssim
-from .model import load_pretrained
-from .sampler import sample
+from svdq_compile.demo.classifier import accuracy, heldout_accuracy
+from svdq_compile.demo.metrics import psnr, ssim
+from svdq_compile.demo.model import load_pretrained
+from svdq_compile.demo.sampler import sample
 
 __all__ = ["DemoOptions", "VARIANTS", "compile_variant", "run_demo"]
 
@@ -70,9 +70,9 @@ def _record_calibration_inputs(model: torch.nn.Module, opts: DemoOptions) -> lis
 
 
 def _transformer_bytes(model: torch.nn.Module) -> dict[str, int]:
-    import svdq_compile as sq
+    from svdq_compile.export import artifacts
 
-    packed = sq.artifacts.collect_packed(model)
+    packed = artifacts.collect_packed(model)
     q_names = set(packed)
     q_bytes = sum(p.nbytes() for p in packed.values())
     fp_rest = 0

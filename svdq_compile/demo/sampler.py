@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .model import NULL_LABEL, DemoConfig, unpatchify
+from svdq_compile.demo.model import NULL_LABEL, DemoConfig, unpatchify
 
 __all__ = ["ModelFn", "initial_noise", "sample"]
 

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import classifier
-from .data import DEFAULT_SEED, load_digits_split
-from .model import CHECKPOINT_PATH, NULL_LABEL, DemoConfig, DigitFlow, build_model, patchify
-from .sampler import sample
+from svdq_compile.demo import classifier
+from svdq_compile.demo.data import DEFAULT_SEED, load_digits_split
+from svdq_compile.demo.model import CHECKPOINT_PATH, NULL_LABEL, DemoConfig, DigitFlow, build_model, patchify
+from svdq_compile.demo.sampler import sample
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate", "save_checkpoint", "train", "main"]
 

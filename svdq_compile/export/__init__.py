@@ -15,13 +15,13 @@ See docs/export.md.
 """
 from __future__ import annotations
 
-from .compiled_state import NotQuantizedYetError
-from .onnx_export import (
+from svdq_compile.export.compiled_state import NotQuantizedYetError
+from svdq_compile.export.onnx_export import (
     OnnxExport, bf16_parameter_bytes, describe_op_types, export_onnx, export_onnx_variants, onnx_op_types,
     ort_optimized_op_types,
     ort_session, quantized_weight_bytes,
 )
-from .tensorrt_export import TensorRTUnavailableError, export_tensorrt
+from svdq_compile.export.tensorrt_export import TensorRTUnavailableError, export_tensorrt
 
 __all__ = ["export_onnx", "OnnxExport", "ort_session", "onnx_op_types", "quantized_weight_bytes",
            "ort_optimized_op_types", "describe_op_types", "bf16_parameter_bytes", "NotQuantizedYetError",

@@ -3,8 +3,8 @@
 The backend quantizes inside its compiled graphs; the eager module keeps its float
 ``nn.Linear`` layers. What it quantized is recorded on each weight tensor
 (``weight._svdq_packed``, a :class:`~svdq_compile.runtime.packed.PackedLinear`; see
-``svdq_compile/pipeline.py``), which is also what :func:`svdq_compile.save` reads
-(:func:`svdq_compile.artifacts.collect_packed`). :func:`compiled_as_modules` swaps those
+``passes/pipeline.py``), which is also what :func:`svdq_compile.save` reads
+(:func:`svdq_compile.export.artifacts.collect_packed`). :func:`compiled_as_modules` swaps those
 layers for :class:`~svdq_compile.SVDQLinear` modules for the duration of an export and
 puts the original modules back afterwards, so the compiled model is left as it was.
 
@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch.nn as nn
 
-from svdq_compile.modules import SVDQLinear
+from svdq_compile.quant.modules import SVDQLinear
 
 __all__ = ["is_compiled", "compiled_as_modules", "NotQuantizedYetError"]
 

@@ -34,7 +34,7 @@ numerics (it is closer to float); the error vs the torch model is stated in the 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import onnx_ir as ir
@@ -42,8 +42,7 @@ import torch
 
 from svdq_compile.runtime.packing import unpack_int4
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .onnx_linear import _Builder
+from svdq_compile.export.onnx_builder import Builder, fresh_initializer_name
 
 __all__ = ["INT8_KERNELS", "int8_weight", "int8_activation", "int8_matmul", "lowrank_with_bias", "unit_column",
            "store_fp16", "fresh_initializer_name", "FP16_MIN_ELEMENTS", "FP16_MIN_SQNR_DB"]
@@ -66,7 +65,7 @@ def _pack_u4(values: torch.Tensor, shape: list[int], name: str) -> ir.TensorProt
     return ir.PackedTensor(packed, ir.DataType.UINT4, shape=ir.Shape(shape), name=name)
 
 
-def int8_weight(b: "_Builder", arrays: dict, group: int, layer: str, kernel: str) -> tuple[ir.Value, ir.Value]:
+def int8_weight(b: Builder, arrays: dict, group: int, layer: str, kernel: str) -> tuple[ir.Value, ir.Value]:
     """w4a8-int8 weight: UINT4 codes + UINT4 zero points + UINT8 group scales as initializers,
     expanded in-graph to the ``[K, N]`` GEMM operand (UINT8 = e + 128, or INT8 e for
     ``u8s8``/``dynamic``). Returns (operand, channel scale c [N] fp32 initializer)."""
@@ -94,7 +93,7 @@ def int8_weight(b: "_Builder", arrays: dict, group: int, layer: str, kernel: str
     return b.op("Reshape", [e, b.i64([k, n])], name="w8_kn"), c_v
 
 
-def lowrank_with_bias(b: "_Builder", down: ir.Value, up: ir.Value, bias: ir.Value, layer: str) -> tuple[ir.Value, ir.Value]:
+def lowrank_with_bias(b: Builder, down: ir.Value, up: ir.Value, bias: ir.Value, layer: str) -> tuple[ir.Value, ir.Value]:
     """``[K, r+1]`` down projection with a zero column and ``[r+1, N]`` up projection whose last
     row is the bias: ``([xs @ down^T, 0] + [0, .., 0, 1]) @ up_aug = xs @ down^T @ up^T + bias``."""
     d, u, bias_arr = down.const_value.numpy(), up.const_value.numpy(), bias.const_value.numpy()
@@ -113,7 +112,7 @@ def unit_column(width: int) -> np.ndarray:
     return e
 
 
-def int8_activation(b: "_Builder", xs: ir.Value, k: int, exact_rounding: bool = False) -> tuple[ir.Value, ir.Value]:
+def int8_activation(b: Builder, xs: ir.Value, k: int, exact_rounding: bool = False) -> tuple[ir.Value, ir.Value]:
     """Per-token int8 quantization of the smoothed input, shifted to UINT8 (zero point 128).
     ``exact_rounding``: our ``floor(v/s + 0.5)`` as float ops (4 passes over [M, K]); default: one
     ``QuantizeLinear`` (round half to even: differs on exact ties only). Returns (qa uint8
@@ -136,7 +135,7 @@ def int8_activation(b: "_Builder", xs: ir.Value, k: int, exact_rounding: bool = 
     return qa, s
 
 
-def int8_matmul(b: "_Builder", xs: ir.Value, act: Optional[tuple[ir.Value, ir.Value]], w: ir.Value, chan: ir.Value,
+def int8_matmul(b: Builder, xs: ir.Value, act: Optional[tuple[ir.Value, ir.Value]], w: ir.Value, chan: ir.Value,
                 kernel: str) -> ir.Value:
     """``(qa @ E) * s * c`` in float32 [..., N]."""
     if kernel == "dynamic":
@@ -149,13 +148,6 @@ def int8_matmul(b: "_Builder", xs: ir.Value, act: Optional[tuple[ir.Value, ir.Va
     ins = [qa, w, one, chan, zp] + ([zp] if kernel.startswith("u8u8") else [])
     y = b.op("MatMulIntegerToFloat", ins, name="acc_scaled", domain="com.microsoft")
     return b.op("Mul", [y, s], name="y_int")
-
-
-def fresh_initializer_name(graph: ir.Graph, name: str) -> str:
-    """``name``, with underscores appended until no initializer of ``graph`` uses it."""
-    while name in graph.initializers:
-        name += "_"
-    return name
 
 
 def _fp16_copy(arr: np.ndarray) -> Optional[np.ndarray]:

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from svdq_compile.modules import SVDQLinear
+from svdq_compile.quant.modules import SVDQLinear
 
 __all__ = ["export_onnx", "OnnxExport", "onnx_op_types", "ort_session", "ort_optimized_op_types", "describe_op_types",
            "quantized_weight_bytes", "bf16_parameter_bytes", "export_onnx_variants"]
@@ -244,8 +244,8 @@ def export_onnx(
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError(f"svdq_compile.export_onnx needs onnx, onnx-ir and onnxscript: "
                           f"pip install 'svdq-compile[onnx]' ({e})") from e
-    from .compiled_state import compiled_as_modules, is_compiled
-    from .onnx_linear import FLAVORS, MIN_OPSET
+    from svdq_compile.export.compiled_state import compiled_as_modules, is_compiled
+    from svdq_compile.export.onnx_linear import FLAVORS, MIN_OPSET
 
     if opset < MIN_OPSET:
         raise ValueError(f"svdq_compile.export_onnx: opset must be >= {MIN_OPSET} "
@@ -277,7 +277,7 @@ def _export(model, example_inputs, path, *, example_kwargs, dynamic_shapes, dyna
 
 def _trace(model, example_inputs, *, example_kwargs, dynamic_shapes, dynamic_axes, input_names, output_names, opset):
     """``torch.onnx.export`` with ``svdq::linear`` as placeholders (not yet expanded)."""
-    from .onnx_placeholder import translate_svdq_linear
+    from svdq_compile.export.onnx_placeholder import translate_svdq_linear
 
     _check_model_is_exportable(model)
     if isinstance(example_inputs, torch.Tensor):
@@ -302,7 +302,7 @@ def _write(ir_model, path, *, opset, external_data, check, debug_info, flavor, i
     import onnx
     import onnx_ir as ir
 
-    from .onnx_linear import expand_quantized_linears
+    from svdq_compile.export.onnx_linear import expand_quantized_linears
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -341,7 +341,7 @@ def export_onnx_variants(
     suite's way to write the exact and deploy files of a large model without tracing it again)."""
     import onnx_ir as ir
 
-    from .compiled_state import compiled_as_modules, is_compiled
+    from svdq_compile.export.compiled_state import compiled_as_modules, is_compiled
 
     compiled = is_compiled(model)
     model = _unwrap(model)

@@ -38,69 +38,16 @@ from svdq_compile.runtime.packing import pack_int4, unpack_int4
 from svdq_compile.runtime.per_token import FP8_MAX, expanded_weight
 from svdq_compile.runtime.quantize import qrange
 
-from . import onnx_deploy
-from .onnx_placeholder import ATTRIBUTES, INPUT_NAMES, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
+from svdq_compile.export import onnx_deploy
+from svdq_compile.export.onnx_builder import PREFIX as _PREFIX, Builder
+from svdq_compile.export.onnx_placeholder import ATTRIBUTES, INPUT_NAMES, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
 
 __all__ = ["expand_quantized_linears", "MIN_OPSET", "FLAVORS"]
 
 MIN_OPSET = 21  # DequantizeLinear with INT4 inputs and block_size
 FLAVORS = ("exact", "deploy")
 _F32 = ir.DataType.FLOAT
-_PREFIX = "svdq_export"
 logger = logging.getLogger(__name__)
-
-
-class _Builder:
-    """Records named nodes and initializers for one graph (a thin layer over ``ir.tape.Tape``)."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.graph = graph
-        self.tape = ir.tape.Tape()
-        self._consts: dict[tuple, ir.Value] = {}
-        self.scope = ""
-        self._count = 0
-
-    def op(self, op_type: str, inputs: list, attributes: Optional[dict] = None, name: str = "",
-           domain: str = "") -> ir.Value:
-        self._count += 1
-        out = self.tape.op(op_type, inputs, attributes=attributes, domain=domain,
-                           name=f"{self.scope}/{op_type}_{self._count}")
-        out.name = f"{self.scope}/{name or op_type.lower()}_{self._count}"
-        return out
-
-    def initializer(self, name: str, tensor: ir.TensorProtocol) -> ir.Value:
-        if name in self.graph.initializers:
-            raise ValueError(f"svdq export: initializer name {name!r} is already used in the graph")
-        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
-                         const_value=tensor)
-        self.graph.register_initializer(value)
-        return value
-
-    def const(self, array: np.ndarray) -> ir.Value:
-        """A small shared constant (shapes, axes, scalars), one initializer per distinct value."""
-        key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self._consts:
-            name = onnx_deploy.fresh_initializer_name(self.graph, f"{_PREFIX}/const_{len(self._consts)}")
-            self._consts[key] = self.initializer(name, ir.Tensor(array, name=name))
-        return self._consts[key]
-
-    def const_tensor(self, tensor: ir.TensorProtocol) -> ir.Value:
-        """A small constant of a dtype numpy cannot key on (e.g. a float8 zero point)."""
-        key = ("tensor", str(tensor.dtype), tuple(tensor.shape), tensor.tobytes())
-        if key not in self._consts:
-            name = onnx_deploy.fresh_initializer_name(self.graph, f"{_PREFIX}/const_{len(self._consts)}")
-            tensor.name = name
-            self._consts[key] = self.initializer(name, tensor)
-        return self._consts[key]
-
-    def f32(self, value: float) -> ir.Value:
-        return self.const(np.array(value, dtype=np.float32))
-
-    def i64(self, values: list[int]) -> ir.Value:
-        return self.const(np.array(values, dtype=np.int64))
-
-    def to_f32(self, v: ir.Value) -> ir.Value:
-        return v if v.dtype == _F32 else self.op("Cast", [v], {"to": _F32}, "f32")
 
 
 def _const_array(v: Optional[ir.Value], what: str, layer: str) -> np.ndarray:
@@ -143,7 +90,7 @@ def _per_token_weight(ins: dict, scheme: str, group: int, layer: str, name: str)
     return tensor, t["wchannel"].float().numpy()
 
 
-def _per_token_activation(b: "_Builder", xs: ir.Value, scheme: str) -> ir.Value:
+def _per_token_activation(b: Builder, xs: ir.Value, scheme: str) -> ir.Value:
     """Dequantized per-token activations: int8 ``clip(floor(x'/s + 0.5))`` with s = absmax/127,
     or fp8 ``RNE_sat(x'/s)`` with s = absmax/448 (QuantizeLinear to FLOAT8E4M3FN rounds to
     nearest even and saturates, as torch's cast does)."""
@@ -178,7 +125,7 @@ def _layer_name(qweight: ir.Value, index: int) -> str:
     return name[: -len(".qweight")] if name.endswith(".qweight") else name
 
 
-def _expand_one(b: _Builder, node: ir.Node, index: int, weights: dict, replaced: set, flavor: str = "exact",
+def _expand_one(b: Builder, node: ir.Node, index: int, weights: dict, replaced: set, flavor: str = "exact",
                 int8_kernel: str = "u8u8", shared: Optional[dict] = None) -> None:
     ins = dict(zip(INPUT_NAMES, list(node.inputs) + [None] * (len(INPUT_NAMES) - len(node.inputs))))
     attrs = {a: node.attributes[a].value for a in ATTRIBUTES if a in node.attributes}  # older nodes: no scheme
@@ -351,7 +298,7 @@ def expand_quantized_linears(model: ir.Model, flavor: str = "exact", int8_kernel
         raise ValueError(f"svdq export needs ONNX opset >= {MIN_OPSET} (INT4 DequantizeLinear with block_size), "
                          f"the model has opset {opset}")
     graph = model.graph
-    builder = _Builder(graph)
+    builder = Builder(graph)
     weights: dict = {}
     replaced: set = set()
     nodes = _placeholders(graph)

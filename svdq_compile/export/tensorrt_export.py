@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from svdq_compile.modules import SVDQLinear
+from svdq_compile.quant.modules import SVDQLinear
 
 __all__ = ["export_tensorrt", "TensorRTUnavailableError", "require_tensorrt", "register_tensorrt_plugin",
            "TRT_PLUGIN_OP"]
@@ -110,7 +110,7 @@ class _TRTLinear(nn.Module):
 @contextlib.contextmanager
 def _trt_linears(model: nn.Module):
     """Swap SVDQLinear -> _TRTLinear in place for the duration of the block (restored after)."""
-    from svdq_compile.quantize_api import _set_module
+    from svdq_compile.capture.quantize_module import _set_module
 
     swapped = {name: m for name, m in model.named_modules() if isinstance(m, SVDQLinear)}
     try:

@@ -157,7 +157,7 @@ def test_empty_input():
 def test_gemm_accepts_row_major_scales():
     """run_gemm takes activation scales in any layout (the prologue writes them group-major)."""
     from svdq_compile.codegen.gemm import run_gemm
-    from svdq_compile.codegen.linear import make_spec
+    from svdq_compile.codegen.call_spec import make_spec
     from svdq_compile.codegen.prologue import run_prologue
 
     layer = make_layer(N_ODD, 128, rank=8)

@@ -28,7 +28,7 @@ def _reference(x, layer, **kw):
 
 
 def test_prologue_exact_flux_shape():
-    from svdq_compile.codegen.linear import make_spec
+    from svdq_compile.codegen.call_spec import make_spec
     from svdq_compile.codegen.prologue import run_prologue
     from svdq_compile.runtime.packing import pack_int4
     from svdq_compile.runtime.quantize import quantize_activation
@@ -101,7 +101,7 @@ def test_every_gemm_and_prologue_config():
     """Each candidate config compiles, launches and is exact (autotuning may pick any)."""
     from svdq_compile.codegen import autotune
     from svdq_compile.codegen.gemm import run_gemm
-    from svdq_compile.codegen.linear import make_spec
+    from svdq_compile.codegen.call_spec import make_spec
     from svdq_compile.codegen.prologue import run_prologue
 
     m, k, n = 300, 512, 384 + 5
@@ -147,7 +147,7 @@ def test_autotune_picks_and_caches(monkeypatch, tmp_path):
 def test_svdq_linear_op_on_cuda_uses_triton():
     import svdq_compile.codegen as codegen
     from svdq_compile.runtime import ops
-    from svdq_compile.runtime.cpu import quantized_linear_cpu
+    from svdq_compile.runtime.torch_path import quantized_linear_cpu
 
     assert codegen.install() and ops._TRITON_IMPL is not None
     layer = make_layer(3072, 3072, rank=32, device=CUDA, lora_dtype=torch.bfloat16)

@@ -8,7 +8,7 @@ from codegen_helpers import CAN_RUN, DEVICE, make_input, make_layer, rel_err, sq
 
 import svdq_compile.codegen as codegen  # noqa: E402
 from svdq_compile.codegen.linear import quantized_linear_triton  # noqa: E402
-from svdq_compile.runtime.cpu import quantized_linear_cpu  # noqa: E402
+from svdq_compile.runtime.torch_path import quantized_linear_cpu  # noqa: E402
 from svdq_compile.runtime.ops import triton_on_cpu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not CAN_RUN, reason="needs CUDA or TRITON_INTERPRET=1")

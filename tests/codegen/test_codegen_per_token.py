@@ -32,7 +32,7 @@ from svdq_compile.codegen.library_pt import library_available  # noqa: E402
 from svdq_compile.codegen.linear import quantized_linear_triton  # noqa: E402
 from svdq_compile.codegen.prologue_pt import run_prologue_pt, to_e4m3  # noqa: E402
 from svdq_compile.codegen.spec import KernelSpec  # noqa: E402
-from svdq_compile.runtime.cpu import PT_CACHE_ATTR, quantized_linear_cpu  # noqa: E402
+from svdq_compile.runtime.torch_path import PT_CACHE_ATTR, quantized_linear_cpu  # noqa: E402
 from svdq_compile.runtime.op_args import LinearArgs  # noqa: E402
 from svdq_compile.runtime.ops import triton_on_cpu  # noqa: E402
 from svdq_compile.runtime.per_token import (  # noqa: E402

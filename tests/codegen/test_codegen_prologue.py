@@ -6,7 +6,7 @@ pytest.importorskip("triton")
 
 from codegen_helpers import CAN_RUN, DEVICE, make_input  # noqa: E402
 
-from svdq_compile.codegen.linear import make_spec  # noqa: E402
+from svdq_compile.codegen.call_spec import make_spec  # noqa: E402
 from svdq_compile.codegen.prologue import run_prologue  # noqa: E402
 from svdq_compile.runtime.packing import pack_int4  # noqa: E402
 from svdq_compile.runtime.quantize import quantize_activation  # noqa: E402

@@ -8,7 +8,7 @@ from codegen_helpers import CAN_RUN, DEVICE, make_input, make_layer, rel_err  # 
 
 from svdq_compile.codegen.linear import quantized_linear_triton  # noqa: E402
 from svdq_compile.codegen.w4a16 import run_w4a16  # noqa: E402
-from svdq_compile.runtime.cpu import dequantize_weight, quantized_linear_cpu  # noqa: E402
+from svdq_compile.runtime.torch_path import dequantize_weight, quantized_linear_cpu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not CAN_RUN, reason="needs CUDA or TRITON_INTERPRET=1")
 

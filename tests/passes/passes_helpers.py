@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 import svdq_compile
-from svdq_compile.backend import last_reports
+from svdq_compile.capture.backend import last_reports
 from svdq_compile.passes.op_nodes import SVDQ_OP
 
 # Eager graphs (no Inductor), a coarse alpha grid, and min_features low enough for the

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import svdq_compile
-import svdq_compile.pipeline as pipeline
+import svdq_compile.passes.pipeline as pipeline
 from passes_helpers import UNIT, Spy, outlier_input, svdq_ops
 
 TOKENS = (16, 24, 40, 8)
@@ -74,7 +74,7 @@ def test_automatic_dynamic_two_compilations(quantize_calls):
     # the recompile for symbolic shapes reuses the cached packs.
     assert len(quantize_calls) == 3
     assert any(isinstance(e, torch.SymInt) for e in spy.example_inputs[1])
-    r = svdq_compile.backend.last_reports()[-1]
+    r = svdq_compile.capture.backend.last_reports()[-1]
     # Same rewrites with symbolic shapes: 2 LayerNorm folds; (a, b) fused; fc1's GELU and
     # fc2's gate + residual fused (the gate [B, 1, N] broadcasts over symbolic tokens).
     assert r.passes == {"quantize_linears": 4, "fold_smoothing": 2, "fuse_siblings": 1, "fuse_epilogue": 3}
@@ -92,6 +92,6 @@ def test_cfg_batches_with_inductor(quantize_calls):
     worst = _run(cm, m, shapes)
     assert len(spy.compiled) == 2
     assert len(quantize_calls) == 3
-    r = svdq_compile.backend.last_reports()[-1]
+    r = svdq_compile.capture.backend.last_reports()[-1]
     assert r.passes == {"quantize_linears": 4, "fold_smoothing": 2, "fuse_siblings": 1, "fuse_epilogue": 3}
     assert worst > 15.0, worst

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import svdq_compile
 from passes_helpers import UNIT, Spy, outlier_input, quantized_graph, svdq_ops
-from svdq_compile.backend import last_reports
+from svdq_compile.capture.backend import last_reports
 from svdq_compile.passes.fuse_siblings import fuse_siblings
 from svdq_compile.passes.graph_passes import PASSES, run_graph_passes
 from svdq_compile.passes.op_nodes import GraphTensors
@@ -58,7 +58,7 @@ def test_fuse_siblings_needs_one_input():
 
 
 def test_report_explain_and_dumps(tmp_path, monkeypatch):
-    import svdq_compile.backend as backend
+    import svdq_compile.capture.backend as backend
 
     monkeypatch.setattr(backend, "_REPORTS", [])  # explain() sums the reports of this process
     m = PreNormMLP()
@@ -97,7 +97,7 @@ def test_passes_off_leaves_quantized_graph():
 def test_fused_siblings_alias_the_original_tensors():
     """After horizontal fusion, each sibling's tensors are rows of the fused ones: same
     values, one copy in memory (quantize()'d models would otherwise hold QKV twice)."""
-    from svdq_compile.decompose import LayerTarget, decompose_layer
+    from svdq_compile.quant.decompose import LayerTarget, decompose_layer
     from svdq_compile.passes.concat import concat_packed
     from svdq_compile.passes.fuse_siblings import _alias_into  # applied by apply_aliases
 

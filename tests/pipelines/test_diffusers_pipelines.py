@@ -27,9 +27,9 @@ pytest.importorskip("transformers")
 import tiny_pipelines as tp  # noqa: E402
 
 from svdq_compile import SVDQLinear  # noqa: E402
-from svdq_compile.artifacts import ArtifactError  # noqa: E402
+from svdq_compile.export.artifacts import ArtifactError  # noqa: E402
 from svdq_compile.cli import main as cli  # noqa: E402
-from svdq_compile.diffusers_pipelines import (  # noqa: E402
+from svdq_compile.integrations.diffusers.pipelines import (  # noqa: E402
     denoiser_name,
     load_pipeline,
     pipeline_config,
@@ -409,7 +409,7 @@ def test_lora(case, tmp_path, record_property):
     # Reference: the same adapter run by PEFT's own forward (separate 16-bit matmuls on
     # the layer input, outside the quantized op); ours folds it into the low-rank branch.
     from peft.tuners.lora.layer import Linear as PeftLinear
-    from svdq_compile.diffusers_lora import SVDQLoraLinear
+    from svdq_compile.integrations.diffusers.lora import SVDQLoraLinear
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SVDQLoraLinear, "forward", PeftLinear.forward)
@@ -567,7 +567,7 @@ def test_lora_compiled_variants_bounded(case):
         pytest.skip("one pipeline")
     import gc
 
-    from svdq_compile.backend import retained_variants
+    from svdq_compile.capture.backend import retained_variants
 
     torch._dynamo.reset()  # variants of earlier tests' graphs go with them
     gc.collect()

@@ -14,8 +14,9 @@ import itertools
 import pytest
 import torch
 
-from svdq_compile.runtime import cpu, cpu_gemm
-from svdq_compile.runtime.cpu import CACHE_ATTR, quantized_linear_cpu
+from svdq_compile.runtime import cpu_gemm
+from svdq_compile.runtime import torch_path as cpu
+from svdq_compile.runtime.torch_path import CACHE_ATTR, quantized_linear_cpu
 from svdq_compile.runtime.packing import pack_int4
 from svdq_compile.runtime.quantize import quantize_activation, quantize_weight
 from svdq_compile.runtime.reference import quantized_linear_reference, smooth_input

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from svdq_compile.runtime import cpu_gemm, cpu_w4a16
-from svdq_compile.runtime.cpu import _NIBBLE_LUT, dequantize_weight, quantized_linear_cpu
+from svdq_compile.runtime.torch_path import _NIBBLE_LUT, dequantize_weight, quantized_linear_cpu
 from svdq_compile.runtime.packing import pack_int4
 from svdq_compile.runtime.quantize import quantize_weight
 

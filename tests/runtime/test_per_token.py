@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdq_compile.decompose import LayerTarget, decompose_layer, quantized_output, sqnr_db
+from svdq_compile.quant.decompose import LayerTarget, decompose_layer, quantized_output, sqnr_db
 from svdq_compile.passes.concat import concat_packed
 from svdq_compile.runtime.op_args import ARG_NAMES, SCHEMA, LinearArgs
 from svdq_compile.runtime.ops import packed_args
@@ -167,7 +167,7 @@ def test_mode_names():
 def test_cpu_paths_match_reference(monkeypatch, backend):
     """The C++ kernel path (w4a8-int8: one group spanning K) and the torch path, each forced."""
     from svdq_compile.runtime import cpu_gemm
-    from svdq_compile.runtime.cpu import PT_CACHE_ATTR
+    from svdq_compile.runtime.torch_path import PT_CACHE_ATTR
 
     monkeypatch.setenv("SVDQ_CPU_GEMM", backend)
     if backend == "auto" and not cpu_gemm.fast_backend_available():

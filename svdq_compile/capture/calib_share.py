@@ -23,8 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .calibration import LayerStats, _Undo
-from .versions import tensor_version as _version
+from svdq_compile.quant.stats import LayerStats, _Undo
+from svdq_compile.capture.versions import tensor_version as _version
 
 __all__ = ["SharedInputRouter"]
 

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from svdq_compile.runtime.cpu import quantized_linear_cpu
+from svdq_compile.runtime.torch_path import quantized_linear_cpu
 from svdq_compile.runtime.ops import packed_args
 from svdq_compile.runtime.packed import LinearSpec, PackedLinear
 from svdq_compile.runtime.per_token import dequantized_weight, quantize_weight_fp8, quantize_weight_progressive

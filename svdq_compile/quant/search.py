@@ -13,9 +13,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .calibration import LayerStats
-from .config import SVDQuantConfig
-from .decompose import (
+from svdq_compile.quant.stats import LayerStats
+from svdq_compile.quant.config import SVDQuantConfig
+from svdq_compile.quant.decompose import (
     LayerTarget,
     decompose_layer,
     quantized_output,

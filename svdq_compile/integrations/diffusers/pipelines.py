@@ -39,13 +39,13 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .artifacts import ArtifactError, read_artifact, replace_dir
-from .artifacts import save as save_artifact
-from .calibration import _NAME_ATTR, calibrating, clear_calibration
-from .config import SVDQuantConfig
-from .diffusers_lora import enable_peft_lora
-from .modules import SVDQLinear
-from .quantize_api import quantize
+from svdq_compile.export.artifacts import ArtifactError, read_artifact, replace_dir
+from svdq_compile.export.artifacts import save as save_artifact
+from svdq_compile.capture.calibration import _NAME_ATTR, calibrating, clear_calibration
+from svdq_compile.quant.config import SVDQuantConfig
+from svdq_compile.integrations.diffusers.lora import enable_peft_lora
+from svdq_compile.quant.modules import SVDQLinear
+from svdq_compile.capture.quantize_module import quantize
 
 __all__ = [
     "quantize_pipeline",

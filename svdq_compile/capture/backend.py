@@ -18,12 +18,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .calibration import LayerStats, attach_stats, stats_of
-from .config import SVDQuantConfig
-from svdq_compile.auto_mode import AUTO
+from svdq_compile.quant.stats import LayerStats, attach_stats, stats_of
+from svdq_compile.quant.config import SVDQuantConfig
+from svdq_compile.quant.auto_mode import AUTO
 from svdq_compile.runtime.packed import mode_bits
-from .pipeline import CompileReport, quantize_graph
-from .versions import tensor_version as _version
+from svdq_compile.passes.pipeline import CompileReport, quantize_graph
+from svdq_compile.capture.versions import tensor_version as _version
 from svdq_compile.passes.fuse_siblings import apply_aliases
 
 __all__ = ["svdquant_backend", "last_reports"]

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
-from svdq_compile.auto_mode import AUTO
+from svdq_compile.quant.auto_mode import AUTO
 from svdq_compile.runtime.packed import MODES
 
 __all__ = ["SVDQuantConfig", "DEFAULT_SKIP", "DEFAULT_MODE_OVERRIDES"]
@@ -25,7 +25,7 @@ class SVDQuantConfig:
 
     Attributes:
         mode: ``auto`` (default: per device, the fastest mode whose quality is at least
-            W4A4's, see :mod:`svdq_compile.auto_mode`), ``w4a4`` (the paper's numerics),
+            W4A4's, see :mod:`svdq_compile.quant.auto_mode`), ``w4a4`` (the paper's numerics),
             ``w4a8-int8`` / ``w4a8-fp8`` (INT4 weights, 8-bit per-token activations),
             ``w4a8``, ``w8a8`` (group-wise 8-bit activations), ``w4a16`` or ``w8a16``.
         rank: rank of the 16-bit low-rank branch (0 disables it).

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .artifacts import collect_packed
+from svdq_compile.export.artifacts import collect_packed
 
 __all__ = ["explain"]
 
@@ -16,7 +16,7 @@ def explain(model: nn.Module, as_dict: bool = False) -> Any:
     Returns the text table, or with ``as_dict=True`` a dict
     ``{"layers": [...], "passes": {...}, "totals": {...}}``.
     """
-    from .backend import last_reports
+    from svdq_compile.capture.backend import last_reports
 
     rows = []
     for name, p in collect_packed(model).items():

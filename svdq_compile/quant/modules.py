@@ -22,6 +22,10 @@ _KEYS = ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "wzeros
 class SVDQLinear(nn.Module):
     """Drop-in replacement of ``nn.Linear`` running the SVDQuant quantized linear."""
 
+    # Called with each new instance. Integrations register here (diffusers' PEFT support
+    # in integrations/diffusers/lora.py) so this module imports none of them.
+    on_create: list = []
+
     def __init__(self, packed: PackedLinear, name: str = "") -> None:
         super().__init__()
         self.spec = packed.spec
@@ -32,7 +36,8 @@ class SVDQLinear(nn.Module):
         self.base_rank = packed.rank  # rank before any LoRA was folded in
         self.loras: list[str] = []
         self.lora_ranks: list[int] = []  # rank of each folded LoRA, in self.loras' order
-        _maybe_enable_peft()
+        for hook in SVDQLinear.on_create:
+            hook(self)
 
     @property
     def in_features(self) -> int:
@@ -152,14 +157,3 @@ class SVDQLinear(nn.Module):
             self.lora_up = self.lora_up[:, : self.base_rank].contiguous()
         self.loras = []
         self.lora_ranks = []
-
-
-def _maybe_enable_peft() -> None:
-    """Let PEFT (diffusers' ``load_lora_weights``, ``add_adapter``) target SVDQLinear once
-    PEFT is imported (see :mod:`svdq_compile.diffusers_lora`); PEFT is never imported here."""
-    import sys
-
-    if "peft" in sys.modules:
-        from svdq_compile.diffusers_lora import enable_peft_lora
-
-        enable_peft_lora()

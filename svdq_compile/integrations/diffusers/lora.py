@@ -29,7 +29,7 @@ denoising step; padding the rank would save only Dynamo's re-trace, not the
 backend's, so it is not done. ``unload_lora_weights`` puts the original ``SVDQLinear``
 modules back (Dynamo re-traces; outputs are the quantized pipeline's, bit for bit).
 Every change makes new factor tensors and frees the old ones; the backend drops the
-variant compiled from them at that moment (``svdq_compile.backend``: variants are held
+variant compiled from them at that moment (``svdq_compile.capture.backend``: variants are held
 by weak keys), so N changes leave one variant per live set of tensors, not N.
 """
 from __future__ import annotations
@@ -37,10 +37,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+import sys
+
 import torch
 import torch.nn as nn
 
-from .modules import SVDQLinear
+from svdq_compile.quant.modules import SVDQLinear
 
 __all__ = ["enable_peft_lora", "SVDQLoraLinear"]
 
@@ -260,3 +262,13 @@ def __getattr__(name: str):
     if name == "SVDQLoraLinear":
         return _layer_class()
     raise AttributeError(name)
+
+
+def _enable_if_peft_imported(_layer: SVDQLinear) -> None:
+    """Let PEFT (diffusers' ``load_lora_weights``, ``add_adapter``) target an SVDQLinear
+    once PEFT is imported; PEFT is never imported for this."""
+    if "peft" in sys.modules:
+        enable_peft_lora()
+
+
+SVDQLinear.on_create.append(_enable_if_peft_imported)

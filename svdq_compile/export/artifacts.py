@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from .modules import SVDQLinear
+from svdq_compile.quant.modules import SVDQLinear
 from svdq_compile.runtime.packed import LinearSpec, PackedLinear
 
 __all__ = ["save", "load", "ArtifactError", "FORMAT_VERSION", "collect_packed"]
@@ -185,7 +185,7 @@ def read_artifact(path: Union[str, os.PathLike], verify: bool = True) -> tuple[d
 
 def load(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
     """Swap the model's linears for the saved quantized layers (no calibration)."""
-    from .quantize_api import _set_module
+    from svdq_compile.capture.quantize_module import _set_module
 
     _, packed = read_artifact(path)
     modules = dict(model.named_modules())

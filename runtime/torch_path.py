@@ -30,14 +30,14 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from . import cpu_gemm
-from .cpu_gemm import grouped_int_gemm
-from .cpu_w4a16 import w4a16_dequantize, w4a16_linear
-from .epilogue import apply_epilogue, finish_output
-from .op_args import LinearArgs, bind
-from .per_token import expanded_weight, quantize_tokens
-from .quantize import dequantize_groups, quantize_activation
-from .reference import int_weight, smooth_input
+from svdq_compile.runtime import cpu_gemm
+from svdq_compile.runtime.cpu_gemm import grouped_int_gemm
+from svdq_compile.runtime.cpu_w4a16 import w4a16_dequantize, w4a16_linear
+from svdq_compile.runtime.epilogue import apply_epilogue, finish_output
+from svdq_compile.runtime.op_args import LinearArgs, bind
+from svdq_compile.runtime.per_token import expanded_weight, quantize_tokens
+from svdq_compile.runtime.quantize import dequantize_groups, quantize_activation
+from svdq_compile.runtime.reference import int_weight, smooth_input
 
 __all__ = ["quantized_linear_cpu", "cached_prepared_weight", "cached_expanded_weight", "CACHE_ATTR"]
 

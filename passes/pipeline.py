@@ -11,9 +11,9 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .calibration import stats_of
-from .config import SVDQuantConfig
-from .search import quantize_group
+from svdq_compile.quant.stats import stats_of
+from svdq_compile.quant.config import SVDQuantConfig
+from svdq_compile.quant.search import quantize_group
 from svdq_compile.runtime.packed import PackedLinear
 
 __all__ = ["CompileReport", "quantize_graph", "packed_for"]

@@ -12,10 +12,10 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .calibration import calibrate, stats_of
-from .config import SVDQuantConfig
-from .modules import SVDQLinear
-from .pipeline import CompileReport, packed_for
+from svdq_compile.capture.calibration import calibrate, stats_of
+from svdq_compile.quant.config import SVDQuantConfig
+from svdq_compile.quant.modules import SVDQLinear
+from svdq_compile.passes.pipeline import CompileReport, packed_for
 
 __all__ = ["quantize", "capture_graphs", "quantized_modules"]
 

@@ -1,0 +1,1 @@
+"""svdq_compile/capture"""
