@@ -137,7 +137,7 @@ def make_variants(x: torch.Tensor, L: Layer) -> dict[str, Callable[[], Any]]:
     from svdq_compile.codegen.call_spec import make_spec
     from svdq_compile.codegen.linear import quantized_linear_triton
     from svdq_compile.codegen.prologue import run_prologue
-    from svdq_compile.codegen.unfused import unfused_quantized_linear
+    from benchmarks.suites.unfused import unfused_quantized_linear
 
     m, k = x.shape
     n = L.qweight.shape[0]
@@ -197,7 +197,7 @@ def _int8_e2e(x: torch.Tensor, L: Layer) -> torch.Tensor:
 def correctness(dev: torch.device, shape: tuple[int, int, int] = (1024, 3072, 3072)) -> dict[str, Any]:
     """One shape against the float64 reference (the spec that is timed: bias, no activation)."""
     from svdq_compile.codegen.linear import quantized_linear_triton
-    from svdq_compile.codegen.unfused import unfused_quantized_linear
+    from benchmarks.suites.unfused import unfused_quantized_linear
     from svdq_compile.runtime.reference import quantized_linear_reference
 
     m, k, n = shape

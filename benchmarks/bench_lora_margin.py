@@ -44,10 +44,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "pipelines"))
-
-import test_diffusers_pipelines as T  # noqa: E402  (the test's helpers and settings)
-import tiny_pipelines as tp  # noqa: E402
+from svdq_compile.testing import tiny_pipelines as tp  # noqa: E402
+from tests.pipelines import test_diffusers_pipelines as T  # noqa: E402  (the test's helpers and settings)
 
 from svdq_compile.cli import main as cli  # noqa: E402
 from svdq_compile.integrations.diffusers.pipelines import denoiser_name, load_pipeline, pipeline_config, quantize_pipeline  # noqa: E402

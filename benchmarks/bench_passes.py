@@ -41,7 +41,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, machine_info, write_json  # noqa: E402
 
 import svdq_compile  # noqa: E402

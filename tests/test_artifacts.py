@@ -10,7 +10,7 @@ import torch
 
 import svdq_compile as sq
 from svdq_compile.export import artifacts
-from models import AttnMLPBlock
+from svdq_compile.testing.models import AttnMLPBlock
 
 CFG = sq.SVDQuantConfig(search_grid=4)
 
@@ -31,9 +31,8 @@ def test_fresh_process_bit_identical(artifact, tmp_path):
     torch.save({"x": x, "y": y}, tmp_path / "io.pt")
     code = textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
         import svdq_compile as sq
-        from models import AttnMLPBlock
+        from svdq_compile.testing.models import AttnMLPBlock
         io = torch.load({str(tmp_path / 'io.pt')!r})
         m = AttnMLPBlock()  # the user's original model: float layers (norms, head) come from it
         for name in ("q", "k", "v", "out", "fc1", "fc2"):  # quantized layers must come from the file

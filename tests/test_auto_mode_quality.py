@@ -3,15 +3,11 @@
 auto picks a per-token 8-bit-activation mode on the promise that its quality is at
 least W4A4's. Checked here on the outlier block and two tiny diffusers pipeline
 denoisers with a cheap configuration (short smoothing search, few calibration tokens),
-with the measurement code of benchmarks/bench_modes.py, whose full run is in
+with the measurement code of benchmarks/analysis/modes_quality.py, whose full run is in
 benchmarks/results/modes_quality.md. Also: the default of the backend is auto, whose
 CPU choice follows the kernels' ISA, and explain() says so and why.
 """
 from __future__ import annotations
-
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +16,7 @@ import torch.nn as nn
 import svdq_compile
 from svdq_compile.capture.backend import last_reports
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import bench_modes as bm  # noqa: E402
+from benchmarks.analysis import modes_quality as bm
 
 MODES = ("w4a4", "w4a8-int8", "w4a8-fp8")
 # Per-token 8-bit activations have 16x finer steps than 4-bit ones; what they give up
@@ -55,7 +47,7 @@ def _assert_ordering(sq: dict[str, float], what: str) -> None:
 
 
 def test_per_token_modes_beat_w4a4_on_outlier_block():
-    """tests/models.py AttnMLPBlock (1% of channels x30): output SQNR of the block's contribution."""
+    """svdq_compile/testing/models.py AttnMLPBlock (1% of channels x30): output SQNR of the block's contribution."""
     # search_grid 3 (5 candidates) instead of 20: the ordering is the same with the bench's
     # grids of 6 (--quick) and 20; this keeps the three quantizations to seconds.
     sq = {}
@@ -73,8 +65,7 @@ def test_per_token_modes_beat_w4a4_on_outlier_block():
 def tiny_dirs(tmp_path_factory):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    bm._import_test_helpers()
-    import tiny_pipelines as tp
+    from svdq_compile.testing import tiny_pipelines as tp
 
     root = tmp_path_factory.mktemp("auto_mode_pipes")
     return {name: tp.build(name, root / name) for name in ("flux", "pixart_sigma")}

@@ -11,7 +11,7 @@ import svdq_compile
 from svdq_compile.quant.auto_mode import auto_choice
 from svdq_compile import SVDQuantConfig, sqnr_db
 from svdq_compile.capture.backend import last_reports
-from models import AttnMLPBlock
+from svdq_compile.testing.models import AttnMLPBlock
 
 FAST = dict(use_inductor=False, search_grid=6)  # tests: eager graph, coarse alpha grid
 

@@ -7,17 +7,11 @@ and that baselines which cannot run here are reported as "n/a (reason)".
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import runner  # noqa: E402
-from benchmarks.suites import report  # noqa: E402
+from benchmarks import runner
+from benchmarks.suites import report
 
 METHODS = "eager,torchao_int4,bnb_nf4,ours_w4a4,ours_w8a8"
 

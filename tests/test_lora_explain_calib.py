@@ -6,7 +6,7 @@ import svdq_compile as sq
 from svdq_compile.quant.auto_mode import auto_choice
 from svdq_compile.capture.calibration import LayerStats
 from svdq_compile.quant.modules import SVDQLinear
-from models import AttnMLPBlock
+from svdq_compile.testing.models import AttnMLPBlock
 
 
 def _quantized():

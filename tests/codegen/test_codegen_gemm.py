@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from codegen_helpers import CAN_RUN, DEVICE, make_input, make_layer, rel_err, sqnr_db  # noqa: E402
+from tests.codegen.codegen_helpers import CAN_RUN, DEVICE, make_input, make_layer, rel_err, sqnr_db  # noqa: E402
 
 from svdq_compile.codegen.linear import quantized_linear_triton  # noqa: E402
-from svdq_compile.codegen.unfused import unfused_quantized_linear  # noqa: E402
+from benchmarks.suites.unfused import unfused_quantized_linear  # noqa: E402
 from svdq_compile.runtime.reference import quantized_linear_reference  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not CAN_RUN, reason="needs CUDA or TRITON_INTERPRET=1")

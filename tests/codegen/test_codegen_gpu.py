@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from codegen_helpers import make_input, make_layer, rel_err, sqnr_db  # noqa: E402
+from tests.codegen.codegen_helpers import make_input, make_layer, rel_err, sqnr_db  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -4,7 +4,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from codegen_helpers import CAN_RUN, DEVICE, make_input, make_layer, rel_err, sqnr_db  # noqa: E402
+from tests.codegen.codegen_helpers import CAN_RUN, DEVICE, make_input, make_layer, rel_err, sqnr_db  # noqa: E402
 
 import svdq_compile.codegen as codegen  # noqa: E402
 from svdq_compile.codegen.linear import quantized_linear_triton  # noqa: E402

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from codegen_helpers import CAN_RUN, DEVICE, rel_err  # noqa: E402
+from tests.codegen.codegen_helpers import CAN_RUN, DEVICE, rel_err  # noqa: E402
 
 import svdq_compile.codegen as codegen  # noqa: E402
 from svdq_compile.codegen import autotune, fallback, per_token_linear as ptl  # noqa: E402
@@ -366,7 +366,7 @@ def test_autotune_every_config_failing_raises_autotune_error(monkeypatch):
 def test_run_or_fallback_serves_the_group_scheme_too(monkeypatch, caplog):
     """The same safety net for the group GEMM's "every gemm config failed" (AutotuneError)."""
     monkeypatch.setattr(fallback, "quantized_linear_cpu", quantized_linear_cpu)
-    from codegen_helpers import make_input, make_layer
+    from tests.codegen.codegen_helpers import make_input, make_layer
 
     layer = make_layer(72, K, rank=8)
     a = LinearArgs(make_input(5, K), *layer.args(), None, None, 64, 4, 4, False, 0.0, "none")

@@ -4,7 +4,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from codegen_helpers import CAN_RUN, DEVICE, make_input  # noqa: E402
+from tests.codegen.codegen_helpers import CAN_RUN, DEVICE, make_input  # noqa: E402
 
 from svdq_compile.codegen.call_spec import make_spec  # noqa: E402
 from svdq_compile.codegen.prologue import run_prologue  # noqa: E402

@@ -4,7 +4,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from codegen_helpers import CAN_RUN, DEVICE, make_input, make_layer, rel_err  # noqa: E402
+from tests.codegen.codegen_helpers import CAN_RUN, DEVICE, make_input, make_layer, rel_err  # noqa: E402
 
 from svdq_compile.codegen.linear import quantized_linear_triton  # noqa: E402
 from svdq_compile.codegen.w4a16 import run_w4a16  # noqa: E402

@@ -112,7 +112,6 @@ def test_per_token_kernels_keep_an_mma_in_flight_on_hopper():
 def test_main_loop_waits_parser():
     """Waits are attributed to the innermost loop that issues a wgmma; the one after the
     loop is not a main-loop wait."""
-    sys.path.insert(0, str(ROOT))
     from benchmarks.analysis.sass_report import main_loop_waits, mma_summary
 
     ttgir = """
@@ -144,17 +143,7 @@ def test_main_loop_waits_parser():
     assert s["mma_by_kind"] == {"fp8": 3, "bf16": 1}
 
 
-def test_old_import_path_is_the_same_module():
-    """benchmarks/sass_report.py is a shim for code written against the old location."""
-    sys.path.insert(0, str(ROOT))
-    from benchmarks import sass_report as old
-    from benchmarks.analysis import sass_report as new
-
-    assert old is new and old.compile_offline is new.compile_offline
-
-
 def test_refuses_interpreted_kernels():
-    sys.path.insert(0, str(ROOT))
     from benchmarks.analysis import sass_report
 
     import triton

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout root: benchmarks/
-
-from benchmarks import runner  # noqa: E402
+from benchmarks import runner
 
 
 def test_default_out_is_under_the_current_directory(tmp_path, monkeypatch):

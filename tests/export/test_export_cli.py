@@ -12,7 +12,7 @@ pytest.importorskip("onnxscript", reason="needs the [onnx] extra")
 
 def test_export_onnx_cli(tmp_path, capsys):
     out = tmp_path / "variants.onnx"
-    assert main(["export", "--format", "onnx", "--model", "export_helpers:variants_for_cli", "-o", str(out)]) == 0
+    assert main(["export", "--format", "onnx", "--model", "tests.export.export_helpers:variants_for_cli", "-o", str(out)]) == 0
     assert out.is_file()
     text = capsys.readouterr().out
     assert "6 quantized linears" in text
@@ -21,7 +21,7 @@ def test_export_onnx_cli(tmp_path, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed")
 def test_export_tensorrt_cli_without_tensorrt(tmp_path, capsys):
-    rc = main(["export", "--format", "tensorrt", "--model", "export_helpers:variants_for_cli",
+    rc = main(["export", "--format", "tensorrt", "--model", "tests.export.export_helpers:variants_for_cli",
                "-o", str(tmp_path / "v.ep")])
     assert rc == 2
     assert "pip install 'svdq-compile[tensorrt]'" in capsys.readouterr().err
@@ -34,7 +34,7 @@ def test_bad_model_spec(tmp_path):
 
 def test_export_onnx_cli_deploy_lists_ort_ops(tmp_path, capsys):
     out = tmp_path / "variants_deploy.onnx"
-    assert main(["export", "--flavor", "deploy", "--model", "export_helpers:variants_for_cli", "-o", str(out)]) == 0
+    assert main(["export", "--flavor", "deploy", "--model", "tests.export.export_helpers:variants_for_cli", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "(deploy," in text and "ONNX Runtime (CPU EP, default options) runs" in text
     assert "MatMulNBits" in text  # the group-wise layers of Variants, fused by ORT

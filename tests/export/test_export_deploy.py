@@ -15,12 +15,12 @@ pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
 
 import onnx  # noqa: E402
 
-from export_helpers import Int8Block, NormMLP, TEST_CONFIG  # noqa: E402
+from tests.export.export_helpers import Int8Block, NormMLP, TEST_CONFIG  # noqa: E402
 from svdq_compile import SVDQLinear, sqnr_db  # noqa: E402
 from svdq_compile.export import (  # noqa: E402
     NotQuantizedYetError, bf16_parameter_bytes, export_onnx, onnx_op_types, ort_optimized_op_types, ort_session,
 )
-from test_export_onnx import TENSORRT_10_ONNX_OPS  # noqa: E402
+from tests.export.test_export_onnx import TENSORRT_10_ONNX_OPS  # noqa: E402
 
 DIMS = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")},)
 # u8u8 MatMulInteger computes our w4a8-int8 numerics exactly (int32 sum, same rounding of the
@@ -133,7 +133,7 @@ def test_deploy_file_is_small():
     0.29x of the bf16 weights at K=N=1024, rank 8 (the FLUX.1-width block: see docs/export.md)."""
     import tempfile
 
-    from export_helpers import int8_linear
+    from tests.export.export_helpers import int8_linear
 
     model = torch.nn.Sequential(int8_linear(1024, 1024, seed=3)).eval()
     with tempfile.TemporaryDirectory() as d:

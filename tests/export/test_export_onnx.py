@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
 
 import onnx  # noqa: E402
 
-from export_helpers import (  # noqa: E402
+from tests.export.export_helpers import (  # noqa: E402
     NormMLP, Variants, flux_inputs, packed_linear, quantized_flux, quantized_norm_mlp,
 )
 from svdq_compile import SVDQLinear, sqnr_db  # noqa: E402
@@ -211,7 +211,7 @@ def test_demo_model(tmp_path):
     import dataclasses
 
     import svdq_compile
-    from export_helpers import TEST_CONFIG
+    from tests.export.export_helpers import TEST_CONFIG
 
     model = demo_model.load_pretrained()
     # Fixed alpha, no refinement: the export is under test here, not the search (2-core CI).

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from export_helpers import Variants
+from tests.export.export_helpers import Variants
 from svdq_compile.export import TensorRTUnavailableError, export_tensorrt
 from svdq_compile.export.tensorrt_export import _trt_linears
 

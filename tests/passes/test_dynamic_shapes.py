@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 
 import svdq_compile
 import svdq_compile.passes.pipeline as pipeline
-from passes_helpers import UNIT, Spy, outlier_input, svdq_ops
+from tests.passes.passes_helpers import UNIT, Spy, outlier_input, svdq_ops
 
 TOKENS = (16, 24, 40, 8)
 

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import svdq_compile
-from passes_helpers import FAST, NO_PASSES, compile_run, flux_inputs, rel_diff, report, run_gm, svdq_ops, tiny_flux
+from tests.passes.passes_helpers import FAST, NO_PASSES, compile_run, flux_inputs, rel_diff, report, run_gm, svdq_ops, tiny_flux
 from svdq_compile.passes.fuse_epilogue import fuse_epilogue
 from svdq_compile.passes.graph_passes import PASSES
 from svdq_compile.passes.op_nodes import ARG, GraphTensors
@@ -137,7 +137,7 @@ def test_quantize_api_model_gets_the_passes(tmp_path):
 
 def test_tiny_flux_dynamic_tokens(flux):
     """Token counts vary (resolutions): one recompile with symbolic shapes, same rewrites."""
-    from passes_helpers import Spy
+    from tests.passes.passes_helpers import Spy
 
     m, _, _ = flux
     spy = Spy(CFG)

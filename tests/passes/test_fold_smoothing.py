@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes_helpers import outlier_input, quantized_graph, rel_diff, run_gm, svdq_ops
+from tests.passes.passes_helpers import outlier_input, quantized_graph, rel_diff, run_gm, svdq_ops
 from svdq_compile.passes.fold_smoothing import fold_smoothing
 from svdq_compile.passes.op_nodes import ARG, GraphTensors
 
@@ -116,7 +116,7 @@ def test_fold_follows_the_models_parameters():
 def test_fold_with_symbolic_shapes():
     """Dynamo's dynamic graph (SymInt batch/tokens): the AdaLN per-sample check is symbolic."""
     import svdq_compile
-    from passes_helpers import NO_PASSES, UNIT, Spy
+    from tests.passes.passes_helpers import NO_PASSES, UNIT, Spy
 
     m = NormQK("adaln")
     svdq_compile.calibrate(m, [(outlier_input((2, 16, 128)), torch.randn(2, 128))], progress=False)

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes_helpers import outlier_input, quantized_graph, rel_diff, run_gm, svdq_ops
+from tests.passes.passes_helpers import outlier_input, quantized_graph, rel_diff, run_gm, svdq_ops
 from svdq_compile.passes.fuse_epilogue import fuse_epilogue
 from svdq_compile.passes.op_nodes import ARG, GraphTensors
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import svdq_compile
-from passes_helpers import UNIT, Spy, outlier_input, quantized_graph, svdq_ops
+from tests.passes.passes_helpers import UNIT, Spy, outlier_input, quantized_graph, svdq_ops
 from svdq_compile.capture.backend import last_reports
 from svdq_compile.passes.fuse_siblings import fuse_siblings
 from svdq_compile.passes.graph_passes import PASSES, run_graph_passes

@@ -1,7 +1,5 @@
 import os
-import sys
 
 # Everything is local: never reach the Hugging Face Hub (read by huggingface_hub at import).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(__file__))  # tiny_pipelines.py

@@ -24,7 +24,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-import tiny_pipelines as tp  # noqa: E402
+from svdq_compile.testing import tiny_pipelines as tp  # noqa: E402
 
 from svdq_compile import SVDQLinear  # noqa: E402
 from svdq_compile.export.artifacts import ArtifactError  # noqa: E402

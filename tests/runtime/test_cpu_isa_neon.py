@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cpu_isa import GEMM_CASES, _data, gemm_oracle, gemv_oracle, lora_down_oracle
+from tests.runtime.test_cpu_isa import GEMM_CASES, _data, gemm_oracle, gemv_oracle, lora_down_oracle
 
 from svdq_compile.runtime.packing import pack_int4
 from svdq_compile.runtime.quantize import qrange, quantize_activation, quantize_weight

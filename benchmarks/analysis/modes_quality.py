@@ -40,12 +40,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from .common import RESULTS, machine_info  # noqa: E402
+from ..common import RESULTS, machine_info  # noqa: E402
 
 MODES = ("w4a4", "w4a8-int8", "w4a8-fp8")
 PER_TOKEN = ("w4a8-int8", "w4a8-fp8")
-ROOT = Path(__file__).resolve().parent.parent
-TESTS = ROOT / "tests"
 
 # The tiny pipelines: the settings of tests/pipelines/test_diffusers_pipelines.py (rank 4
 # is ~3% of their 128-wide layers, FLUX.1's rank 32 is 1% of 3072).
@@ -55,12 +53,6 @@ PIPE_RANK = 4
 CALIB_PROMPTS = ["a photo of a dog", "a green tree in the city", "a small bird on a flower"]
 EVAL_PROMPTS = ["a photo of a cat", "a red house", "an astronaut riding a horse", "a blue car on the road"]
 PIPE_NAMES = ("flux", "sd3", "pixart_sigma", "sdxl")
-
-
-def _import_test_helpers():
-    for p in (TESTS, TESTS / "pipelines"):
-        if str(p) not in sys.path:
-            sys.path.insert(0, str(p))
 
 
 def _layer_sqnr(layers: list[dict]) -> dict[str, Optional[float]]:
@@ -89,9 +81,8 @@ def block_inputs(seed: int = 1) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 def block_sqnr(mode: str, options: dict[str, Any]) -> tuple[float, list[dict]]:
     """Output SQNR (dB) of the quantized outlier block's contribution ``block(x) - x``."""
-    _import_test_helpers()
     import svdq_compile
-    from models import AttnMLPBlock
+    from svdq_compile.testing.models import AttnMLPBlock
 
     m = AttnMLPBlock()
     x, cal = block_inputs()
@@ -160,7 +151,7 @@ def _flat(out: Any) -> torch.Tensor:
 
 def pipeline_images(pipe, name: str, prompts=EVAL_PROMPTS):
     import numpy as np
-    import tiny_pipelines as tp
+    from svdq_compile.testing import tiny_pipelines as tp
 
     out = pipe(list(prompts), num_inference_steps=PIPE_STEPS, height=PIPE_HW, width=PIPE_HW, output_type="np",
                generator=[torch.Generator().manual_seed(s) for s in range(len(prompts))], **tp.PIPE_KWARGS[name])
@@ -188,7 +179,7 @@ def reference_run(path: Path, name: str, prompts=EVAL_PROMPTS):
 
 def quantize_tiny_pipeline(path: Path, name: str, mode: str, rank: int, fast: dict[str, Any],
                            prompts=CALIB_PROMPTS):
-    import tiny_pipelines as tp
+    from svdq_compile.testing import tiny_pipelines as tp
     from svdq_compile.integrations.diffusers.pipelines import pipeline_config, quantize_pipeline
 
     pipe = load_fp_pipeline(path)
@@ -213,8 +204,7 @@ def denoiser_sqnr(pipe, calls: list[tuple]) -> float:
 
 
 def run_pipelines(quick: bool, log, names=PIPE_NAMES) -> list[dict]:
-    _import_test_helpers()
-    import tiny_pipelines as tp
+    from svdq_compile.testing import tiny_pipelines as tp
     from svdq_compile.integrations.diffusers.pipelines import denoiser_name
 
     rows = []
