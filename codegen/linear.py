@@ -15,7 +15,9 @@ from typing import Any, Optional
 import torch
 
 from svdq_compile.runtime.torch_path import quantized_linear_cpu
-from svdq_compile.runtime.op_args import bind
+from svdq_compile.runtime.modes import handler, has_handler, register_handler
+from svdq_compile.runtime.op_args import LinearArgs, bind
+from svdq_compile.runtime.per_token import PER_TOKEN_SCHEMES
 from svdq_compile.runtime.ops import check_args
 from svdq_compile.codegen.fallback import run_or_fallback
 from svdq_compile.codegen.gemm import run_gemm
@@ -29,50 +31,6 @@ from svdq_compile.codegen.call_spec import default_lora_precision, inner_contigu
 __all__ = ["quantized_linear_triton"]
 
 log = logging.getLogger(__name__)
-
-
-def _check_operands(
-    x: torch.Tensor,
-    n: int,
-    smooth: Optional[torch.Tensor],
-    lora_down: Optional[torch.Tensor],
-    lora_up: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    gate: Optional[torch.Tensor],
-) -> None:
-    """Shape/device checks for the operands :func:`check_linear_args` does not cover."""
-    k = x.shape[-1]
-    dev = x.device
-    if (lora_down is None) != (lora_up is None):
-        raise ValueError("svdq.linear: lora_down and lora_up must both be given or both be None")
-    if lora_down is not None:
-        r = lora_down.shape[0]
-        if lora_down.dim() != 2 or lora_down.shape[1] != k or tuple(lora_up.shape) != (n, r):
-            raise ValueError(
-                f"svdq.linear: low-rank shapes must be [r, {k}] and [{n}, r], got "
-                f"{list(lora_down.shape)} and {list(lora_up.shape)}"
-            )
-    if smooth is not None and tuple(smooth.shape) != (k,):
-        raise ValueError(f"svdq.linear: smooth must be [{k}], got {list(smooth.shape)}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"svdq.linear: bias must be [{n}], got {list(bias.shape)}")
-    for name, t in (("gate", gate), ("residual", residual)):
-        if t is None:
-            continue
-        try:
-            torch.broadcast_shapes(tuple(t.shape), (*x.shape[:-1], n))
-        except RuntimeError:
-            raise ValueError(
-                f"svdq.linear: {name} of shape {list(t.shape)} does not broadcast to "
-                f"{[*x.shape[:-1], n]}"
-            ) from None
-    for name, t in (("smooth", smooth), ("lora_down", lora_down), ("lora_up", lora_up),
-                    ("bias", bias), ("gate", gate), ("residual", residual)):
-        if t is not None and t.device != dev:
-            raise ValueError(f"svdq.linear: {name} is on {t.device} but the input is on {dev}")
-        if t is not None and not t.dtype.is_floating_point:
-            raise TypeError(f"svdq.linear: {name} must be a floating tensor, got {t.dtype}")
 
 
 def quantized_linear_triton(
@@ -90,27 +48,29 @@ def quantized_linear_triton(
     (used by the ``svdq::triton_linear`` triton_op so tracing sees the kernels).
     """
     a = bind(*args, **kwargs)
-    # ---- check
     check_args(a)
+    if not has_handler(a.scheme, "triton_linear"):
+        log.debug("svdq.linear: torch path for scheme %r (no Triton kernels registered)", a.scheme)
+        return quantized_linear_cpu(a)
+    if interpreting() and a.x.is_cuda:
+        raise RuntimeError("svdq_compile.codegen: TRITON_INTERPRET=1 cannot run CUDA tensors")
+    return handler(a.scheme, "triton_linear")(a, lora_precision=lora_precision, wrap=wrap)
+
+
+def _group_linear(a: LinearArgs, *, lora_precision: Optional[str] = None, wrap: bool = False) -> torch.Tensor:
+    """The group scheme: fused prologue + grouped int GEMM + epilogue (arguments checked)."""
     x, qweight, wscales, smooth = a.x, a.qweight, a.wscales, a.smooth
     lora_down, lora_up, bias, residual, gate = a.lora_down, a.lora_up, a.bias, a.residual, a.gate
     group_size, weight_bits, act_bits, act_shift = a.group_size, a.weight_bits, a.act_bits, a.act_shift
-    n = wscales.shape[0]
-    _check_operands(x, n, smooth, lora_down, lora_up, bias, residual, gate)
-    if a.per_token:
-        if interpreting() and x.is_cuda:
-            raise RuntimeError("svdq_compile.codegen: TRITON_INTERPRET=1 cannot run CUDA tensors")
-        return per_token_linear(a, lora_precision=lora_precision, wrap=wrap)
+    n = a.n
     spec = make_spec(
         x, smooth, lora_down, bias, residual, gate, group_size, weight_bits, act_bits,
         a.act_unsigned, a.epilogue, lora_precision,
     )
     # Weight-only layers (e.g. AdaLN modulation, a few rows) keep the torch path for the
     # low-rank branch and epilogue, with the Triton INT4 product for the matmul.
-    w4a16 = act_bits == 16 and weight_bits == 4 and w4a16_supported(group_size)
+    w4a16 = spec.qmode.weight_only and spec.qmode.packed and w4a16_supported(group_size)
     reason = None if w4a16 else spec.supports_triton()
-    if reason is None and interpreting() and x.is_cuda:
-        raise RuntimeError("svdq_compile.codegen: TRITON_INTERPRET=1 cannot run CUDA tensors")
     if reason is not None or w4a16:
         if reason is not None:
             log.debug("svdq.linear: torch fallback (%s)", reason)
@@ -144,3 +104,8 @@ def quantized_linear_triton(
     # Eager: a kernel/autotune failure (e.g. "every gemm config failed") falls back to the
     # torch path, logged once, instead of raising out of the model.
     return run_or_fallback(a, spec, launch_all)
+
+
+register_handler("group", "triton_linear", _group_linear)
+for _scheme in PER_TOKEN_SCHEMES:
+    register_handler(_scheme, "triton_linear", per_token_linear)

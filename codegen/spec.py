@@ -13,12 +13,13 @@ from typing import Optional
 
 import torch
 
-from svdq_compile.runtime.per_token import SCHEMES
+from svdq_compile.runtime.epilogue import EPILOGUE_TABLE
+from svdq_compile.runtime.modes import QuantMode, find_mode
 
 __all__ = ["KernelSpec", "ACTIVATIONS", "LORA_PRECISIONS", "rank_pad"]
 
 # Epilogue activation name -> integer code used as a constexpr inside the kernels.
-ACTIVATIONS: dict[str, int] = {"none": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
+ACTIVATIONS: dict[str, int] = {name: e.code for name, e in EPILOGUE_TABLE.items()}
 
 # ``tl.dot`` input precisions allowed for the fp32 low-rank branch. "ieee" is exact fp32
 # (CUDA-core FMAs on GPU: slow for the rank-32 down projection); "tf32x3" splits each
@@ -74,16 +75,7 @@ class KernelSpec:
     scheme: str = "group"
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
-        if self.scheme != "group" and (self.weight_bits, self.act_bits, self.act_unsigned) != (4, 8, False):
-            raise ValueError(f"scheme {self.scheme!r} is w4a8 (signed 8-bit activations) only")
-        if self.weight_bits not in (4, 8):
-            raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
-        if self.act_bits not in (4, 8, 16):
-            raise ValueError(f"act_bits must be 4, 8 or 16, got {self.act_bits}")
-        if self.act_unsigned and self.act_bits != 4:
-            raise ValueError("unsigned activations are only supported with 4-bit activations")
+        self.qmode.check_spec(group_size=self.group_size, act_unsigned=self.act_unsigned)
         if self.epilogue not in ACTIVATIONS:
             raise ValueError(f"unknown epilogue {self.epilogue!r}; expected one of {tuple(ACTIVATIONS)}")
         if self.rank < 0:
@@ -96,9 +88,13 @@ class KernelSpec:
 
     # ----------------------------------------------------------------- properties
     @property
+    def qmode(self) -> QuantMode:
+        """The registered mode (runtime/modes.py); its name is what users call the mode."""
+        return find_mode(self.weight_bits, self.act_bits, self.scheme)
+
+    @property
     def mode(self) -> str:
-        """``w4a4``, ``w4a8``, ``w8a8``, ..."""
-        return f"w{self.weight_bits}a{self.act_bits}"
+        return self.qmode.name
 
     @property
     def has_lora(self) -> bool:
@@ -114,10 +110,10 @@ class KernelSpec:
 
     def supports_triton(self) -> Optional[str]:
         """None when the fused kernels cover this spec, else the reason for the fallback."""
-        if self.act_bits == 16:
+        if self.qmode.weight_only:
             return "16-bit activations (weight-only modes) use codegen/w4a16.py + torch ops"
-        if self.weight_bits == 8 and self.act_bits == 4:
-            return "w8a4 is not a supported mode"
+        if not self.qmode.packed and self.qmode.act_bits < self.qmode.weight_bits:
+            return f"{self.qmode.name} has no Triton kernel (8-bit weights need 8-bit activations)"
         gs = self.group_size
         # One group is one K step: both packed halves (gs // 2) must be valid tl.dot K dims
         # (>= 16, power of two) and gs itself a power of two for tl.arange.
@@ -128,7 +124,8 @@ class KernelSpec:
     def key(self) -> str:
         """Stable string for caches (independent of Python's hash seed)."""
         return (
-            f"{self.mode}{'u' if self.act_unsigned else 's'}_g{self.group_size}_r{self.rank}"
+            # bit widths, not the mode name: group-scheme keys stay what they were
+            f"w{self.weight_bits}a{self.act_bits}{'u' if self.act_unsigned else 's'}_g{self.group_size}_r{self.rank}"
             f"_{self.epilogue}_sm{int(self.has_smooth)}b{int(self.has_bias)}g{int(self.has_gate)}"
             f"r{int(self.has_residual)}_{str(self.in_dtype)[6:]}-{str(self.out_dtype)[6:]}"
             f"_{self.lora_precision}"

@@ -7,11 +7,12 @@ what the separate layers computed.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 
-from svdq_compile.runtime.packed import LinearSpec, PackedLinear
+from svdq_compile.runtime.packed import PackedLinear
 
 __all__ = ["concat_packed"]
 
@@ -23,9 +24,8 @@ def concat_packed(packs: Sequence[PackedLinear]) -> PackedLinear:
     s0 = first.spec
     for p in packs[1:]:
         s = p.spec
-        same = (s.in_features, s.group_size, s.weight_bits, s.act_bits, s.act_unsigned, s.act_shift, s.scheme)
-        if same != (s0.in_features, s0.group_size, s0.weight_bits, s0.act_bits, s0.act_unsigned, s0.act_shift,
-                    s0.scheme):
+        # Everything but the output width and the rank must match (the shared input quantization).
+        if replace(s, out_features=s0.out_features, rank=s0.rank) != s0:
             raise ValueError("concat_packed: sibling layers differ in input quantization")
         if (p.smooth is None) != (first.smooth is None) or (
             p.smooth is not None and not torch.equal(p.smooth, first.smooth)
@@ -48,14 +48,10 @@ def concat_packed(packs: Sequence[PackedLinear]) -> PackedLinear:
     if any(p.bias is not None for p in packs):
         ref_b = next(p.bias for p in packs if p.bias is not None)
         bias = torch.cat([p.bias if p.bias is not None else ref_b.new_zeros(n) for p, n in zip(packs, ns)])
-    spec = LinearSpec(
-        in_features=s0.in_features, out_features=n_tot, group_size=s0.group_size,
-        weight_bits=s0.weight_bits, act_bits=s0.act_bits, act_unsigned=s0.act_unsigned,
-        act_shift=s0.act_shift, rank=r_tot, scheme=s0.scheme,
-    )
+    spec = replace(s0, out_features=n_tot, rank=r_tot)
     # Per-token schemes: zero points and channel scales are per output row, like qweight.
     extra = {name: torch.cat([getattr(p, name) for p in packs])
-             for name in ("wzeros", "wchannel") if getattr(first, name) is not None}
+             for name in s0.qmode.weight_tensors if name not in ("qweight", "wscales")}
     return PackedLinear(
         spec=spec,
         qweight=torch.cat([p.qweight for p in packs]),

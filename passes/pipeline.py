@@ -115,7 +115,7 @@ def quantize_graph(
             report.layers.append({
                 "name": s.name,
                 "shape": [s.out_features, s.in_features],
-                "mode": p.spec.mode + ("u" if p.spec.act_unsigned else ""),
+                "mode": p.spec.label,
                 "alpha": p.meta.get("alpha"),
                 "beta": p.meta.get("beta"),
                 "rank": p.rank,

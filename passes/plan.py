@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 from svdq_compile.quant.config import SVDQuantConfig
 from svdq_compile.quant.decompose import LayerTarget
-from svdq_compile.runtime.packed import mode_bits, mode_scheme
-from svdq_compile.quant.auto_mode import AUTO, auto_choice
+from svdq_compile.quant.auto_mode import resolve_mode
 
 from svdq_compile.passes.find_linears import LinearSite
 
@@ -83,18 +82,11 @@ def plan_sites(sites: list[LinearSite], config: SVDQuantConfig) -> tuple[list[Si
             continue
         requested = _override(s.name, config.mode_overrides, None)
         why = "mode_overrides" if requested is not None else "mode option"
-        requested = config.mode if requested is None else requested
-        mode = requested
-        if requested == AUTO:
-            mode, why = auto_choice(s.weight.device)
-        wbits, abits = mode_bits(mode)
+        mode, why = resolve_mode(config.mode if requested is None else requested, s.weight.device, why)
         rank = int(_override(s.name, config.rank_overrides, config.rank))
-        unsigned = bool(config.unsigned_after_act and abits == 4 and nonneg_producer(s.x))
-        target = LayerTarget(
-            weight_bits=wbits, act_bits=abits, group_size=config.group_size, rank=rank,
-            act_unsigned=unsigned, refine_iters=config.refine_iters, scheme=mode_scheme(mode),
-            mode_reason=why,
-        )
+        unsigned = bool(config.unsigned_after_act and mode.unsigned_capable and nonneg_producer(s.x))
+        target = LayerTarget.of(mode, group_size=config.group_size, rank=rank, act_unsigned=unsigned,
+                                refine_iters=config.refine_iters, mode_reason=why)
         # Sites reading the same node share lambda whether or not they are fused later.
         key = (s.x, target)
         g = by_key.get(key)

@@ -1,26 +1,45 @@
 """Elementwise epilogues the quantized linear can fuse (shared by every backend)."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_epilogue", "finish_output"]
+__all__ = ["Epilogue", "EPILOGUE_TABLE", "EPILOGUES", "apply_epilogue", "finish_output"]
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """One elementwise op the quantized linear can fuse after the bias.
+
+    ``code`` is the ``ACT`` constexpr the Triton kernels branch on (codegen/epilogue.py);
+    ``onnx`` names the ONNX form the exporter emits (export/onnx_linear.py).
+    """
+
+    name: str
+    code: int
+    torch_fn: Callable[[torch.Tensor], torch.Tensor]
+    onnx: str
+
+
+# The one table of epilogues: every backend reads its names, codes and functions here.
+EPILOGUE_TABLE: dict[str, Epilogue] = {e.name: e for e in (
+    Epilogue("none", 0, lambda y: y, "Identity"),
+    Epilogue("gelu", 1, F.gelu, "Gelu"),
+    Epilogue("gelu_tanh", 2, lambda y: F.gelu(y, approximate="tanh"), "Gelu(approximate=tanh)"),
+    Epilogue("silu", 3, F.silu, "Mul(y, Sigmoid(y))"),
+    Epilogue("relu", 4, F.relu, "Relu"),
+)}
+EPILOGUES: tuple[str, ...] = tuple(EPILOGUE_TABLE)
 
 
 def apply_epilogue(y: torch.Tensor, epilogue: str) -> torch.Tensor:
-    if epilogue == "none":
-        return y
-    if epilogue == "gelu":
-        return F.gelu(y)
-    if epilogue == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    if epilogue == "silu":
-        return F.silu(y)
-    if epilogue == "relu":
-        return F.relu(y)
-    raise ValueError(f"unknown epilogue {epilogue!r}")
+    try:
+        return EPILOGUE_TABLE[epilogue].torch_fn(y)
+    except KeyError:
+        raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {EPILOGUES}") from None
 
 
 def finish_output(

@@ -17,9 +17,9 @@ import torch
 from svdq_compile.runtime.torch_path import quantized_linear_cpu
 from svdq_compile.runtime.op_args import SCHEMA, LinearArgs, bind
 from svdq_compile.runtime.packed import EPILOGUES, LinearSpec, PackedLinear
-from svdq_compile.runtime.per_token import PER_TOKEN_SCHEMES, SCHEMES
+from svdq_compile.runtime.modes import find_mode
 
-__all__ = ["svdq_linear", "linear_from_packed", "check_linear_args", "check_args", "register_triton_impl",
+__all__ = ["svdq_linear", "linear_from_packed", "check_linear_args", "check_operands", "check_args", "register_triton_impl",
            "triton_on_cpu", "packed_args", "spec_args"]
 
 log = logging.getLogger(__name__)
@@ -52,35 +52,70 @@ def check_linear_args(
     k = groups * group_size
     if x.shape[-1] != k:
         raise ValueError(f"svdq.linear: input has {x.shape[-1]} features, the layer expects {k}")
-    kq = k // 2 if weight_bits == 4 else k
-    if qweight.dtype != torch.int8 or tuple(qweight.shape) != (n, kq):
-        raise ValueError(
-            f"svdq.linear: qweight must be int8 [{n}, {kq}], got {qweight.dtype} {list(qweight.shape)}"
-        )
-    if act_bits not in (4, 8, 16) or weight_bits not in (4, 8):
-        raise ValueError(f"svdq.linear: unsupported mode w{weight_bits}a{act_bits}")
     if epilogue not in EPILOGUES:
         raise ValueError(f"svdq.linear: unknown epilogue {epilogue!r}; expected one of {EPILOGUES}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"svdq.linear: unknown scheme {scheme!r}; expected one of {SCHEMES}")
-    if scheme in PER_TOKEN_SCHEMES:
-        if (weight_bits, act_bits) != (4, 8):
-            raise ValueError(f"svdq.linear: scheme {scheme!r} is w4a8 only, got w{weight_bits}a{act_bits}")
-        if wchannel is None or tuple(wchannel.shape) != (n,):
-            raise ValueError(f"svdq.linear: scheme {scheme!r} needs wchannel [{n}]")
-        if scheme == "int8" and (wzeros is None or wzeros.shape != wscales.shape or wzeros.dtype != torch.int8
-                                 or wscales.dtype != torch.int8):
-            raise ValueError(f"svdq.linear: scheme 'int8' needs int8 wscales and wzeros [{n}, {groups}]")
+    try:
+        mode = find_mode(weight_bits, act_bits, scheme)
+    except ValueError as e:
+        raise ValueError(f"svdq.linear: {e}") from None
+    mode.check_weights({"qweight": qweight, "wscales": wscales, "wzeros": wzeros, "wchannel": wchannel},
+                       n, k, group_size, where="svdq.linear: ")
     for name, t in (("qweight", qweight), ("wscales", wscales), ("wzeros", wzeros), ("wchannel", wchannel)):
         if t is not None and x.device != t.device:
             what = "the quantized weights are" if name == "qweight" else f"{name} is"
             raise ValueError(f"svdq.linear: input is on {x.device} but {what} on {t.device}")
 
 
+def check_operands(
+    x: torch.Tensor,
+    n: int,
+    smooth: Optional[torch.Tensor],
+    lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
+) -> None:
+    """Shape/device checks for the operands :func:`check_linear_args` does not cover."""
+    k = x.shape[-1]
+    dev = x.device
+    if (lora_down is None) != (lora_up is None):
+        raise ValueError("svdq.linear: lora_down and lora_up must both be given or both be None")
+    if lora_down is not None:
+        r = lora_down.shape[0]
+        if lora_down.dim() != 2 or lora_down.shape[1] != k or tuple(lora_up.shape) != (n, r):
+            raise ValueError(
+                f"svdq.linear: low-rank shapes must be [r, {k}] and [{n}, r], got "
+                f"{list(lora_down.shape)} and {list(lora_up.shape)}"
+            )
+    if smooth is not None and tuple(smooth.shape) != (k,):
+        raise ValueError(f"svdq.linear: smooth must be [{k}], got {list(smooth.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"svdq.linear: bias must be [{n}], got {list(bias.shape)}")
+    for name, t in (("gate", gate), ("residual", residual)):
+        if t is None:
+            continue
+        try:
+            torch.broadcast_shapes(tuple(t.shape), (*x.shape[:-1], n))
+        except RuntimeError:
+            raise ValueError(
+                f"svdq.linear: {name} of shape {list(t.shape)} does not broadcast to "
+                f"{[*x.shape[:-1], n]}"
+            ) from None
+    for name, t in (("smooth", smooth), ("lora_down", lora_down), ("lora_up", lora_up),
+                    ("bias", bias), ("gate", gate), ("residual", residual)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"svdq.linear: {name} is on {t.device} but the input is on {dev}")
+        if t is not None and not t.dtype.is_floating_point:
+            raise TypeError(f"svdq.linear: {name} must be a floating tensor, got {t.dtype}")
+
+
+
 def check_args(a: LinearArgs) -> None:
-    """:func:`check_linear_args` on a bound argument list."""
+    """Every check of one call: :func:`check_linear_args` and :func:`check_operands`."""
     check_linear_args(a.x, a.qweight, a.wscales, a.group_size, a.weight_bits, a.act_bits, a.epilogue,
                       a.scheme, a.wzeros, a.wchannel)
+    check_operands(a.x, a.n, a.smooth, a.lora_down, a.lora_up, a.bias, a.residual, a.gate)
 
 
 def _svdq_linear_impl(*args: Any, **kwargs: Any) -> torch.Tensor:

@@ -10,42 +10,11 @@ from typing import Optional
 
 import torch
 
+from svdq_compile.runtime.epilogue import EPILOGUES
+from svdq_compile.runtime.modes import QuantMode, find_mode
 from svdq_compile.runtime.packing import pack_int4, unpack_int4
-from svdq_compile.runtime.per_token import PER_TOKEN_SCHEMES, SCHEMES, dequantized_weight
-from svdq_compile.runtime.quantize import dequantize_groups
 
-__all__ = ["LinearSpec", "PackedLinear", "EPILOGUES", "MODES", "mode_bits", "mode_scheme", "spec_mode"]
-
-# Elementwise ops the quantized linear can apply after bias, before gate/residual.
-EPILOGUES = ("none", "gelu", "gelu_tanh", "silu", "relu")
-
-# mode name -> (weight_bits, act_bits); act_bits 16 means activations stay in 16 bits.
-# "w4a8" is group-wise (8-bit activations with one scale per token and group of 64);
-# "w4a8-int8" / "w4a8-fp8" have one activation scale per token (runtime/per_token.py).
-MODES = {"w4a4": (4, 4), "w4a8": (4, 8), "w8a8": (8, 8), "w4a16": (4, 16), "w8a16": (8, 16),
-         "w4a8-int8": (4, 8), "w4a8-fp8": (4, 8)}
-_MODE_SCHEMES = {"w4a8-int8": "int8", "w4a8-fp8": "fp8"}  # every other mode: "group"
-
-
-def mode_bits(mode: str) -> tuple[int, int]:
-    try:
-        return MODES[mode]
-    except KeyError:
-        raise ValueError(f"unknown quantization mode {mode!r}; expected one of {sorted(MODES)}") from None
-
-
-def mode_scheme(mode: str) -> str:
-    """``"group"``, ``"int8"`` or ``"fp8"`` (see :mod:`.per_token`)."""
-    mode_bits(mode)
-    return _MODE_SCHEMES.get(mode, "group")
-
-
-def spec_mode(weight_bits: int, act_bits: int, scheme: str = "group") -> str:
-    """Mode name of (bits, scheme): the inverse of :func:`mode_bits` + :func:`mode_scheme`."""
-    for name, sch in _MODE_SCHEMES.items():
-        if sch == scheme:
-            return name
-    return f"w{weight_bits}a{act_bits}"
+__all__ = ["LinearSpec", "PackedLinear", "EPILOGUES"]
 
 
 @dataclass(frozen=True)
@@ -63,24 +32,23 @@ class LinearSpec:
     scheme: str = "group"  # "group", or a per-token scheme ("int8", "fp8")
 
     def __post_init__(self) -> None:
-        if self.weight_bits not in (4, 8):
-            raise ValueError(f"weight_bits must be 4 or 8, got {self.weight_bits}")
-        if self.act_bits not in (4, 8, 16):
-            raise ValueError(f"act_bits must be 4, 8 or 16, got {self.act_bits}")
-        if self.in_features % self.group_size:
-            raise ValueError(
-                f"in_features {self.in_features} is not a multiple of group_size {self.group_size}"
-            )
-        if self.act_unsigned and self.act_bits != 4:
-            raise ValueError("unsigned activations are only supported with 4-bit activations")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
-        if self.scheme in PER_TOKEN_SCHEMES and (self.weight_bits, self.act_bits, self.act_shift) != (4, 8, 0.0):
-            raise ValueError(f"scheme {self.scheme!r} needs 4-bit weights, 8-bit signed activations and no shift")
+        # The registry knows which (bits, scheme) combinations exist and what each allows.
+        self.qmode.check_spec(in_features=self.in_features, group_size=self.group_size,
+                              act_unsigned=self.act_unsigned, act_shift=self.act_shift)
+
+    @property
+    def qmode(self) -> QuantMode:
+        """The registered mode of this layer (runtime/modes.py)."""
+        return find_mode(self.weight_bits, self.act_bits, self.scheme)
 
     @property
     def mode(self) -> str:
-        return spec_mode(self.weight_bits, self.act_bits, self.scheme)
+        return self.qmode.name
+
+    @property
+    def label(self) -> str:
+        """The mode as reports print it (``u`` suffix for unsigned activations)."""
+        return self.qmode.label(self.act_unsigned)
 
 
 @dataclass(frozen=True)
@@ -101,11 +69,7 @@ class PackedLinear:
     def __post_init__(self) -> None:
         s = self.spec
         n, k = s.out_features, s.in_features
-        kq = k // 2 if s.weight_bits == 4 else k
-        if tuple(self.qweight.shape) != (n, kq) or self.qweight.dtype != torch.int8:
-            raise ValueError(f"qweight must be int8 [{n}, {kq}], got {self.qweight.dtype} {list(self.qweight.shape)}")
-        if tuple(self.wscales.shape) != (n, k // s.group_size):
-            raise ValueError(f"wscales must be [{n}, {k // s.group_size}], got {list(self.wscales.shape)}")
+        s.qmode.check_weights(self.tensors(), n, k, s.group_size)
         if self.smooth is not None and tuple(self.smooth.shape) != (k,):
             raise ValueError(f"smooth must be [{k}], got {list(self.smooth.shape)}")
         if (self.lora_down is None) != (self.lora_up is None):
@@ -119,15 +83,6 @@ class PackedLinear:
                 )
         if self.bias is not None and tuple(self.bias.shape) != (n,):
             raise ValueError(f"bias must be [{n}], got {list(self.bias.shape)}")
-        per_token = s.scheme in PER_TOKEN_SCHEMES
-        if per_token and (self.wchannel is None or tuple(self.wchannel.shape) != (n,)):
-            raise ValueError(f"scheme {s.scheme!r} needs wchannel [{n}], got "
-                             f"{None if self.wchannel is None else list(self.wchannel.shape)}")
-        if s.scheme == "int8" and (self.wzeros is None or self.wzeros.shape != self.wscales.shape
-                                   or self.wscales.dtype != torch.int8 or self.wzeros.dtype != torch.int8):
-            raise ValueError(f"scheme 'int8' needs int8 wscales and wzeros [{n}, {k // s.group_size}]")
-        if not per_token and (self.wzeros is not None or self.wchannel is not None):
-            raise ValueError(f"wzeros/wchannel only belong to the per-token schemes, not {s.scheme!r}")
 
     @property
     def rank(self) -> int:
@@ -137,16 +92,11 @@ class PackedLinear:
         """[N, K] int8 residual integers (unpacked; group scheme only)."""
         if self.spec.scheme != "group":
             raise ValueError(f"int_weight: scheme {self.spec.scheme!r} has no group-scaled integers")
-        if self.spec.weight_bits == 4:
-            return unpack_int4(self.qweight, signed=True)
-        return self.qweight
+        return unpack_int4(self.qweight, signed=True) if self.spec.qmode.packed else self.qweight
 
     def dequantized_residual(self) -> torch.Tensor:
         """[N, K] fp32 dequantized residual ``dq(Q(R))``."""
-        s = self.spec
-        if s.scheme != "group":
-            return dequantized_weight(s.scheme, self.qweight, self.wscales, self.wzeros, self.wchannel, s.group_size)
-        return dequantize_groups(self.int_weight(), self.wscales, s.group_size)
+        return self.spec.qmode.dequantize_weight(self.tensors(), self.spec.group_size)
 
     def effective_weight(self) -> torch.Tensor:
         """[N, K] fp32 weight the layer applies to the *original* input (smoothing undone)."""

@@ -41,18 +41,17 @@ from typing import NamedTuple, Optional
 import torch
 
 from svdq_compile.runtime.packing import pack_int4, unpack_int4
+from svdq_compile.runtime.modes import QuantMode, Scheme, check_group_weights, register_handler, register_mode, register_scheme
 from svdq_compile.runtime.quantize import dequantize_groups, quantize_groups, quantize_weight
 
 __all__ = [
-    "SCHEMES", "PER_TOKEN_SCHEMES", "FP8_DTYPE", "FP8_MAX", "CHANNEL_QMAX",
+    "PER_TOKEN_SCHEMES", "FP8_DTYPE", "FP8_MAX", "CHANNEL_QMAX",
     "ProgressiveWeight", "Fp8Weight",
     "quantize_weight_progressive", "expand_progressive", "quantize_weight_fp8", "expand_fp8",
     "quantize_tokens", "dequantize_tokens", "expanded_weight", "dequantized_weight",
 ]
 
-# "group": group-wise scales on both operands (w4a4, w4a8, w8a8, weight-only modes);
-# "int8" / "fp8": the per-token schemes of this module.
-SCHEMES = ("group", "int8", "fp8")
+# The per-token schemes of this module (registered in runtime/modes.py at the bottom).
 PER_TOKEN_SCHEMES = ("int8", "fp8")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -170,3 +169,40 @@ def dequantized_weight(
     """[N, K] fp32 weight the scheme applies: the expanded operand times c_n."""
     e = expanded_weight(scheme, qweight, wscales, wzeros, wchannel, group_size)
     return e.float() * wchannel.float()[:, None]
+
+
+# ------------------------------------------------------------------ registry (runtime/modes.py)
+def _quantize(res: torch.Tensor, mode: QuantMode, group: int) -> dict[str, torch.Tensor]:
+    if mode.scheme == "int8":
+        return quantize_weight_progressive(res, group)._asdict()
+    return quantize_weight_fp8(res, group)._asdict()
+
+
+def _dequantize(t, mode: QuantMode, group: int) -> torch.Tensor:
+    return dequantized_weight(mode.scheme, t["qweight"], t["wscales"], t.get("wzeros"), t.get("wchannel"), group)
+
+
+def _check(t, mode: QuantMode, n: int, k: int, group: int, where: str = "") -> None:
+    """The group checks, plus ``wchannel`` [N] (both) and int8 ``wscales``/``wzeros`` (``int8``)."""
+    check_group_weights(t, mode, n, k, group, where)
+    ws, wz, wc = t["wscales"], t.get("wzeros"), t.get("wchannel")
+    if wc is None or tuple(wc.shape) != (n,):
+        raise ValueError(f"{where}scheme {mode.scheme!r} needs wchannel [{n}], got "
+                         f"{None if wc is None else list(wc.shape)}")
+    if mode.scheme == "int8" and (wz is None or wz.shape != ws.shape or ws.dtype != torch.int8
+                                  or wz.dtype != torch.int8):
+        raise ValueError(f"{where}scheme 'int8' needs int8 wscales and wzeros [{n}, {k // group}]")
+
+
+for _scheme, _mode in (
+    ("int8", QuantMode("w4a8-int8", 4, 8, "int8", "int4",
+                       "INT4 progressive weights, INT8 per-token activations, one int32 accumulator over K")),
+    ("fp8", QuantMode("w4a8-fp8", 4, 8, "fp8", "int4",
+                      "INT4 weights expanded to FP8 e4m3, FP8 per-token activations")),
+):
+    register_scheme(Scheme(_scheme, per_token=True, weight_tensors=("qweight", "wscales", "wzeros", "wchannel")
+                           if _scheme == "int8" else ("qweight", "wscales", "wchannel")))
+    register_mode(_mode)
+    register_handler(_scheme, "quantize_weight", _quantize)
+    register_handler(_scheme, "dequantize_weight", _dequantize)
+    register_handler(_scheme, "check_weights", _check)

@@ -1,4 +1,4 @@
-"""CPU implementation of the quantized linear (the no-GPU path).
+"""The torch path of the quantized linear: every device, and the C++ kernels on CPU.
 
 Same numerics as :mod:`.reference`, evaluated in fp32.
 
@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from svdq_compile.runtime import cpu_gemm
 from svdq_compile.runtime.cpu_gemm import grouped_int_gemm
 from svdq_compile.runtime.cpu_w4a16 import w4a16_dequantize, w4a16_linear
-from svdq_compile.runtime.epilogue import apply_epilogue, finish_output
+from svdq_compile.runtime.epilogue import apply_epilogue
 from svdq_compile.runtime.op_args import LinearArgs, bind
-from svdq_compile.runtime.per_token import expanded_weight, quantize_tokens
+from svdq_compile.runtime.modes import find_mode, handler, register_handler
+from svdq_compile.runtime.per_token import PER_TOKEN_SCHEMES, expanded_weight, quantize_tokens
 from svdq_compile.runtime.quantize import dequantize_groups, quantize_activation
 from svdq_compile.runtime.reference import int_weight, smooth_input
 
@@ -233,6 +234,38 @@ def dequantize_weight(qweight: torch.Tensor, wscales: torch.Tensor, group_size: 
     return (vals.view(n, -1, group_size) * wscales.float().unsqueeze(-1)).view(n, -1)
 
 
+def _group_linear(
+    a: LinearArgs, x2: torch.Tensor,
+    w4a16_product: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """[M, N] fp32 ``Q(X') Q(R)^T + (X' L2^T) L1^T + bias`` of the group scheme."""
+    qweight, wscales, smooth, group_size = a.qweight, a.wscales, a.smooth, a.group_size
+    mode = find_mode(a.weight_bits, a.act_bits, a.scheme)
+    y = _fast_path(x2, qweight, wscales, smooth, a.lora_down, a.lora_up, group_size, a.weight_bits,
+                   a.act_bits, a.act_unsigned, a.act_shift, a.bias)
+    if y is not None:  # bias already added
+        return y
+    # torch path (reference numerics in fp32)
+    xs = smooth_input(x2, smooth)  # [M, K] fp32
+    if mode.weight_only:
+        y = None
+        if mode.packed and w4a16_product is not None:
+            y = w4a16_product(x2 if smooth is None else xs, qweight, wscales, group_size)
+        elif mode.packed:
+            y = w4a16_linear(xs, qweight, wscales, group_size)  # C++ on CPU, else None
+        if y is None:
+            y = F.linear(xs, dequantize_weight(qweight, wscales, group_size, a.weight_bits))
+    else:
+        qw = int_weight(qweight, a.weight_bits)  # [N, K] int8
+        qa, sa = quantize_activation(xs, a.act_bits, group_size, unsigned=a.act_unsigned, shift=a.act_shift)
+        y = grouped_int_gemm(qa, sa, qw, wscales.float(), group_size)  # [M, N] fp32
+    if a.lora_down is not None:
+        y = y + (xs @ a.lora_down.float().t()) @ a.lora_up.float().t()
+    if a.bias is not None:
+        y = y + a.bias.to(y.dtype)
+    return y
+
+
 def quantized_linear_cpu(
     *args: Any,
     w4a16_product: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]] = None,
@@ -241,44 +274,21 @@ def quantized_linear_cpu(
     """The quantized linear in torch (and the C++ kernels on CPU).
 
     Arguments: those of ``svdq::linear`` (:class:`.op_args.LinearArgs`), positional or by
-    name, or one ``LinearArgs``.
+    name, or one ``LinearArgs``. Each scheme's ``torch_linear`` handler (runtime/modes.py)
+    computes the [M, N] fp32 accumulator with bias; the epilogue, gate and residual follow
+    here, in :func:`.epilogue.finish_output`'s order, for every scheme.
     ``w4a16_product(x2d, qweight, wscales, group_size) -> [M, N] fp32`` replaces the
     dequantize + matmul of weight-only layers (the GPU path passes its Triton kernel);
     it receives the input in its own dtype when there is no smoothing.
     """
     a = bind(*args, **kwargs)
-    x, qweight, wscales, smooth = a.x, a.qweight, a.wscales, a.smooth
-    lora_down, lora_up, bias, residual, gate = a.lora_down, a.lora_up, a.bias, a.residual, a.gate
-    group_size, weight_bits, act_bits = a.group_size, a.weight_bits, a.act_bits
-    act_unsigned, act_shift, epilogue = a.act_unsigned, a.act_shift, a.epilogue
+    x = a.x
     lead = x.shape[:-1]
-    k = x.shape[-1]
-    n = wscales.shape[0]
-    x2 = x.reshape(-1, k)
-    if a.per_token:  # bias already added
-        return _finish_inplace(_per_token_linear(a, x2), lead, n, None, epilogue, gate, residual).to(x.dtype)
-    y = _fast_path(x2, qweight, wscales, smooth, lora_down, lora_up, group_size, weight_bits,
-                   act_bits, act_unsigned, act_shift, bias)
-    if y is not None:  # bias already added
-        return _finish_inplace(y, lead, n, None, epilogue, gate, residual).to(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = handler(a.scheme, "torch_linear")(a, x2, w4a16_product=w4a16_product)
+    return _finish_inplace(y, lead, a.n, None, a.epilogue, a.gate, a.residual).to(x.dtype)
 
-    # torch path (reference numerics in fp32)
-    xs = smooth_input(x2, smooth)  # [M, K] fp32
-    if act_bits == 16:
-        y = None
-        if weight_bits == 4 and w4a16_product is not None:
-            y = w4a16_product(x2 if smooth is None else xs, qweight, wscales, group_size)
-        elif weight_bits == 4:
-            y = w4a16_linear(xs, qweight, wscales, group_size)  # C++ on CPU, else None
-        if y is None:
-            y = F.linear(xs, dequantize_weight(qweight, wscales, group_size, weight_bits))
-    else:
-        qw = int_weight(qweight, weight_bits)  # [N, K] int8
-        qa, sa = quantize_activation(xs, act_bits, group_size, unsigned=act_unsigned, shift=act_shift)
-        y = grouped_int_gemm(qa, sa, qw, wscales.float(), group_size)  # [M, N] fp32
-    if lora_down is not None:
-        y = y + (xs @ lora_down.float().t()) @ lora_up.float().t()
-    res2 = None if residual is None else residual.expand(*lead, n).reshape(-1, n)
-    gate2 = None if gate is None else gate.expand(*lead, n).reshape(-1, n)
-    y = finish_output(y, bias, epilogue, gate2, res2)
-    return y.to(x.dtype).reshape(*lead, n)
+
+register_handler("group", "torch_linear", _group_linear)
+for _scheme in PER_TOKEN_SCHEMES:
+    register_handler(_scheme, "torch_linear", lambda a, x2, w4a16_product=None: _per_token_linear(a, x2))

@@ -77,7 +77,7 @@ def test_warm_started_low_rank_matches_exact_error():
 def test_fast_paths_keep_decomposition_quality(monkeypatch):
     # Large layers refine with warm starts and search with randomized SVD; forcing the
     # fast paths on a small layer must give the exact path's weight error (within 1%).
-    from svdq_compile import decompose
+    from svdq_compile.quant import decompose
 
     w = _weight(n=192, k=256)
     lam = torch.rand(256, generator=torch.Generator().manual_seed(1)) + 0.5

@@ -20,8 +20,6 @@ import torch.fx as fx
 
 from svdq_compile.quant.stats import LayerStats, attach_stats, stats_of
 from svdq_compile.quant.config import SVDQuantConfig
-from svdq_compile.quant.auto_mode import AUTO
-from svdq_compile.runtime.packed import mode_bits
 from svdq_compile.passes.pipeline import CompileReport, quantize_graph
 from svdq_compile.capture.versions import tensor_version as _version
 from svdq_compile.passes.fuse_siblings import apply_aliases
@@ -185,8 +183,7 @@ class SVDQuantCompiled:
 
     def _needs_activation_stats(self) -> bool:
         # Weight-only modes (A16) need no activation statistics.
-        return (self.config.mode == AUTO or mode_bits(self.config.mode)[1] != 16
-                or bool(self.config.mode_overrides))
+        return self.config.needs_activation_stats()
 
     def _weight_key(self, inputs: Sequence[Any]) -> tuple:
         return tuple(id(inputs[i]) for i in self._widx)

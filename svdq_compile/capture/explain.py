@@ -23,7 +23,7 @@ def explain(model: nn.Module, as_dict: bool = False) -> Any:
         s = p.spec
         rows.append({
             "name": name, "shape": [s.out_features, s.in_features],
-            "mode": s.mode + ("u" if s.act_unsigned else ""),
+            "mode": s.label,
             "alpha": p.meta.get("alpha"), "beta": p.meta.get("beta"), "rank": p.rank,
             "sqnr_db": p.meta.get("sqnr_db"), "bytes": p.nbytes(), "mode_reason": p.meta.get("mode_reason"),
             "fp16_bytes": 2 * s.in_features * s.out_features + (2 * s.out_features if p.bias is not None else 0),

@@ -79,7 +79,7 @@ def quantize(
                         report.skipped.append((s.name, "not an nn.Linear module (functional linear)"))
                 continue
             stats = stats_of(g.sites[0].weight)
-            if stats is None and cfg.smooth and g.target.act_bits != 16:
+            if stats is None and cfg.smooth and not g.target.qmode.weight_only:
                 raise ValueError(
                     f"svdq_compile.quantize: layer {mods[0][0]} has no calibration statistics; pass "
                     "calibration_data or run the model inside svdq_compile.calibrating(model)"
@@ -91,7 +91,7 @@ def quantize(
         old = model.get_submodule(name)
         new.to(old.weight.device)
         _set_module(model, name, new)
-        report.layers.append({"name": name, "shape": [new.out_features, new.in_features], "mode": new.spec.mode,
+        report.layers.append({"name": name, "shape": [new.out_features, new.in_features], "mode": new.spec.label,
                               "alpha": new.meta.get("alpha"), "rank": new.base_rank,
                               "sqnr_db": new.meta.get("sqnr_db"), "bytes": new.packed.nbytes(),
                               "fp_bytes": old.weight.numel() * old.weight.element_size()})

@@ -32,6 +32,8 @@ import torch
 
 __all__ = ["AUTO", "resolve_mode", "auto_choice"]
 
+from svdq_compile.runtime.modes import QuantMode, get_mode
+
 AUTO = "auto"
 # CPU ISAs where W4A4's kernels measured faster than w4a8-int8's (see the module docstring).
 _CPU_W4A4_FASTER = frozenset({"avx2", "avx_vnni"})
@@ -58,6 +60,10 @@ def auto_choice(device: torch.device | str) -> tuple[str, str]:
     return "w4a8-int8", f"auto: {dev.type} (per-token INT8; quality >= w4a4)"
 
 
-def resolve_mode(mode: str, device: torch.device | str) -> str:
-    """A concrete mode: ``mode`` itself, or :func:`auto_choice`'s for ``"auto"``."""
-    return auto_choice(device)[0] if mode == AUTO else mode
+def resolve_mode(mode: str, device: torch.device | str, why: str = "mode option") -> tuple[QuantMode, str]:
+    """The one place ``"auto"`` becomes a mode: (registered mode, reason) for weights on
+    ``device``; any other name is looked up as it is (``why`` is then its reason)."""
+    if mode == AUTO:
+        name, why = auto_choice(device)
+        return get_mode(name), why
+    return get_mode(mode), why

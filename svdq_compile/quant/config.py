@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 from svdq_compile.quant.auto_mode import AUTO
-from svdq_compile.runtime.packed import MODES
+from svdq_compile.runtime.modes import get_mode, mode_names
 
 __all__ = ["SVDQuantConfig", "DEFAULT_SKIP", "DEFAULT_MODE_OVERRIDES"]
 
@@ -86,7 +86,7 @@ class SVDQuantConfig:
     dump_graphs: Optional[str] = None
 
     def __post_init__(self) -> None:
-        valid = sorted(MODES) + [AUTO]
+        valid = mode_names() + [AUTO]
         if self.mode not in valid:
             raise ValueError(f"mode must be one of {valid}, got {self.mode!r}")
         for _, m in self.mode_overrides:
@@ -139,6 +139,11 @@ class SVDQuantConfig:
             elif key in out:
                 out[key] = tuple(tuple(p) for p in out[key])
         return out
+
+    def needs_activation_stats(self) -> bool:
+        """Whether calibration must record activations (weight-only modes need none;
+        ``auto`` never picks one; any ``mode_overrides`` keeps recording, as before)."""
+        return self.mode == AUTO or not get_mode(self.mode).weight_only or bool(self.mode_overrides)
 
     def cache_key(self) -> tuple:
         """Fields that change the quantized numbers (not how they are run or logged)."""

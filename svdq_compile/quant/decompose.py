@@ -15,8 +15,7 @@ import torch
 from svdq_compile.runtime.torch_path import quantized_linear_cpu
 from svdq_compile.runtime.ops import packed_args
 from svdq_compile.runtime.packed import LinearSpec, PackedLinear
-from svdq_compile.runtime.per_token import dequantized_weight, quantize_weight_fp8, quantize_weight_progressive
-from svdq_compile.runtime.quantize import dequantize_groups, quantize_weight
+from svdq_compile.runtime.modes import QuantMode, find_mode, get_mode
 
 __all__ = [
     "LayerTarget",
@@ -54,6 +53,16 @@ class LayerTarget:
     refine_iters: int = 0
     scheme: str = "group"  # "group", or a per-token scheme ("int8", "fp8"; runtime/per_token.py)
     mode_reason: str = field(default="", compare=False)  # why this mode (explain()); not part of the key
+
+    @property
+    def qmode(self) -> QuantMode:
+        return find_mode(self.weight_bits, self.act_bits, self.scheme)
+
+    @classmethod
+    def of(cls, mode: "str | QuantMode", **kwargs) -> "LayerTarget":
+        """The target of a registered mode (name or object)."""
+        m = get_mode(mode)
+        return cls(weight_bits=m.weight_bits, act_bits=m.act_bits, scheme=m.scheme, **kwargs)
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -186,21 +195,10 @@ def low_rank(
 
 
 def _quant_residual(res: torch.Tensor, target: LayerTarget) -> tuple[dict, torch.Tensor]:
-    """Quantize the residual in the target's scheme -> (PackedLinear weight fields, [N, K] float64 dequantized)."""
-    group = target.group_size
-    if target.scheme == "int8":
-        pw = quantize_weight_progressive(res, group)
-        fields = {"qweight": pw.qweight, "wscales": pw.wscales, "wzeros": pw.wzeros, "wchannel": pw.wchannel}
-    elif target.scheme == "fp8":
-        fw = quantize_weight_fp8(res, group)
-        fields = {"qweight": fw.qweight, "wscales": fw.wscales, "wchannel": fw.wchannel}
-    else:
-        q, scales = quantize_weight(res.float(), target.weight_bits, group)
-        return ({"qweight": PackedLinear.pack_weight(q, target.weight_bits), "wscales": scales},
-                dequantize_groups(q, scales, group).double())
-    dq = dequantized_weight(target.scheme, fields["qweight"], fields["wscales"], fields.get("wzeros"),
-                            fields["wchannel"], group)
-    return fields, dq.double()
+    """Quantize the residual in the target's mode -> (PackedLinear weight fields, [N, K] float64 dequantized)."""
+    mode = target.qmode
+    fields = mode.quantize_weight(res, target.group_size)
+    return fields, mode.dequantize_weight(fields, target.group_size).double()
 
 
 def decompose_layer(

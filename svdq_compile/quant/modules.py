@@ -6,6 +6,8 @@ Used by :func:`svdq_compile.quantize` (quantize in place, drop the float weights
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Optional
 
 import torch
@@ -69,7 +71,7 @@ class SVDQLinear(nn.Module):
     @property
     def packed(self) -> PackedLinear:
         rank = 0 if self.lora_down is None else int(self.lora_down.shape[0])
-        spec = LinearSpec(**{**self.spec.__dict__, "rank": rank})
+        spec = dataclasses.replace(self.spec, rank=rank)
         return PackedLinear(spec, self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias,
                             self.wzeros, self.wchannel, meta=self.meta)
 
@@ -91,7 +93,7 @@ class SVDQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (f"in={s.in_features}, out={s.out_features}, mode={s.mode}{'u' if s.act_unsigned else ''}, "
+        return (f"in={s.in_features}, out={s.out_features}, mode={s.label}, "
                 f"rank={self.base_rank}, group={s.group_size}, loras={len(self.loras)}")
 
     # LoRA -----------------------------------------------------------------------------

@@ -71,9 +71,9 @@ def quantize_group(
 ) -> list[PackedLinear]:
     """Quantize linears sharing one input (one shared lambda). weights: each [N_i, K]."""
     k = weights[0].shape[1]
-    if target.act_bits == 16 or not config.smooth or stats is None or stats.seen == 0:
+    if target.qmode.weight_only or not config.smooth or stats is None or stats.seen == 0:
         # Weight-only layers do not quantize activations: smoothing has nothing to trade.
-        if stats is None and target.act_bits != 16 and config.smooth:
+        if stats is None and not target.qmode.weight_only and config.smooth:
             log.warning("no calibration statistics for a layer group; quantizing without smoothing")
         packs = [
             decompose_layer(w, b, None, target, act_shift=0.0, seed=config.seed)

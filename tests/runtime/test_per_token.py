@@ -8,7 +8,8 @@ from svdq_compile.quant.decompose import LayerTarget, decompose_layer, quantized
 from svdq_compile.passes.concat import concat_packed
 from svdq_compile.runtime.op_args import ARG_NAMES, SCHEMA, LinearArgs
 from svdq_compile.runtime.ops import packed_args
-from svdq_compile.runtime.packed import LinearSpec, PackedLinear, mode_scheme
+from svdq_compile.runtime.modes import get_mode
+from svdq_compile.runtime.packed import LinearSpec, PackedLinear
 from svdq_compile.runtime.packing import unpack_int4
 from svdq_compile.runtime.per_token import (
     FP8_DTYPE, expand_fp8, expand_progressive, quantize_tokens, quantize_weight_fp8, quantize_weight_progressive,
@@ -157,7 +158,7 @@ def test_sibling_concat_is_exact(scheme):
 
 
 def test_mode_names():
-    assert mode_scheme("w4a8-int8") == "int8" and mode_scheme("w4a8-fp8") == "fp8" and mode_scheme("w4a4") == "group"
+    assert get_mode("w4a8-int8").scheme == "int8" and get_mode("w4a8-fp8").scheme == "fp8" and get_mode("w4a4").scheme == "group"
     assert LinearSpec(64, 64, act_bits=8, scheme="fp8").mode == "w4a8-fp8"
     assert LinearSpec(64, 64, act_bits=8).mode == "w4a8"
     assert isinstance(packed_args(torch.randn(1, 192), _packed("fp8")), LinearArgs)

@@ -34,6 +34,8 @@ by weak keys), so N changes leave one variant per live set of tensors, not N.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from typing import Any, Optional
 
@@ -246,7 +248,7 @@ def _build_layer_class() -> type:
             base = self.get_base_layer()
             if not self._svdq_extra:
                 return base(x)
-            spec = LinearSpec(**{**base.spec.__dict__, "rank": int(self.svdq_down.shape[0])})
+            spec = dataclasses.replace(base.spec, rank=int(self.svdq_down.shape[0]))
             packed = PackedLinear(spec, base.qweight, base.wscales, base.smooth, self.svdq_down, self.svdq_up,
                                   base.bias, base.wzeros, base.wchannel, meta=base.meta)
             return linear_from_packed(x, packed)
