@@ -8,7 +8,8 @@ fp32 rescale/accumulation, no bf16 anywhere):
   once; ``$SVDQ_CPU_ISA`` forces one, see :func:`active_isa`, :func:`set_isa` and
   docs/cpu.md), all bit-identical. The AVX2 / AVX-VNNI kernels are in
   ``cpu_kernels/*_avx2.cpp``; the AVX-512 one, described here, is
-  ``cpu_kernels/grouped_gemm_vnni.cpp``, using AVX512-VNNI ``VPDPBUSD``. Activations are biased into u8 with ``^ 0x80`` and the
+  ``cpu_kernels/grouped_gemm_avx512.cpp``, using AVX512-VNNI ``VPDPBUSD`` (the ISA-independent
+  glue of all of them is ``cpu_kernels/op_glue.h``). Activations are biased into u8 with ``^ 0x80`` and the
   bias is removed exactly through a per-(group, column) weight sum, so every
   int4/int8 range works. Each group's int32 partial is folded into the fp32 output
   with one FMA (``y = fma(float(I_g), sa * sw, y)``, groups in ascending order).
@@ -69,7 +70,7 @@ ENV_BACKEND = "SVDQ_CPU_GEMM"  # "auto" (default), "torch" (force fallback), "vn
 ENV_ISA = "SVDQ_CPU_ISA"  # force one ISA: amx | avx512_vnni | avx_vnni | avx2 | neon | torch
 ENV_AMX = "SVDQ_CPU_AMX"  # "0" keeps the GEMM on AVX512-VNNI even where AMX is available
 _KDIR = Path(__file__).with_name("cpu_kernels")
-_SRC = _KDIR / "grouped_gemm_vnni.cpp"
+_SRC = _KDIR / "grouped_gemm_avx512.cpp"
 _SRC_QUANT = _KDIR / "quantize_act.cpp"  # fused activation quantizer
 _SRC_W4A16 = _KDIR / "w4a16.cpp"  # weight-only INT4 (see cpu_w4a16.py)
 _SRC_AMX = _KDIR / "grouped_gemm_amx.cpp"  # AMX blocks of the same GEMM
@@ -93,7 +94,8 @@ class _Ext(NamedTuple):
 
 
 _EXTS = {
-    "avx512": _Ext("svdq_cpu_gemm_vnni", "svdq_cpu_gemm", _SOURCES, tuple(_CFLAGS)),
+    "avx512": _Ext("svdq_cpu_gemm_avx512", "svdq_cpu_avx512", _SOURCES,
+                   tuple(_CFLAGS + ["-DSVDQ_NS=svdq_cpu_avx512"])),
     "avx_vnni": _Ext("svdq_cpu_gemm_avxvnni", "svdq_cpu_avxvnni", _SOURCES_AVX2,
                      tuple(_COMMON + ["-mavx2", "-mfma", "-mf16c", "-mavxvnni", "-DSVDQ_AVXVNNI=1",
                                       "-DSVDQ_NS=svdq_cpu_avxvnni"])),

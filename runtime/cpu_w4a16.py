@@ -3,7 +3,7 @@
 AdaLN modulation layers (W4A16 by default) run on one vector per sample: dequantizing
 their whole weight per call cost ~40x an fp32 GEMV. Small M reads the packed weight
 directly (fused unpack + FMA); large M dequantizes once in C++ (bit-identical to
-:func:`svdq_compile.runtime.cpu.dequantize_weight`) and runs one fp32 GEMM.
+:func:`svdq_compile.runtime.torch_path.dequantize_weight`) and runs one fp32 GEMM.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 // AMX (Intel Advanced Matrix Extensions) block of the grouped int8 GEMM.
 //
-// Same contract and the same arithmetic as the VNNI micro-tiles of grouped_gemm_vnni.cpp,
+// Same contract and the same arithmetic as the VNNI micro-tiles of grouped_gemm_avx512.cpp,
 // so the output is bit-identical: per group g the exact int32 partial
 //   I_g[m, n] = bias_g[n] + sum_{k in g} (qa[m, k] ^ 0x80) * qw[n, k]
 // (u8 x s8 dot products, the bias row removes the ^0x80 exactly), then

@@ -1,5 +1,5 @@
-// AMX block of the grouped int8 GEMM (see grouped_gemm_amx.cpp); used by gemm_core in
-// grouped_gemm_vnni.cpp for full 32-row blocks when the CPU and OS allow AMX.
+// AMX block of the grouped int8 GEMM (see grouped_gemm_amx.cpp); used by GemmKernel::run in
+// grouped_gemm_avx512.cpp for full 32-row blocks when the CPU and OS allow AMX.
 #pragma once
 
 #include <cstdint>

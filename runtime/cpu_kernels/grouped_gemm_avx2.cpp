@@ -1,7 +1,7 @@
 // Exact grouped int8 GEMM for x86-64 CPUs without AVX-512: AVX2 (Haswell / Zen 1 and
 // later), and AVX-VNNI (256-bit VPDPBUSD, Alder Lake / Zen 5 client) when built with
 // -mavxvnni -DSVDQ_AVXVNNI=1. Same contract and the same numbers as the AVX-512 kernel of
-// grouped_gemm_vnni.cpp, bit for bit:
+// grouped_gemm_avx512.cpp, bit for bit:
 //
 //   I_g[m, n] = sum_{k in group g} qa[m, k] * qw[n, k]          (int32, exact)
 //   Y[m, n]   = fold over g ascending: acc = g == 0 ? float(I_0) * (sa * sw)
@@ -39,25 +39,20 @@
 // in a small per-task buffer. int32 cannot overflow: |I| <= 255 * 128 * K < 2^31 for
 // K < 65793 (checked).
 //
-// Built by svdq_compile/runtime/cpu_gemm.py as its own extension (own -m flags) so that a
-// CPU without AVX-512 can build and load it; the ops appear as torch.ops.<SVDQ_NS>.*.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// This file holds the micro-kernels, the packing and the per-layout activation operands; the
+// checks, epilogue operands and task loop are op_glue.h's. Built by
+// svdq_compile/runtime/cpu_gemm.py as its own extension (own -m flags) so that a CPU without
+// AVX-512 can build and load it; the ops appear as torch.ops.<SVDQ_NS>.*.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <optional>
 #include <vector>
 
 #include "op_glue.h"
 
-#ifndef SVDQ_NS
-#define SVDQ_NS svdq_cpu_avx2
-#endif
 #ifndef SVDQ_AVXVNNI
 #define SVDQ_AVXVNNI 0
 #endif
@@ -324,62 +319,47 @@ template <int L>
 constexpr MicroFn<L> kMicro[MR + 1] = {nullptr, micro<1, L>, micro<2, L>, micro<3, L>, micro<4, L>, micro<5, L>,
                                        micro<6, L>};
 
-// Epilogue of rows [m_lo, m_hi) x panel columns [n0, n0 + NC), as the AVX-512 kernel's
-// lowrank_bias_rows: C += H @ L (fp32 FMAs, ascending rank), then C += ybias. L holds the
-// panel's nonzero rank rows of lora_up^T ([nact][NC], row jj = rank js[jj]); yb is the
-// bias padded with zeros to Np (columns >= N are computed and dropped by the caller).
-// C points at row m_lo of the panel (stride ldc).
-// Two rows per pass: the 4 loads of lora_up^T feed 8 independent FMA chains instead of 4.
-// One row's 4 chains (FMA latency 4-5 cycles) ran at a quarter of the FMA throughput: the
-// epilogue of a 128-wide rank-32 layer took twice its int8 GEMM (M = 3400, demo model).
-// Every output element still gets the same FMAs in the same (ascending rank) order, so the
-// bits are those of the AVX-512 kernel.
-inline void lowrank_bias_rows(float* __restrict C, int64_t ldc, int64_t m_lo, int64_t m_hi, int64_t n0,
-                              const float* __restrict H, int64_t R, const float* __restrict L,
-                              const int32_t* __restrict js, int64_t nact, const float* __restrict yb) {
-  const float* ybp = yb ? yb + n0 : nullptr;
-  for (int64_t m = m_lo; m < m_hi; m += 2) {
-    // Odd tail: the second row is row m again (as the AVX-512 kernel): both loads happen
-    // before both stores and compute the same values, so the row is written twice, unchanged.
-    const int64_t m1 = std::min(m + 1, m_hi - 1);
-    for (int half = 0; half < 2; ++half) {
-      float* c = C + (m - m_lo) * ldc + 32 * half;
-      float* d = C + (m1 - m_lo) * ldc + 32 * half;
-      __m256 a0 = _mm256_loadu_ps(c), a1 = _mm256_loadu_ps(c + 8), a2 = _mm256_loadu_ps(c + 16),
-             a3 = _mm256_loadu_ps(c + 24);
-      __m256 b0 = _mm256_loadu_ps(d), b1 = _mm256_loadu_ps(d + 8), b2 = _mm256_loadu_ps(d + 16),
-             b3 = _mm256_loadu_ps(d + 24);
-      if (H) {
-        const float* h0 = H + m * R;
-        const float* h1 = H + m1 * R;
-        for (int64_t jj = 0; jj < nact; ++jj) {
-          const float* l = L + jj * NC + 32 * half;
-          const __m256 l0 = _mm256_loadu_ps(l), l1 = _mm256_loadu_ps(l + 8), l2 = _mm256_loadu_ps(l + 16),
-                       l3 = _mm256_loadu_ps(l + 24);
-          const int32_t j = js[jj];
-          const __m256 x = _mm256_set1_ps(h0[j]), y = _mm256_set1_ps(h1[j]);
-          a0 = _mm256_fmadd_ps(x, l0, a0);
-          a1 = _mm256_fmadd_ps(x, l1, a1);
-          a2 = _mm256_fmadd_ps(x, l2, a2);
-          a3 = _mm256_fmadd_ps(x, l3, a3);
-          b0 = _mm256_fmadd_ps(y, l0, b0);
-          b1 = _mm256_fmadd_ps(y, l1, b1);
-          b2 = _mm256_fmadd_ps(y, l2, b2);
-          b3 = _mm256_fmadd_ps(y, l3, b3);
-        }
-      }
-      if (ybp) {
-        const float* yv = ybp + 32 * half;
-        const __m256 y0 = _mm256_loadu_ps(yv), y1 = _mm256_loadu_ps(yv + 8), y2 = _mm256_loadu_ps(yv + 16),
-                     y3 = _mm256_loadu_ps(yv + 24);
-        a0 = _mm256_add_ps(a0, y0); a1 = _mm256_add_ps(a1, y1); a2 = _mm256_add_ps(a2, y2); a3 = _mm256_add_ps(a3, y3);
-        b0 = _mm256_add_ps(b0, y0); b1 = _mm256_add_ps(b1, y1); b2 = _mm256_add_ps(b2, y2); b3 = _mm256_add_ps(b3, y3);
-      }
-      _mm256_storeu_ps(c, a0); _mm256_storeu_ps(c + 8, a1); _mm256_storeu_ps(c + 16, a2); _mm256_storeu_ps(c + 24, a3);
-      _mm256_storeu_ps(d, b0); _mm256_storeu_ps(d + 8, b1); _mm256_storeu_ps(d + 16, b2); _mm256_storeu_ps(d + 24, b3);
-    }
+// 8-lane fp32 vectors for op_glue.h's lowrank_bias_rows (the epilogue, shared with the
+// AVX-512 kernel: the same FMAs per output element, in the same order).
+SVDQ_F32_VEC(F32x8, __m256, 8, _mm256);
+
+// The micro-kernels of the AVX2 / AVX-VNNI extensions for op_glue.h's GEMM ops (interface there).
+struct GemmKernel {
+  static constexpr int NC = ::NC;  // the file's panel width (64)
+  static constexpr int64_t MC = ::MC;
+  // One task at a time from a shared counter (see op_glue.h's Schedule).
+  static constexpr Schedule kSchedule = Schedule::kDynamic;
+
+  struct Packed {
+    at::Tensor Bp, bias, swt;
+    int layout;
+    int64_t ngw;  // weight groups (kU4P) / groups
+  };
+
+  static std::vector<at::Tensor> pack_weight(const at::Tensor& qw, const at::Tensor& sw, int64_t G, bool int4);
+
+  static Packed check_packed(const GemmArgs& a, const at::Tensor& Bp, const at::Tensor& bias, const at::Tensor& swt) {
+    const int64_t K = a.K, ng = a.ng, Np = a.Np;
+    const bool prog = bias.dim() == 3;  // [2, ngw, Np] integer tables of pack_weight_progressive
+    const int layout = prog ? kU4P : Bp.scalar_type() == at::kByte ? kU4 : Bp.size(3) == 2 ? kW16 : kVNNI;
+    const int64_t ngw = prog ? bias.size(1) : ng;
+    TORCH_CHECK(!prog || (a.G == K && bias.size(0) == 2 && bias.size(2) == Np && ngw > 0 && K % ngw == 0 &&
+                          (K / ngw) % 4 == 0 && Bp.scalar_type() == at::kByte),
+                "progressive weights need G == K (one activation group) and their [2, K/Gw, Np] tables");
+    TORCH_CHECK(layout != kVNNI || SVDQ_AVXVNNI, "weight packed for AVX-VNNI, this build has no AVX-VNNI");
+    TORCH_CHECK(Bp.dim() == 4 && Bp.size(1) * Bp.size(3) == K && Bp.size(2) == NC, "packed weight does not match K");
+    TORCH_CHECK(swt.size(0) == ng && swt.size(1) == Np &&
+                    (layout != kVNNI || (bias.size(0) == ng && bias.size(1) == Np)),
+                "bad packing");
+    return {Bp, bias, swt, layout, ngw};
   }
-}
+
+  static void run(const GemmArgs& a, const Packed& p, float* C);
+
+  // No AMX in these builds (same op names as the AVX-512 extension).
+  static bool set_amx(bool) { return false; }
+  static bool amx_enabled() { return false; }
+};
 
 // w[n][k] of qw ([N, K] int8, or [N, K/2] packed int4: low nibble = even k).
 inline int8_t weight_at(const int8_t* q, int64_t row_bytes, bool int4, int64_t n, int64_t k) {
@@ -392,17 +372,12 @@ inline int8_t weight_at(const int8_t* q, int64_t row_bytes, bool int4, int64_t n
 // qw: [N, K] int8 (or [N, K/2] packed int4), sw: [N, K/G] ->
 //   Bp: U4: [NB, K/4, NC, 4] uint8 (w + 8) | W16: [NB, K/2, NC, 2] int8 | VNNI: [NB, K/4, NC, 4] int8,
 //   bias: VNNI: [ng, Np] int32 = -128 * sum_k w (others: [0]), swt: [ng, Np] fp32 (0 past N).
-std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& sw_in, int64_t G, bool int4) {
-  TORCH_CHECK(qw_in.dim() == 2 && qw_in.scalar_type() == at::kChar, "qw must be [N, K] int8 or [N, K/2] packed int4");
-  TORCH_CHECK(G > 0 && G % 4 == 0, "group size must be a positive multiple of 4");
-  const at::Tensor qw = qw_in.contiguous();
-  const at::Tensor sw = sw_in.to(at::kFloat).contiguous();
-  const int64_t N = qw.size(0), K = int4 ? 2 * qw.size(1) : qw.size(1), row_bytes = qw.size(1);
-  TORCH_CHECK(!int4 || K >= 8, "packed int4 weights need K >= 8");
-  TORCH_CHECK(K % G == 0, "K must be a multiple of the group size");
+std::vector<at::Tensor> GemmKernel::pack_weight(const at::Tensor& qw_in, const at::Tensor& sw_in, int64_t G,
+                                                bool int4) {
+  const PackArgs pa = pack_args<NC>(qw_in, sw_in, G, int4);
+  const at::Tensor& qw = pa.qw;
+  const int64_t N = pa.N, K = pa.K, row_bytes = pa.row_bytes, ng = pa.ng, NB = pa.NB, Np = pa.Np, K4 = K / 4;
   TORCH_CHECK(K < 65793, "K too large: the int32 group sums could overflow");
-  const int64_t ng = K / G, NB = (N + NC - 1) / NC, Np = NB * NC, K4 = K / 4;
-  TORCH_CHECK(sw.dim() == 2 && sw.size(0) == N && sw.size(1) == ng, "sw must be [N, K/G]");
   const int8_t* q = qw.data_ptr<int8_t>();
   int layout = kVNNI;
   if (!SVDQ_AVXVNNI) {
@@ -417,8 +392,7 @@ std::vector<at::Tensor> pack_weight(const at::Tensor& qw_in, const at::Tensor& s
                   : layout == kW16 ? at::empty({NB, K / 2, NC, 2}, qw.options())
                                    : at::empty({NB, K4, NC, 4}, qw.options());
   at::Tensor bias = at::zeros({layout == kVNNI ? ng : 0, Np}, qw.options().dtype(at::kInt));
-  at::Tensor swt = at::zeros({ng, Np}, qw.options().dtype(at::kFloat));
-  swt.narrow(1, 0, N).copy_(sw.t());
+  at::Tensor swt = transposed_scales(pa);
   uint8_t* bp = reinterpret_cast<uint8_t*>(Bp.data_ptr());
   int32_t* bi = bias.data_ptr<int32_t>();
   const int kw = layout == kW16 ? 2 : 4;  // k per column entry
@@ -467,7 +441,8 @@ std::vector<at::Tensor> pack_weight_progressive(const at::Tensor& qweight, const
   TORCH_CHECK(wscales.sizes() == wzeros.sizes() && wscales.dim() == 2 && wscales.size(0) == N &&
                   wscales.size(1) == ngw && wchannel.numel() == N,
               "wscales / wzeros must be [N, K/Gw], wchannel [N]");
-  std::vector<at::Tensor> u4 = pack_weight(qweight, at::zeros({N, ngw}, wchannel.options().dtype(at::kFloat)), Gw, true);
+  std::vector<at::Tensor> u4 =
+      GemmKernel::pack_weight(qweight, at::zeros({N, ngw}, wchannel.options().dtype(at::kFloat)), Gw, true);
   const int64_t Np = u4[0].size(0) * NC;
   const at::Tensor s = wscales.to(at::kInt).t().contiguous(), z = wzeros.to(at::kInt).t().contiguous();
   at::Tensor tables = at::zeros({2, ngw, Np}, s.options());
@@ -478,35 +453,41 @@ std::vector<at::Tensor> pack_weight_progressive(const at::Tensor& qweight, const
   return {u4[0], tables, swt};
 }
 
-// qa: [M, K] int8 (biased = false) or u8 = qa ^ 0x80 (biased = true, straight from
-// quantize_act), sa: [M, K/G] fp32, packed weight from pack_weight -> [M, N] fp32.
-at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at::Tensor& Bp,
-                     const at::Tensor& bias, const at::Tensor& swt, int64_t N, int64_t G, bool biased,
-                     const std::optional<at::Tensor>& h_in = std::nullopt,
-                     const std::optional<at::Tensor>& lora_up_in = std::nullopt,
-                     const std::optional<at::Tensor>& ybias_in = std::nullopt) {
-  TORCH_CHECK(qa_in.dim() == 2 && qa_in.scalar_type() == (biased ? at::kByte : at::kChar),
-              biased ? "qa must be [M, K] uint8 (int8 ^ 0x80)" : "qa must be [M, K] int8");
-  const at::Tensor qa = qa_in.contiguous();
-  const at::Tensor sa = sa_in.to(at::kFloat).contiguous();
-  const int64_t M = qa.size(0), K = qa.size(1);
-  TORCH_CHECK(G > 0 && G % 4 == 0 && K % G == 0, "bad group size");
-  const int64_t ng = K / G, NB = Bp.size(0), Np = NB * NC, K4 = K / 4;
-  const bool prog = bias.dim() == 3;  // [2, ngw, Np] integer tables of pack_weight_progressive
-  const int layout = prog ? kU4P : Bp.scalar_type() == at::kByte ? kU4 : Bp.size(3) == 2 ? kW16 : kVNNI;
-  const int64_t ngw = prog ? bias.size(1) : ng;  // weight groups (kU4P) / groups
-  TORCH_CHECK(!prog || (G == K && bias.size(0) == 2 && bias.size(2) == Np && ngw > 0 && K % ngw == 0 &&
-                        (K / ngw) % 4 == 0 && Bp.scalar_type() == at::kByte),
-              "progressive weights need G == K (one activation group) and their [2, K/Gw, Np] tables");
+// One thread's buffers in the task loop, 32-byte aligned [MC][NC] blocks: the int32 partials
+// of unfinished groups (U4 chunks and split groups), kU4P's exact totals over the weight
+// groups, and the task's output block. The block accumulates in the contiguous Cl and is
+// copied out at the end: C's own rows are Np floats apart (12 KiB for N = 3072), which maps a
+// column of all 96 rows onto one L1 set, and the per-group fold re-reads them 48 times
+// (measured: the G = 64 GEMM ran at half the speed of G == K at M = 512).
+template <typename T>
+T* align32(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 31) & ~static_cast<uintptr_t>(31));
+}
+
+struct TaskBuffers {
+  TaskBuffers(bool need_part, bool need_tot)
+      : part_buf(need_part ? MC * NC + 8 : 0), tot_buf(need_tot ? MC * NC + 8 : 0), cl_buf(MC * NC + 8),
+        part(need_part ? align32(part_buf.data()) : nullptr),
+        tot(need_tot ? align32(tot_buf.data()) : nullptr),
+        Cl(align32(cl_buf.data())) {}
+  TaskBuffers(const TaskBuffers&) = delete;
+  TaskBuffers& operator=(const TaskBuffers&) = delete;
+
+  std::vector<int32_t> part_buf, tot_buf;
+  std::vector<float> cl_buf;
+  int32_t* const part;  // null unless need_part
+  int32_t* const tot;   // null unless need_tot (kU4P)
+  float* const Cl;
+};
+
+void GemmKernel::run(const GemmArgs& a, const Packed& p, float* Cp) {
+  const at::Tensor& qa = a.qa;
+  const bool biased = a.biased;
+  const int64_t M = a.M, K = a.K, ng = a.ng, Np = a.Np, K4 = K / 4;
+  const int layout = p.layout;
+  const bool prog = layout == kU4P;
+  const int64_t ngw = p.ngw;
   const int64_t Gs = K / ngw;  // the group size of the activation sums (U4: G; kU4P: the weight group)
-  TORCH_CHECK(layout != kVNNI || SVDQ_AVXVNNI, "weight packed for AVX-VNNI, this build has no AVX-VNNI");
-  TORCH_CHECK(Bp.dim() == 4 && Bp.size(1) * Bp.size(3) == K && Bp.size(2) == NC, "packed weight does not match K");
-  TORCH_CHECK(swt.size(0) == ng && swt.size(1) == Np && (layout != kVNNI || (bias.size(0) == ng && bias.size(1) == Np)),
-              "bad packing");
-  TORCH_CHECK(sa.dim() == 2 && sa.size(0) == M && sa.size(1) == ng, "sa must be [M, K/G]");
-  TORCH_CHECK(N <= Np && N > Np - NC, "N does not match the packed weight");
-  if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, qa.options().dtype(at::kFloat));
-  at::Tensor C = at::empty({M, Np}, qa.options().dtype(at::kFloat));  // fully written (group 0 stores)
 
   // The activation operand of the layout, one pass over qa (M * K bytes; parallel).
   const uint8_t* src = reinterpret_cast<const uint8_t*>(qa.data_ptr());
@@ -582,155 +563,73 @@ at::Tensor gemm_core(const at::Tensor& qa_in, const at::Tensor& sa_in, const at:
       for (; i < e; ++i) dst[i] = static_cast<int8_t>(src[i] ^ flip);
     });
   } else {  // VNNI: u8 = a ^ 0x80
-    if (biased) {
-      Aop = qa;
-    } else {
-      Aop = at::empty({M, K}, qa.options().dtype(at::kByte));
-      uint8_t* dst = Aop.data_ptr<uint8_t>();
-      at::parallel_for(0, M * K, 1 << 16, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) dst[i] = src[i] ^ 0x80;
-      });
-    }
+    Aop = biased_activations(a);
   }
 
-  at::Tensor h, lu, yb;
-  if (h_in.has_value() && h_in->defined()) {
-    TORCH_CHECK(lora_up_in.has_value() && lora_up_in->defined(), "low-rank h needs lora_up");
-    h = h_in->to(at::kFloat).contiguous();
-    lu = lora_up_in->to(at::kFloat).contiguous();
-    TORCH_CHECK(h.dim() == 2 && h.size(0) == M && lu.dim() == 2 && lu.size(0) == N && lu.size(1) == h.size(1),
-                "low-rank operands must be h [M, R], lora_up [N, R]");
-  }
-  if (ybias_in.has_value() && ybias_in->defined()) {
-    const at::Tensor b = ybias_in->to(at::kFloat).contiguous();
-    TORCH_CHECK(b.numel() == N, "bias must have N elements");
-    yb = at::zeros({Np}, b.options());
-    yb.narrow(0, 0, N).copy_(b.view({N}));
-  }
-  const float* HP = h.defined() && h.size(1) > 0 ? h.data_ptr<float>() : nullptr;
-  const int64_t R = h.defined() ? h.size(1) : 0;
-  const float* LUP = HP ? lu.data_ptr<float>() : nullptr;
-  const float* YB = yb.defined() ? yb.data_ptr<float>() : nullptr;
   const uint8_t* A = reinterpret_cast<const uint8_t*>(Aop.data_ptr());
   const int64_t lda = layout == kW16 ? 2 * K : K;
-  const float* S = sa.data_ptr<float>();
+  const float* S = a.sa.data_ptr<float>();
   const int32_t* AS = asum.defined() ? asum.data_ptr<int32_t>() : nullptr;
-  const int8_t* B = reinterpret_cast<const int8_t*>(Bp.data_ptr());
-  const int32_t* BI = bias.numel() && !prog ? bias.data_ptr<int32_t>() : nullptr;
-  const int32_t* PT = prog ? bias.data_ptr<int32_t>() : nullptr;
-  const float* ST = swt.data_ptr<float>();
-  float* Cp = C.data_ptr<float>();
+  const int8_t* B = reinterpret_cast<const int8_t*>(p.Bp.data_ptr());
+  const int32_t* BI = p.bias.numel() && !prog ? p.bias.data_ptr<int32_t>() : nullptr;
+  const int32_t* PT = prog ? p.bias.data_ptr<int32_t>() : nullptr;
+  const float* ST = p.swt.data_ptr<float>();
   const int64_t G4 = Gs / 4;  // k-quads per (U4P: weight) group
   // K blocks: whole groups when a group fits in one, else KBQ-sized parts of a group.
   const int64_t kbq = G4 >= KBQ ? KBQ : G4 * std::max<int64_t>(1, KBQ / G4);
   const bool split = G4 > KBQ;  // groups span several K blocks: partials wait in `part`
-  const int64_t nm = (M + MC - 1) / MC;
+  const bool need_part = split || ((layout == kU4 || layout == kU4P) && F < G4);
 
-  // Tasks (panel-major: 64 columns x MC rows) are handed out one at a time from a shared
-  // counter instead of a static split: on a machine shared with other work a descheduled
-  // thread then delays its own task only, not half of the GEMM. Which thread computes a
-  // task does not change its bits.
-  const int64_t ntasks = NB * nm;
-  std::atomic<int64_t> next_task{0};
-  at::parallel_for(0, std::min<int64_t>(ntasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    std::vector<float> lpanel(HP ? R * NC : 0);  // the current panel's lora_up^T slice
-    std::vector<int32_t> ljs(HP ? R : 0);         // its nonzero rank indices
-    int64_t lpanel_nb = -1, lnact = 0;
-    // U4 chunks and split groups keep int32 partials here: [MC][NC], 32-byte aligned.
-    const bool need_part = split || ((layout == kU4 || layout == kU4P) && F < G4);
-    std::vector<int32_t> part_buf(need_part ? MC * NC + 8 : 0);
-    int32_t* part = need_part ? reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(part_buf.data()) + 31) &
-                                                           ~static_cast<uintptr_t>(31))
-                              : nullptr;
-    std::vector<int32_t> tot_buf(prog ? MC * NC + 8 : 0);  // kU4P: totals over the weight groups
-    // The task's output block accumulates in a contiguous [MC][NC] buffer and is copied out
-    // at the end: C's own rows are Np floats apart (12 KiB for N = 3072), which maps a
-    // column of all 96 rows onto one L1 set, and the per-group fold re-reads them 48 times
-    // (measured: the G = 64 GEMM ran at half the speed of G == K at M = 512).
-    std::vector<float> cl_buf(MC * NC + 8);
-    float* Cl = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(cl_buf.data()) + 31) &
-                                         ~static_cast<uintptr_t>(31));
-    int32_t* tot = prog ? reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(tot_buf.data()) + 31) &
-                                                     ~static_cast<uintptr_t>(31))
-                        : nullptr;
-    for (int64_t t; (t = next_task.fetch_add(1, std::memory_order_relaxed)) < ntasks;) {
-      const int64_t nb = t / nm, mc = t % nm;
-      const int64_t n0 = nb * NC, m_lo = mc * MC, m_hi = std::min(M, m_lo + MC);
-      const int8_t* panel = B + nb * K * NC;
-      for (int64_t q0 = 0; q0 < K4; q0 += kbq) {
-        const int64_t q1 = std::min(K4, q0 + kbq);
-        for (int64_t m = m_lo; m < m_hi; m += MR) {
-          const int r = static_cast<int>(std::min<int64_t>(MR, m_hi - m));
-          for (int j = 0; j < NC / CS; ++j) {
-            Tile tl;
-            tl.A = A + m * lda;
-            tl.lda = lda;
-            tl.sa = S + m * ng;
-            tl.ng = ng;
-            tl.asum = AS ? AS + m * ngw : nullptr;
-            tl.ldas = ngw;
-            tl.ps = prog ? PT + n0 + CS * j : nullptr;
-            tl.psz = prog ? PT + ngw * Np + n0 + CS * j : nullptr;
-            tl.tot = tot ? tot + (m - m_lo) * NC + CS * j : nullptr;
-            tl.ngw = ngw;
-            tl.B = panel + (layout == kW16 ? 2 : 4) * CS * j;
-            tl.bias = BI ? BI + n0 + CS * j : nullptr;
-            tl.swt = ST + n0 + CS * j;
-            tl.Np = Np;
-            tl.C = Cl + (m - m_lo) * NC + CS * j;
-            tl.ldc = NC;
-            tl.part = part ? part + (m - m_lo) * NC + CS * j : nullptr;
-            tl.G4 = G4;
-            tl.F = F;
-            if (layout == kU4P) {
-              kMicro<kU4P>[r](tl, q0, q1);
-            } else if (layout == kU4) {
-              kMicro<kU4>[r](tl, q0, q1);
-            } else if (layout == kW16) {
-              kMicro<kW16>[r](tl, q0, q1);
-            } else {
-              kMicro<kVNNI>[r](tl, q0, q1);
+  for_each_task<NC, MC, kSchedule>(
+      a, [&] { return TaskBuffers(need_part, prog); },
+      [&](TaskBuffers& w, const GemmTask& t, Epilogue<NC>& epi) {
+        const int64_t n0 = t.n0, m_lo = t.m_lo, m_hi = t.m_hi;
+        const int8_t* panel = B + t.nb * K * NC;
+        for (int64_t q0 = 0; q0 < K4; q0 += kbq) {
+          const int64_t q1 = std::min(K4, q0 + kbq);
+          for (int64_t m = m_lo; m < m_hi; m += MR) {
+            const int r = static_cast<int>(std::min<int64_t>(MR, m_hi - m));
+            for (int j = 0; j < NC / CS; ++j) {
+              Tile tl;
+              tl.A = A + m * lda;
+              tl.lda = lda;
+              tl.sa = S + m * ng;
+              tl.ng = ng;
+              tl.asum = AS ? AS + m * ngw : nullptr;
+              tl.ldas = ngw;
+              tl.ps = prog ? PT + n0 + CS * j : nullptr;
+              tl.psz = prog ? PT + ngw * Np + n0 + CS * j : nullptr;
+              tl.tot = w.tot ? w.tot + (m - m_lo) * NC + CS * j : nullptr;
+              tl.ngw = ngw;
+              tl.B = panel + (layout == kW16 ? 2 : 4) * CS * j;
+              tl.bias = BI ? BI + n0 + CS * j : nullptr;
+              tl.swt = ST + n0 + CS * j;
+              tl.Np = Np;
+              tl.C = w.Cl + (m - m_lo) * NC + CS * j;
+              tl.ldc = NC;
+              tl.part = w.part ? w.part + (m - m_lo) * NC + CS * j : nullptr;
+              tl.G4 = G4;
+              tl.F = F;
+              if (layout == kU4P) {
+                kMicro<kU4P>[r](tl, q0, q1);
+              } else if (layout == kU4) {
+                kMicro<kU4>[r](tl, q0, q1);
+              } else if (layout == kW16) {
+                kMicro<kW16>[r](tl, q0, q1);
+              } else {
+                kMicro<kVNNI>[r](tl, q0, q1);
+              }
             }
           }
         }
-      }
-      if (HP && lpanel_nb != nb) {
-        lnact = panel_lora_up<NC>(LUP, N, R, n0, lpanel.data(), ljs.data());
-        lpanel_nb = nb;
-      }
-      if (HP || YB) lowrank_bias_rows(Cl, NC, m_lo, m_hi, n0, HP, R, lpanel.data(), ljs.data(), lnact, YB);
-      for (int64_t m = m_lo; m < m_hi; ++m) std::memcpy(Cp + m * Np + n0, Cl + (m - m_lo) * NC, NC * sizeof(float));
-    }
-  });
-  if (Np == N) return C;
-  return C.narrow(1, 0, N).contiguous();
+        epi.template apply<F32x8>(t, w.Cl, NC);
+        for (int64_t m = m_lo; m < m_hi; ++m) std::memcpy(Cp + m * Np + n0, w.Cl + (m - m_lo) * NC, NC * sizeof(float));
+      });
 }
-
-at::Tensor gemm_packed(const at::Tensor& qa, const at::Tensor& sa, const at::Tensor& Bp, const at::Tensor& bias,
-                       const at::Tensor& swt, int64_t N, int64_t G) {
-  return gemm_core(qa, sa, Bp, bias, swt, N, G, false);
-}
-
-at::Tensor gemm_packed_u8(const at::Tensor& qa_u8, const at::Tensor& sa, const at::Tensor& Bp, const at::Tensor& bias,
-                          const at::Tensor& swt, int64_t N, int64_t G, const std::optional<at::Tensor>& h,
-                          const std::optional<at::Tensor>& lora_up, const std::optional<at::Tensor>& ybias) {
-  return gemm_core(qa_u8, sa, Bp, bias, swt, N, G, true, h, lora_up, ybias);
-}
-
-// No AMX in these builds (same op names as the AVX-512 extension).
-bool set_amx(bool) { return false; }
-bool amx_enabled() { return false; }
 
 }  // namespace
 
-// TORCH_LIBRARY stringifies its argument: expand SVDQ_NS first.
-#define SVDQ_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 SVDQ_LIBRARY(SVDQ_NS, m) {
-  m.def("pack_weight", &pack_weight);
+  def_gemm<GemmKernel>(m);
   m.def("pack_weight_progressive", &pack_weight_progressive);
-  m.def("set_amx", &set_amx);
-  m.def("amx_enabled", &amx_enabled);
-  m.def("gemm_packed", &gemm_packed);
-  m.def("gemm_packed_u8(Tensor qa_u8, Tensor sa, Tensor Bp, Tensor bias, Tensor swt, int N, int G, "
-        "Tensor? h=None, Tensor? lora_up=None, Tensor? ybias=None) -> Tensor", &gemm_packed_u8);
 }

@@ -14,16 +14,12 @@
 //
 // Outputs: q [M, K] (int8, or u8 = q ^ 0x80 when `biased`, the operand layout of the
 // VNNI GEMM), scale [M, K/G] fp32, and optionally x' [M, K] fp32 (for the low-rank
-// branch) -- all in one pass over x.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// branch) -- all in one pass over x. This file holds the AVX-512 passes over a row and the
+// low-rank dot; the checks, row loop and registration are op_glue.h's.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <optional>
-#include <vector>
 
 #include "op_glue.h"
 
@@ -50,11 +46,71 @@ inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
+SVDQ_F32_VEC(F32x16, __m512, 16, _mm512);
+
+// The AVX-512 passes of op_glue.h's quantize_rows (interface there).
+class QuantKernel {
+ public:
+  QuantKernel(float shift, float qmin, float qmax, bool biased)
+      : c_(shift, qmin, qmax), vbias_(_mm_set1_epi8(static_cast<char>(biased ? 0x80 : 0))) {}
+
+  // pass 1: x' = float(x) / smooth
+  template <typename T>
+  void smooth_row(const T* __restrict x, const float* __restrict smooth, int64_t K, float* __restrict v) const {
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = tail_mask(K - k);
+      __m512 a = load16<T>(x + k, m);
+      if (smooth) a = _mm512_div_ps(a, _mm512_maskz_loadu_ps(m, smooth + k));
+      _mm512_mask_storeu_ps(v + k, m, a);
+    }
+  }
+
+  // pass 2: group absmax
+  float group_amax(const float* __restrict vg, int64_t G, bool has_shift, bool is_unsigned, bool& nan) const {
+    __m512 amax = c_.zero;
+    __mmask16 nans = 0;
+    for (int64_t j = 0; j < G; j += 16) {
+      const __mmask16 m = tail_mask(G - j);
+      __m512 a = _mm512_maskz_loadu_ps(m, vg + j);
+      if (has_shift) a = _mm512_add_ps(a, c_.shift);
+      nans |= _mm512_mask_cmp_ps_mask(m, a, a, _CMP_UNORD_Q);
+      a = is_unsigned ? _mm512_max_ps(a, c_.zero) : _mm512_abs_ps(a);
+      amax = _mm512_mask_max_ps(amax, m, amax, a);
+    }
+    nan |= nans != 0;
+    return _mm512_reduce_max_ps(amax);
+  }
+
+  // pass 3: q = clamp(floor(v / scale + 0.5))
+  void quantize_group(const float* __restrict vg, int64_t G, float scale, bool has_shift, int8_t* __restrict q) const {
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int64_t j = 0; j < G; j += 16) {
+      const __mmask16 m = tail_mask(G - j);
+      __m512 a = _mm512_maskz_loadu_ps(m, vg + j);
+      if (has_shift) a = _mm512_add_ps(a, c_.shift);
+      a = _mm512_add_ps(_mm512_div_ps(a, vs), c_.half);
+      a = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      // operand order keeps NaN (max/min return the 2nd operand on NaN) like torch.clamp;
+      // NaN then converts to 0x80000000 -> int8 0, as torch's float -> int8 cast does
+      a = _mm512_min_ps(c_.qmax, _mm512_max_ps(c_.qmin, a));
+      const __m128i b = _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)), vbias_);
+      _mm_mask_storeu_epi8(q + j, m, b);
+    }
+  }
+
+  static void lora_down_rows(const float* const* xr, int rb, const float* __restrict ld, int64_t R, int64_t K,
+                             float* __restrict h);  // below
+
+ private:
+  const QuantConsts<F32x16> c_;
+  const __m128i vbias_;
+};
+
 // h[i][j] = sum_k xr[i][k] * ld[j][k] for up to 4 rows (fp32 FMAs, 16 lanes, then a
 // lane reduction): the low-rank down projection X' L2^T fused into the quantizer
 // while the rows are in L1.  Unused row / rank slots alias the last valid one.
-inline void lora_down_rows(const float* const* xr, int rb, const float* __restrict ld, int64_t R, int64_t K,
-                           float* __restrict h) {
+void QuantKernel::lora_down_rows(const float* const* xr, int rb, const float* __restrict ld, int64_t R, int64_t K,
+                                 float* __restrict h) {
   const float* x0 = xr[0];
   const float* x1 = xr[std::min(1, rb - 1)];
   const float* x2 = xr[std::min(2, rb - 1)];
@@ -100,91 +156,6 @@ inline void lora_down_rows(const float* const* xr, int rb, const float* __restri
   }
 }
 
-template <typename T>
-void quantize_rows(const T* __restrict X, const float* __restrict smooth, int64_t M, int64_t K, int64_t G,
-                   float qmin, float qmax, bool is_unsigned, float shift, bool has_shift, bool biased,
-                   int8_t* __restrict Q, float* __restrict S, float* __restrict XS,
-                   const float* __restrict LD, int64_t R, float* __restrict H) {
-  const int64_t ng = K / G;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
-    constexpr int RB = 4;  // rows per block (the low-rank dot reuses each L2^T load 4x)
-    std::vector<float> scratch(XS ? 0 : RB * K);
-    const float* rows[RB];
-    int rb = 0;
-    const __m512 vshift = _mm512_set1_ps(shift);
-    const __m512 vhalf = _mm512_set1_ps(0.5f);
-    const __m512 vqmin = _mm512_set1_ps(qmin);
-    const __m512 vqmax = _mm512_set1_ps(qmax);
-    const __m512 vzero = _mm512_setzero_ps();
-    const __m128i vbias = _mm_set1_epi8(static_cast<char>(biased ? 0x80 : 0));
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* x = X + r * K;
-      float* v = XS ? XS + r * K : scratch.data() + rb * K;
-      // pass 1: x' = float(x) / smooth
-      for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 m = tail_mask(K - k);
-        __m512 a = load16<T>(x + k, m);
-        if (smooth) a = _mm512_div_ps(a, _mm512_maskz_loadu_ps(m, smooth + k));
-        _mm512_mask_storeu_ps(v + k, m, a);
-      }
-      int8_t* q = Q + r * K;
-      float* s = S + r * ng;
-      for (int64_t g = 0; g < ng; ++g) {
-        const float* vg = v + g * G;
-        // pass 2: group absmax
-        __m512 amax = vzero;
-        __mmask16 nan = 0;
-        for (int64_t j = 0; j < G; j += 16) {
-          const __mmask16 m = tail_mask(G - j);
-          __m512 a = _mm512_maskz_loadu_ps(m, vg + j);
-          if (has_shift) a = _mm512_add_ps(a, vshift);
-          nan |= _mm512_mask_cmp_ps_mask(m, a, a, _CMP_UNORD_Q);
-          a = is_unsigned ? _mm512_max_ps(a, vzero) : _mm512_abs_ps(a);
-          amax = _mm512_mask_max_ps(amax, m, amax, a);
-        }
-        float sc = _mm512_reduce_max_ps(amax) / qmax;
-        if (nan || !(sc > 0.0f)) sc = 1.0f;  // torch: amax propagates NaN, NaN > 0 is false
-        s[g] = sc;
-        const __m512 vs = _mm512_set1_ps(sc);
-        // pass 3: q = clamp(floor(v / scale + 0.5))
-        for (int64_t j = 0; j < G; j += 16) {
-          const __mmask16 m = tail_mask(G - j);
-          __m512 a = _mm512_maskz_loadu_ps(m, vg + j);
-          if (has_shift) a = _mm512_add_ps(a, vshift);
-          a = _mm512_add_ps(_mm512_div_ps(a, vs), vhalf);
-          a = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-          // operand order keeps NaN (max/min return the 2nd operand on NaN) like torch.clamp;
-          // NaN then converts to 0x80000000 -> int8 0, as torch's float -> int8 cast does
-          a = _mm512_min_ps(vqmax, _mm512_max_ps(vqmin, a));
-          const __m128i b = _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)), vbias);
-          _mm_mask_storeu_epi8(q + g * G + j, m, b);
-        }
-      }
-      rows[rb++] = v;
-      if (LD && (rb == RB || r + 1 == r1)) {
-        lora_down_rows(rows, rb, LD, R, K, H + (r + 1 - rb) * R);
-        rb = 0;
-      } else if (!LD) {
-        rb = 0;
-      }
-    }
-  });
-}
-
-// Same signature and contract as op_glue.h's quantize_act_op (checks, outputs, dtype dispatch).
-std::vector<at::Tensor> quantize_act(const at::Tensor& x_in, const std::optional<at::Tensor>& smooth_in, int64_t G,
-                                     int64_t qmin, int64_t qmax, bool is_unsigned, double shift, bool emit_xs,
-                                     bool biased, const std::optional<at::Tensor>& lora_down_in) {
-  return quantize_act_op([](const auto* x, auto... a) { quantize_rows(x, a...); }, x_in, smooth_in, G, qmin, qmax,
-                         is_unsigned, shift, emit_xs, biased, lora_down_in);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(svdq_cpu_gemm, m) {
-  m.def(
-      "quantize_act(Tensor x, Tensor? smooth, int G, int qmin, int qmax, bool is_unsigned, float shift, "
-      "bool emit_xs, bool biased, Tensor? lora_down=None) -> Tensor[]",
-      &quantize_act);
-}
+SVDQ_LIBRARY_FRAGMENT(SVDQ_NS, m) { def_quantize_act<QuantKernel>(m); }

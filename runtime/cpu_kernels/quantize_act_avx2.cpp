@@ -11,23 +11,15 @@
 // and x'. The low-rank down projection h = X' L2^T is a sum, so its order matters: it
 // reproduces the AVX-512 kernel's 16 lanes exactly (two ymm per accumulator: lane l sums
 // k = l (mod 16) with FMAs in ascending k, zero-filled tail lanes, then GCC's
-// _mm512_reduce_add_ps tree), hence bit-identical h on both ISAs.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// _mm512_reduce_add_ps tree), hence bit-identical h on both ISAs. This file holds the AVX2
+// passes over a row and the low-rank dot; the checks, row loop and registration are op_glue.h's.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <optional>
-#include <vector>
 
 #include "op_glue.h"
-
-#ifndef SVDQ_NS
-#define SVDQ_NS svdq_cpu_avx2
-#endif
 
 namespace {
 
@@ -68,11 +60,107 @@ inline float reduce16(__m256 lo, __m256 hi) {
   return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1)));
 }
 
+// Low byte of each int32 lane (the AVX-512 kernel's _mm512_cvtepi32_epi8 truncation: the
+// int32 0x80000000 of a NaN becomes 0, as torch's float -> int8 cast gives).
+// In registers (a byte shuffle per 128-bit lane, then the two lanes' 4 bytes side by side):
+// the scalar loop through memory it replaces cost ~1 cycle per element, a third of the
+// quantizer on 128-wide layers.
+inline void store_low_bytes(int8_t* dst, __m256i v, uint8_t bias, int64_t n) {
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i b = _mm256_shuffle_epi8(v, pick);
+  __m128i lo8 = _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  lo8 = _mm_xor_si128(lo8, _mm_set1_epi8(static_cast<char>(bias)));
+  if (n >= 8) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), lo8);
+  } else {
+    alignas(16) int8_t tmp[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), lo8);
+    std::memcpy(dst, tmp, static_cast<size_t>(n));
+  }
+}
+
+SVDQ_F32_VEC(F32x8, __m256, 8, _mm256);
+
+// The AVX2 passes of op_glue.h's quantize_rows (interface there).
+class QuantKernel {
+ public:
+  QuantKernel(float shift, float qmin, float qmax, bool biased)
+      : c_(shift, qmin, qmax), vabs_(_mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))), qbias_(biased ? 0x80 : 0) {}
+
+  // pass 1: x' = float(x) / smooth
+  template <typename T>
+  void smooth_row(const T* __restrict x, const float* __restrict smooth, int64_t K, float* __restrict v) const {
+    for (int64_t k = 0; k < K; k += 8) {
+      const int64_t n = K - k;
+      __m256 a = load8<T>(x + k, n);
+      if (smooth) {
+        // padded lanes divide 0 by 1 (no spurious 0/0); they are never stored
+        __m256 d = n >= 8 ? _mm256_loadu_ps(smooth + k) : _mm256_set1_ps(1.0f);
+        if (n < 8) {
+          alignas(32) float tmp[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+          std::memcpy(tmp, smooth + k, n * sizeof(float));
+          d = _mm256_load_ps(tmp);
+        }
+        a = _mm256_div_ps(a, d);
+      }
+      store8(v + k, a, n);
+    }
+  }
+
+  // pass 2: group absmax (padded lanes are masked out of the max and NaN test)
+  float group_amax(const float* __restrict vg, int64_t G, bool has_shift, bool is_unsigned, bool& nan) const {
+    __m256 amax = c_.zero;
+    for (int64_t j = 0; j < G; j += 8) {
+      const int64_t n = G - j;
+      __m256 a = load8<float>(vg + j, n);
+      if (has_shift) a = _mm256_add_ps(a, c_.shift);
+      if (n >= 8) {  // full vector: no lane mask (same max, same NaN test)
+        nan |= _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0;
+        a = is_unsigned ? _mm256_max_ps(a, c_.zero) : _mm256_and_ps(a, vabs_);
+        amax = _mm256_max_ps(amax, a);
+        continue;
+      }
+      __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+          _mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+      nan |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q), valid)) != 0;
+      a = is_unsigned ? _mm256_max_ps(a, c_.zero) : _mm256_and_ps(a, vabs_);
+      amax = _mm256_blendv_ps(amax, _mm256_max_ps(amax, a), valid);
+    }
+    const __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(amax, 1), _mm256_castps256_ps128(amax));
+    const __m128 m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return std::max(_mm_cvtss_f32(m2), _mm_cvtss_f32(_mm_shuffle_ps(m2, m2, 1)));
+  }
+
+  // pass 3: q = clamp(floor(v / scale + 0.5))
+  void quantize_group(const float* __restrict vg, int64_t G, float scale, bool has_shift, int8_t* __restrict q) const {
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int64_t j = 0; j < G; j += 8) {
+      const int64_t n = std::min<int64_t>(G - j, 8);
+      __m256 a = load8<float>(vg + j, n);
+      if (has_shift) a = _mm256_add_ps(a, c_.shift);
+      a = _mm256_add_ps(_mm256_div_ps(a, vs), c_.half);
+      a = _mm256_round_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      // operand order keeps NaN (max/min return the 2nd operand on NaN) like torch.clamp
+      a = _mm256_min_ps(c_.qmax, _mm256_max_ps(c_.qmin, a));
+      store_low_bytes(q + j, _mm256_cvtps_epi32(a), qbias_, n);
+    }
+  }
+
+  static void lora_down_rows(const float* const* xr, int rb, const float* __restrict ld, int64_t R, int64_t K,
+                             float* __restrict h);  // below
+
+ private:
+  const QuantConsts<F32x8> c_;
+  const __m256 vabs_;
+  const uint8_t qbias_;
+};
+
 // h[i][j] = sum_k xr[i][k] * ld[j][k] for up to 4 rows, with the AVX-512 kernel's lane
 // structure (see the file comment). 2 ranks x 2 rows per pass keep 8 accumulators in
 // registers; the order inside each accumulator lane is unchanged by that blocking.
-inline void lora_down_rows(const float* const* xr, int rb, const float* __restrict ld, int64_t R, int64_t K,
-                           float* __restrict h) {
+void QuantKernel::lora_down_rows(const float* const* xr, int rb, const float* __restrict ld, int64_t R, int64_t K,
+                                 float* __restrict h) {
   const int64_t kmain = K - K % 16;
   const int64_t tail = K - kmain;
   // zero-padded copies of the tail (the AVX-512 kernel's masked loads read 0 there)
@@ -118,131 +206,6 @@ inline void lora_down_rows(const float* const* xr, int rb, const float* __restri
   }
 }
 
-// Low byte of each int32 lane (the AVX-512 kernel's _mm512_cvtepi32_epi8 truncation: the
-// int32 0x80000000 of a NaN becomes 0, as torch's float -> int8 cast gives).
-// In registers (a byte shuffle per 128-bit lane, then the two lanes' 4 bytes side by side):
-// the scalar loop through memory it replaces cost ~1 cycle per element, a third of the
-// quantizer on 128-wide layers.
-inline void store_low_bytes(int8_t* dst, __m256i v, uint8_t bias, int64_t n) {
-  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m256i b = _mm256_shuffle_epi8(v, pick);
-  __m128i lo8 = _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-  lo8 = _mm_xor_si128(lo8, _mm_set1_epi8(static_cast<char>(bias)));
-  if (n >= 8) {
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), lo8);
-  } else {
-    alignas(16) int8_t tmp[16];
-    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), lo8);
-    std::memcpy(dst, tmp, static_cast<size_t>(n));
-  }
-}
-
-template <typename T>
-void quantize_rows(const T* __restrict X, const float* __restrict smooth, int64_t M, int64_t K, int64_t G,
-                   float qmin, float qmax, bool is_unsigned, float shift, bool has_shift, bool biased,
-                   int8_t* __restrict Q, float* __restrict S, float* __restrict XS,
-                   const float* __restrict LD, int64_t R, float* __restrict H) {
-  const int64_t ng = K / G;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
-    constexpr int RB = 4;  // rows per block (the low-rank dot reuses each L2^T load)
-    std::vector<float> scratch(XS ? 0 : RB * K);
-    const float* rows[RB];
-    int rb = 0;
-    const __m256 vshift = _mm256_set1_ps(shift);
-    const __m256 vhalf = _mm256_set1_ps(0.5f);
-    const __m256 vqmin = _mm256_set1_ps(qmin);
-    const __m256 vqmax = _mm256_set1_ps(qmax);
-    const __m256 vzero = _mm256_setzero_ps();
-    const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    const uint8_t qbias = biased ? 0x80 : 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* x = X + r * K;
-      float* v = XS ? XS + r * K : scratch.data() + rb * K;
-      // pass 1: x' = float(x) / smooth
-      for (int64_t k = 0; k < K; k += 8) {
-        const int64_t n = K - k;
-        __m256 a = load8<T>(x + k, n);
-        if (smooth) {
-          // padded lanes divide 0 by 1 (no spurious 0/0); they are never stored
-          __m256 d = n >= 8 ? _mm256_loadu_ps(smooth + k) : _mm256_set1_ps(1.0f);
-          if (n < 8) {
-            alignas(32) float tmp[8] = {1, 1, 1, 1, 1, 1, 1, 1};
-            std::memcpy(tmp, smooth + k, n * sizeof(float));
-            d = _mm256_load_ps(tmp);
-          }
-          a = _mm256_div_ps(a, d);
-        }
-        store8(v + k, a, n);
-      }
-      int8_t* q = Q + r * K;
-      float* s = S + r * ng;
-      for (int64_t g = 0; g < ng; ++g) {
-        const float* vg = v + g * G;
-        // pass 2: group absmax (padded lanes are masked out of the max and NaN test)
-        __m256 amax = vzero;
-        bool nan = false;
-        for (int64_t j = 0; j < G; j += 8) {
-          const int64_t n = G - j;
-          __m256 a = load8<float>(vg + j, n);
-          if (has_shift) a = _mm256_add_ps(a, vshift);
-          if (n >= 8) {  // full vector: no lane mask (same max, same NaN test)
-            nan |= _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0;
-            a = is_unsigned ? _mm256_max_ps(a, vzero) : _mm256_and_ps(a, vabs);
-            amax = _mm256_max_ps(amax, a);
-            continue;
-          }
-          __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-              _mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-          nan |= _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q), valid)) != 0;
-          a = is_unsigned ? _mm256_max_ps(a, vzero) : _mm256_and_ps(a, vabs);
-          amax = _mm256_blendv_ps(amax, _mm256_max_ps(amax, a), valid);
-        }
-        const __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(amax, 1), _mm256_castps256_ps128(amax));
-        const __m128 m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        const float mx = std::max(_mm_cvtss_f32(m2), _mm_cvtss_f32(_mm_shuffle_ps(m2, m2, 1)));
-        float sc = mx / qmax;
-        if (nan || !(sc > 0.0f)) sc = 1.0f;  // torch: amax propagates NaN, NaN > 0 is false
-        s[g] = sc;
-        const __m256 vs = _mm256_set1_ps(sc);
-        // pass 3: q = clamp(floor(v / scale + 0.5))
-        for (int64_t j = 0; j < G; j += 8) {
-          const int64_t n = std::min<int64_t>(G - j, 8);
-          __m256 a = load8<float>(vg + j, n);
-          if (has_shift) a = _mm256_add_ps(a, vshift);
-          a = _mm256_add_ps(_mm256_div_ps(a, vs), vhalf);
-          a = _mm256_round_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-          // operand order keeps NaN (max/min return the 2nd operand on NaN) like torch.clamp
-          a = _mm256_min_ps(vqmax, _mm256_max_ps(vqmin, a));
-          store_low_bytes(q + g * G + j, _mm256_cvtps_epi32(a), qbias, n);
-        }
-      }
-      rows[rb++] = v;
-      if (LD && (rb == RB || r + 1 == r1)) {
-        lora_down_rows(rows, rb, LD, R, K, H + (r + 1 - rb) * R);
-        rb = 0;
-      } else if (!LD) {
-        rb = 0;
-      }
-    }
-  });
-}
-
-// Same signature and contract as op_glue.h's quantize_act_op (checks, outputs, dtype dispatch).
-std::vector<at::Tensor> quantize_act(const at::Tensor& x_in, const std::optional<at::Tensor>& smooth_in, int64_t G,
-                                     int64_t qmin, int64_t qmax, bool is_unsigned, double shift, bool emit_xs,
-                                     bool biased, const std::optional<at::Tensor>& lora_down_in) {
-  return quantize_act_op([](const auto* x, auto... a) { quantize_rows(x, a...); }, x_in, smooth_in, G, qmin, qmax,
-                         is_unsigned, shift, emit_xs, biased, lora_down_in);
-}
-
 }  // namespace
 
-#define SVDQ_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
-SVDQ_LIBRARY_FRAGMENT(SVDQ_NS, m) {
-  m.def(
-      "quantize_act(Tensor x, Tensor? smooth, int G, int qmin, int qmax, bool is_unsigned, float shift, "
-      "bool emit_xs, bool biased, Tensor? lora_down=None) -> Tensor[]",
-      &quantize_act);
-}
+SVDQ_LIBRARY_FRAGMENT(SVDQ_NS, m) { def_quantize_act<QuantKernel>(m); }

@@ -9,11 +9,11 @@
 //       group: p = sum_k x[k] * q[k] in fp32 (q exact), then y += p * s. Equal to
 //       x @ (q * s)^T up to fp32 summation order.
 //   w4a16_dequant(qweight, wscales, G) -> W [N, K] fp32 with W = float(q) * s: one
-//       rounding, bit-identical to runtime/cpu.py::dequantize_weight (large M: the
+//       rounding, bit-identical to runtime/torch_path.py::dequantize_weight (large M: the
 //       caller runs one fp32 GEMM on it).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+//
+// This file holds the AVX-512 GEMV block and dequantizer steps; the checks, loops and
+// registration are op_glue.h's.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -36,10 +36,41 @@ inline void unpack16(const int8_t* p, __m128i tbl, __m128i low4, __m512* lo, __m
   *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(tbl, ih)));
 }
 
+// The AVX-512 steps of op_glue.h's W4A16 ops (interface there).
+class W4A16Kernel {
+ public:
+  // 4 rows per pass over the weight (8 measured slower: the accumulators spill).
+  static constexpr int kRows = 4;
+  template <int MB>
+  static void gemv_block(const float* xe, const float* xo, int64_t m0, int64_t Kh, const int8_t* qw, const float* sw,
+                         int64_t G, int64_t n0, int64_t n1, float* y, int64_t N);  // below
+
+  W4A16Kernel()
+      : tbl_(nibble_table()),
+        low4_(_mm_set1_epi8(0x0F)),
+        // Interleave even (lo) and odd (hi) weights back into k order.
+        idx_a_(_mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23)),
+        idx_b_(_mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31)) {}
+
+  void dequant_group(const int8_t* p, int64_t bytes, float scale, float* out) const {
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int64_t j = 0; j < bytes; j += 16) {
+      __m512 lo, hi;
+      unpack16(p + j, tbl_, low4_, &lo, &hi);
+      _mm512_storeu_ps(out + 2 * j, _mm512_mul_ps(_mm512_permutex2var_ps(lo, idx_a_, hi), s));
+      _mm512_storeu_ps(out + 2 * j + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, idx_b_, hi), s));
+    }
+  }
+
+ private:
+  const __m128i tbl_, low4_;
+  const __m512i idx_a_, idx_b_;
+};
+
 // y[m0 + i, n] for i < MB and n in [n0, n1).
 template <int MB>
-void gemv_block(const float* xe, const float* xo, int64_t m0, int64_t Kh, const int8_t* qw, const float* sw,
-                int64_t G, int64_t n0, int64_t n1, float* y, int64_t N) {
+void W4A16Kernel::gemv_block(const float* xe, const float* xo, int64_t m0, int64_t Kh, const int8_t* qw,
+                             const float* sw, int64_t G, int64_t n0, int64_t n1, float* y, int64_t N) {
   const __m128i tbl = nibble_table();
   const __m128i low4 = _mm_set1_epi8(0x0F);
   const int64_t gh = G / 2;  // bytes per group
@@ -69,65 +100,6 @@ void gemv_block(const float* xe, const float* xo, int64_t m0, int64_t Kh, const 
   }
 }
 
-at::Tensor w4a16_gemv(const at::Tensor& xe, const at::Tensor& xo, const at::Tensor& qweight,
-                      const at::Tensor& wscales, int64_t G) {
-  w4a16_check(qweight, wscales, G);
-  TORCH_CHECK(xe.scalar_type() == at::kFloat && xo.scalar_type() == at::kFloat && xe.is_contiguous() &&
-                  xo.is_contiguous() && xe.sizes() == xo.sizes() && xe.dim() == 2 && xe.size(1) == qweight.size(1),
-              "w4a16_gemv: xe / xo must be contiguous fp32 [M, K/2]");
-  const int64_t M = xe.size(0), Kh = xe.size(1), N = qweight.size(0);
-  at::Tensor y = at::empty({M, N}, xe.options());
-  const float* pe = xe.data_ptr<float>();
-  const float* po = xo.data_ptr<float>();
-  const int8_t* pq = qweight.data_ptr<int8_t>();
-  const float* ps = wscales.data_ptr<float>();
-  float* py = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    int64_t m = 0;
-    // 4 rows per pass over the weight (8 measured slower: the accumulators spill).
-    for (; m + 4 <= M; m += 4) gemv_block<4>(pe, po, m, Kh, pq, ps, G, n0, n1, py, N);
-    switch (M - m) {
-      case 3: gemv_block<3>(pe, po, m, Kh, pq, ps, G, n0, n1, py, N); break;
-      case 2: gemv_block<2>(pe, po, m, Kh, pq, ps, G, n0, n1, py, N); break;
-      case 1: gemv_block<1>(pe, po, m, Kh, pq, ps, G, n0, n1, py, N); break;
-      default: break;
-    }
-  });
-  return y;
-}
-
-at::Tensor w4a16_dequant(const at::Tensor& qweight, const at::Tensor& wscales, int64_t G) {
-  w4a16_check(qweight, wscales, G);
-  const int64_t N = qweight.size(0), Kh = qweight.size(1), gh = G / 2, groups = Kh / gh;
-  at::Tensor w = at::empty({N, 2 * Kh}, wscales.options());
-  const int8_t* pq = qweight.data_ptr<int8_t>();
-  const float* ps = wscales.data_ptr<float>();
-  float* pw = w.data_ptr<float>();
-  // Interleave even (lo) and odd (hi) weights back into k order.
-  const __m512i idx_a = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i idx_b = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    const __m128i tbl = nibble_table();
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t g = 0; g < groups; ++g) {
-        const __m512 s = _mm512_set1_ps(ps[n * groups + g]);
-        for (int64_t j = g * gh; j < (g + 1) * gh; j += 16) {
-          __m512 lo, hi;
-          unpack16(pq + n * Kh + j, tbl, low4, &lo, &hi);
-          float* out = pw + n * 2 * Kh + 2 * j;
-          _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_permutex2var_ps(lo, idx_a, hi), s));
-          _mm512_storeu_ps(out + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, idx_b, hi), s));
-        }
-      }
-    }
-  });
-  return w;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(svdq_cpu_gemm, m) {
-  m.def("w4a16_gemv(Tensor xe, Tensor xo, Tensor qweight, Tensor wscales, int G) -> Tensor", &w4a16_gemv);
-  m.def("w4a16_dequant(Tensor qweight, Tensor wscales, int G) -> Tensor", &w4a16_dequant);
-}
+SVDQ_LIBRARY_FRAGMENT(SVDQ_NS, m) { def_w4a16<W4A16Kernel>(m); }

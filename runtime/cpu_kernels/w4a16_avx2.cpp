@@ -1,21 +1,16 @@
 // Weight-only INT4 (W4A16) for AVX2 CPUs: the ops of w4a16.cpp with the same results bit
 // for bit. w4a16_dequant is one fp32 multiply per weight (bit-identical to
-// runtime/cpu.py::dequantize_weight on any ISA). w4a16_gemv sums in fp32, so its order
+// runtime/torch_path.py::dequantize_weight on any ISA). w4a16_gemv sums in fp32, so its order
 // matters: it keeps the AVX-512 kernel's 16 lanes (two ymm per accumulator; per group
 // part = fma(lo, x_even, part) then fma(hi, x_odd, part) per 16 packed bytes, then
 // acc = fma(part, s, acc), then GCC's _mm512_reduce_add_ps tree), so both ISAs agree.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// This file holds the AVX2 GEMV block and dequantizer steps; the checks, loops and
+// registration are op_glue.h's.
 #include <immintrin.h>
 
 #include <cstdint>
 
 #include "op_glue.h"
-
-#ifndef SVDQ_NS
-#define SVDQ_NS svdq_cpu_avx2
-#endif
 
 namespace {
 
@@ -41,10 +36,40 @@ inline float reduce16(__m256 lo, __m256 hi) {
   return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1)));
 }
 
+// The AVX2 steps of op_glue.h's W4A16 ops (interface there).
+class W4A16Kernel {
+ public:
+  static constexpr int kRows = 2;  // 8 accumulators + 4 weight vectors fit the 16 ymm
+  template <int MB>
+  static void gemv_block(const float* xe, const float* xo, int64_t m0, int64_t Kh, const int8_t* qw, const float* sw,
+                         int64_t G, int64_t n0, int64_t n1, float* y, int64_t N);  // below
+
+  W4A16Kernel() : tbl_(nibble_table()), low4_(_mm_set1_epi8(0x0F)) {}
+
+  void dequant_group(const int8_t* p, int64_t bytes, float scale, float* out) const {
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int64_t j = 0; j < bytes; j += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j));
+      // interleave even (low nibble) and odd (high nibble) weights back into k order
+      const __m128i il = _mm_shuffle_epi8(tbl_, _mm_and_si128(b, low4_));
+      const __m128i ih = _mm_shuffle_epi8(tbl_, _mm_and_si128(_mm_srli_epi16(b, 4), low4_));
+      const __m128i k0 = _mm_unpacklo_epi8(il, ih), k1 = _mm_unpackhi_epi8(il, ih);
+      float* o = out + 2 * j;
+      _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(k0)), s));
+      _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(k0, 8))), s));
+      _mm256_storeu_ps(o + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(k1)), s));
+      _mm256_storeu_ps(o + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(k1, 8))), s));
+    }
+  }
+
+ private:
+  const __m128i tbl_, low4_;
+};
+
 // y[m0 + i, n] for i < MB (<= 2: 8 accumulators + 4 weight vectors fit the 16 ymm).
 template <int MB>
-void gemv_block(const float* xe, const float* xo, int64_t m0, int64_t Kh, const int8_t* qw, const float* sw,
-                int64_t G, int64_t n0, int64_t n1, float* y, int64_t N) {
+void W4A16Kernel::gemv_block(const float* xe, const float* xo, int64_t m0, int64_t Kh, const int8_t* qw,
+                             const float* sw, int64_t G, int64_t n0, int64_t n1, float* y, int64_t N) {
   static_assert(MB == 1 || MB == 2, "rows per pass");
   const __m128i tbl = nibble_table();
   const __m128i low4 = _mm_set1_epi8(0x0F);
@@ -87,62 +112,6 @@ void gemv_block(const float* xe, const float* xo, int64_t m0, int64_t Kh, const 
   }
 }
 
-at::Tensor w4a16_gemv(const at::Tensor& xe, const at::Tensor& xo, const at::Tensor& qweight,
-                      const at::Tensor& wscales, int64_t G) {
-  w4a16_check(qweight, wscales, G);
-  TORCH_CHECK(xe.scalar_type() == at::kFloat && xo.scalar_type() == at::kFloat && xe.is_contiguous() &&
-                  xo.is_contiguous() && xe.sizes() == xo.sizes() && xe.dim() == 2 && xe.size(1) == qweight.size(1),
-              "w4a16_gemv: xe / xo must be contiguous fp32 [M, K/2]");
-  const int64_t M = xe.size(0), Kh = xe.size(1), N = qweight.size(0);
-  at::Tensor y = at::empty({M, N}, xe.options());
-  const float* pe = xe.data_ptr<float>();
-  const float* po = xo.data_ptr<float>();
-  const int8_t* pq = qweight.data_ptr<int8_t>();
-  const float* ps = wscales.data_ptr<float>();
-  float* py = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) gemv_block<2>(pe, po, m, Kh, pq, ps, G, n0, n1, py, N);
-    if (m < M) gemv_block<1>(pe, po, m, Kh, pq, ps, G, n0, n1, py, N);
-  });
-  return y;
-}
-
-at::Tensor w4a16_dequant(const at::Tensor& qweight, const at::Tensor& wscales, int64_t G) {
-  w4a16_check(qweight, wscales, G);
-  const int64_t N = qweight.size(0), Kh = qweight.size(1), gh = G / 2, groups = Kh / gh;
-  at::Tensor w = at::empty({N, 2 * Kh}, wscales.options());
-  const int8_t* pq = qweight.data_ptr<int8_t>();
-  const float* ps = wscales.data_ptr<float>();
-  float* pw = w.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    const __m128i tbl = nibble_table();
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t g = 0; g < groups; ++g) {
-        const __m256 s = _mm256_set1_ps(ps[n * groups + g]);
-        for (int64_t j = g * gh; j < (g + 1) * gh; j += 16) {
-          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pq + n * Kh + j));
-          // interleave even (low nibble) and odd (high nibble) weights back into k order
-          const __m128i il = _mm_shuffle_epi8(tbl, _mm_and_si128(b, low4));
-          const __m128i ih = _mm_shuffle_epi8(tbl, _mm_and_si128(_mm_srli_epi16(b, 4), low4));
-          const __m128i k0 = _mm_unpacklo_epi8(il, ih), k1 = _mm_unpackhi_epi8(il, ih);
-          float* out = pw + n * 2 * Kh + 2 * j;
-          _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(k0)), s));
-          _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(k0, 8))), s));
-          _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(k1)), s));
-          _mm256_storeu_ps(out + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(k1, 8))), s));
-        }
-      }
-    }
-  });
-  return w;
-}
-
 }  // namespace
 
-#define SVDQ_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
-SVDQ_LIBRARY_FRAGMENT(SVDQ_NS, m) {
-  m.def("w4a16_gemv(Tensor xe, Tensor xo, Tensor qweight, Tensor wscales, int G) -> Tensor", &w4a16_gemv);
-  m.def("w4a16_dequant(Tensor qweight, Tensor wscales, int G) -> Tensor", &w4a16_dequant);
-}
+SVDQ_LIBRARY_FRAGMENT(SVDQ_NS, m) { def_w4a16<W4A16Kernel>(m); }
