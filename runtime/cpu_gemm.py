@@ -3,20 +3,20 @@
 Two implementations with the same contract (exact int32 partial sums per group,
 fp32 rescale/accumulation, no bf16 anywhere):
 
-- ``"vnni"`` (the C++ kernels; the name predates the other ISAs): one extension per ISA
-  family, chosen by CPU flags at first use (amx > avx512_vnni > avx_vnni > avx2, logged
-  once; ``$SVDQ_CPU_ISA`` forces one, see :func:`active_isa`, :func:`set_isa` and
-  docs/cpu.md), all bit-identical. The AVX2 / AVX-VNNI kernels are in
-  ``cpu_kernels/*_avx2.cpp``; the AVX-512 one, described here, is
-  ``cpu_kernels/grouped_gemm_avx512.cpp``, using AVX512-VNNI ``VPDPBUSD`` (the ISA-independent
-  glue of all of them is ``cpu_kernels/op_glue.h``). Activations are biased into u8 with ``^ 0x80`` and the
+- ``"cpp"``: the C++ kernels of the active ISA, one extension per ISA family, chosen by
+  CPU flags at first use (amx > avx512_vnni > avx_vnni > avx2, logged once;
+  ``$SVDQ_CPU_ISA`` forces one, see :func:`active_isa`, :func:`set_isa` and docs/cpu.md),
+  all bit-identical. The AVX2 / AVX-VNNI kernels are in ``cpu_kernels/*_avx2.cpp``; the
+  AVX-512 one, described here, is ``cpu_kernels/grouped_gemm_avx512.cpp``, using
+  AVX512-VNNI ``VPDPBUSD`` (the ISA-independent glue of all of them is
+  ``cpu_kernels/op_glue.h``). Activations are biased into u8 with ``^ 0x80`` and the
   bias is removed exactly through a per-(group, column) weight sum, so every
   int4/int8 range works. Each group's int32 partial is folded into the fp32 output
   with one FMA (``y = fma(float(I_g), sa * sw, y)``, groups in ascending order).
   Where the CPU has AMX-INT8 and Linux grants the tile state (Sapphire Rapids and
   later), full 32-row blocks run on AMX tiles instead (``cpu_kernels/grouped_gemm_amx.cpp``,
   one ``TDPBUSD`` per 16x16 block and group of 64): same integer partials, same fold
-  order, bit-identical output, 1.3-1.7x the VNNI GEMM's speed on the 2-core dev VM.
+  order, bit-identical output, 1.3-1.7x the AVX512-VNNI GEMM's speed on the 2-core dev VM.
   ``SVDQ_CPU_AMX=0`` or :func:`set_amx` turns it off.
   Built lazily on the first call with ``torch.utils.cpp_extension.load`` (cached in
   the torch extensions dir, ``$TORCH_EXTENSIONS_DIR``); OpenMP threads come from
@@ -26,6 +26,10 @@ fp32 rescale/accumulation, no bf16 anywhere):
   fails (logged once), for shapes the kernel does not take (group size not a
   multiple of 4, empty tensors, non-CPU tensors), or when forced with
   ``backend="torch"`` / ``SVDQ_CPU_GEMM=torch``.
+
+``backend=`` / ``$SVDQ_CPU_GEMM`` choose: ``"auto"`` (the default: ``"cpp"`` where it can
+run, else ``"torch"``), ``"torch"``, or ``"cpp"`` (an error where the C++ kernels cannot
+take the call); any other value is a ValueError listing these names.
 
 The weight-side work (VNNI re-layout, per-group sums, transposed scales) can be done
 once with :func:`prepare_weight`; :func:`grouped_int_gemm` accepts either that
@@ -66,7 +70,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-ENV_BACKEND = "SVDQ_CPU_GEMM"  # "auto" (default), "torch" (force fallback), "vnni" (a C++ kernel or fail loudly)
+ENV_BACKEND = "SVDQ_CPU_GEMM"  # "auto" (default), "torch" (force fallback), "cpp" (a C++ kernel or fail loudly)
+BACKENDS = ("auto", "torch", "cpp")  # values of $SVDQ_CPU_GEMM and of the backend= arguments
 ENV_ISA = "SVDQ_CPU_ISA"  # force one ISA: amx | avx512_vnni | avx_vnni | avx2 | neon | torch
 ENV_AMX = "SVDQ_CPU_AMX"  # "0" keeps the GEMM on AVX512-VNNI even where AMX is available
 _KDIR = Path(__file__).with_name("cpu_kernels")
@@ -351,9 +356,12 @@ def _active_ext() -> str:
 
 
 def _backend(backend: Optional[str]) -> str:
-    b = (backend or os.environ.get(ENV_BACKEND) or "auto").lower()
-    if b not in ("auto", "torch", "vnni"):
-        raise ValueError(f"unknown CPU GEMM backend {b!r} (auto, torch, vnni)")
+    """``backend`` (or ``$SVDQ_CPU_GEMM`` when None, default "auto"), checked: one of BACKENDS."""
+    source = "backend=" if backend else f"${ENV_BACKEND}"
+    b = (backend or os.environ.get(ENV_BACKEND) or "auto").strip().lower()
+    if b not in BACKENDS:
+        raise ValueError(f"unknown CPU GEMM backend {b!r} (from {source}); valid names: {', '.join(BACKENDS)} "
+                         "(cpp: the C++ kernels of the active ISA, or an error where they cannot run)")
     return b
 
 
@@ -413,12 +421,12 @@ def prepare_weight(
     packed = None
     if b != "torch" and _kernel_ok(qw, group_size, weight_bits):
         ops = _load_ops()
-        if ops is None and b == "vnni":
-            raise RuntimeError(f"VNNI CPU GEMM requested but unavailable: {_unavailable}")
+        if ops is None and b == "cpp":
+            raise RuntimeError(f"C++ CPU GEMM requested (backend 'cpp') but unavailable: {_unavailable}")
         if ops is not None:
             packed = _Packed(ops.pack_weight(qw, sw, group_size, weight_bits == 4), _active_ext())
-    elif b == "vnni":
-        raise RuntimeError(f"VNNI CPU GEMM cannot take qw {tuple(qw.shape)} {qw.dtype} with G={group_size}")
+    elif b == "cpp":
+        raise RuntimeError(f"C++ CPU GEMM cannot take qw {tuple(qw.shape)} {qw.dtype} with G={group_size}")
     return PreparedWeight(qw, sw, group_size, packed, weight_bits)
 
 
@@ -490,8 +498,8 @@ def grouped_int_gemm(
     """qa: [M, K] int8, sa: [M, K//G] fp32, qw: [N, K] int8 (or a PreparedWeight, then sw
     may be None), sw: [N, K//G] fp32 -> [M, N] fp32.
 
-    ``backend``: None/"auto" (VNNI kernel when possible), "torch" (force the fallback),
-    "vnni" (raise instead of falling back); default from ``$SVDQ_CPU_GEMM``.
+    ``backend``: None/"auto" (the C++ kernels when possible), "torch" (force the fallback),
+    "cpp" (the C++ kernels, raise instead of falling back); default from ``$SVDQ_CPU_GEMM``.
     """
     b = _backend(backend)
     m, k = qa.shape
@@ -506,8 +514,8 @@ def grouped_int_gemm(
         if usable and qa.device.type == "cpu":
             bp, bias, swt = prep.packed
             return _packed_ops(prep.packed).gemm_packed(qa, sa.float(), bp, bias, swt, prep.qw.shape[0], group_size)
-        if b == "vnni":
-            raise RuntimeError("VNNI CPU GEMM cannot take these inputs (unprepared weight, dtype, device or empty)")
+        if b == "cpp":
+            raise RuntimeError("C++ CPU GEMM cannot take these inputs (unprepared weight, dtype, device or empty)")
         return grouped_int_gemm_torch(qa, sa, prep.int_weight(), prep.sw, group_size)
 
     if qw.shape[1] != k:
@@ -517,9 +525,9 @@ def grouped_int_gemm(
     if ops is not None:
         bp, bias, swt = ops.pack_weight(qw, sw.float(), group_size, False)
         return ops.gemm_packed(qa, sa.float(), bp, bias, swt, qw.shape[0], group_size)
-    if b == "vnni":
+    if b == "cpp":
         reason = _unavailable if fast else "dtype/device/group size/empty input"
-        raise RuntimeError(f"VNNI CPU GEMM requested but unusable here: {reason}")
+        raise RuntimeError(f"C++ CPU GEMM requested (backend 'cpp') but unusable here: {reason}")
     return grouped_int_gemm_torch(qa, sa, qw, sw, group_size)
 
 
@@ -574,7 +582,7 @@ def gemm_prepared_u8(
     lora_up: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """VNNI GEMM on an already biased activation (uint8 ``qa ^ 0x80`` from
+    """The C++ GEMM on an already biased activation (uint8 ``qa ^ 0x80`` from
     :func:`quantize_activation_fused`) and the ``packed`` tuple of a :class:`PreparedWeight`,
     with an optional fused epilogue ``Y += h @ lora_up^T`` (h [M, R], lora_up [N, R];
     fp32 FMAs in ascending rank order) then ``Y += bias`` ([N])."""

@@ -1,8 +1,8 @@
 """Exactness of the CPU grouped integer GEMM (C++ kernels and torch fallback).
 
 Oracle: the formula evaluated in float64 (every product and 64-term sum is exact there).
-"vnni" below means the C++ kernels of the best ISA this CPU runs (AMX / AVX512-VNNI /
-AVX-VNNI / AVX2, see ``cpu_gemm.active_isa()``); the first test that needs them builds
+"cpp" below is the backend of the C++ kernels of the best ISA this CPU runs (AMX /
+AVX512-VNNI / AVX-VNNI / AVX2, see ``cpu_gemm.active_isa()``); the first test that needs them builds
 them (~20-60 s cold, cached afterwards in the torch extensions dir). Bit-exactness of every
 ISA against one oracle is in test_cpu_isa.py.
 """
@@ -65,22 +65,22 @@ def _check(y, qa, sa, qw, sw, g, elem_tol=None):
 
 # The kernel's error per element is <= (K/G + 1) fp32 roundings of |terms| (< 1e-6 here);
 # the fp32-GEMM fallback accumulates over K, so it gets a K-proportional allowance.
-_TOL = {"vnni": None, "torch": 2e-5}
+_TOL = {"cpp": None, "torch": 2e-5}
 
 
 def _no_kernel_reason() -> str:
     return f"no C++ CPU kernel runs here ({cpu_gemm._unavailable})"
 
 
-needs_vnni = pytest.mark.skipif(not cpu_gemm.fast_backend_available(), reason=_no_kernel_reason())
+needs_cpp = pytest.mark.skipif(not cpu_gemm.fast_backend_available(), reason=_no_kernel_reason())
 
 SHAPES = list(itertools.product((1, 17, 130), (5, 96, 200), (64, 192, 512)))
 
 
-@pytest.mark.parametrize("backend", ["vnni", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("act", list(RANGES))
 def test_exact_odd_shapes(backend, act):
-    if backend == "vnni" and not cpu_gemm.fast_backend_available():
+    if backend == "cpp" and not cpu_gemm.fast_backend_available():
         pytest.skip(_no_kernel_reason())
     for i, (m, n, k) in enumerate(SHAPES):
         qa, sa, qw, sw = _data(m, n, k, 64, act, w_int8=(act == "s8"), seed=i)
@@ -88,14 +88,14 @@ def test_exact_odd_shapes(backend, act):
         _check(y, qa, sa, qw, sw, 64, _TOL[backend])
 
 
-@needs_vnni
+@needs_cpp
 @pytest.mark.parametrize("g", [16, 32, 128, 256])
 def test_other_group_sizes(g):
     qa, sa, qw, sw = _data(33, 70, 512, g, "s8", w_int8=True, seed=g)
-    _check(grouped_int_gemm(qa, sa, qw, sw, g, backend="vnni"), qa, sa, qw, sw, g)
+    _check(grouped_int_gemm(qa, sa, qw, sw, g, backend="cpp"), qa, sa, qw, sw, g)
 
 
-@needs_vnni
+@needs_cpp
 def test_extreme_values_no_overflow():
     # all-extreme operands: largest int32 partials (64 * 128 * 128) and worst bias correction
     m, n, k, g = 7, 33, 256, 64
@@ -104,10 +104,10 @@ def test_extreme_values_no_overflow():
         qw = torch.full((n, k), w_val, dtype=torch.int8)
         sa = torch.rand(m, k // g) + 0.5
         sw = torch.rand(n, k // g) + 0.5
-        _check(grouped_int_gemm(qa, sa, qw, sw, g, backend="vnni"), qa, sa, qw, sw, g)
+        _check(grouped_int_gemm(qa, sa, qw, sw, g, backend="cpp"), qa, sa, qw, sw, g)
 
 
-@needs_vnni
+@needs_cpp
 def test_prepared_weight_matches_raw_and_reuses():
     qa, sa, qw, sw = _data(130, 200, 192, 64, "u4", seed=3)
     prep = prepare_weight(qw, sw, 64)
@@ -121,7 +121,7 @@ def test_prepared_weight_matches_raw_and_reuses():
         grouped_int_gemm(qa, sa, prep, None, 32)
 
 
-@needs_vnni
+@needs_cpp
 def test_noncontiguous_inputs_and_thread_counts():
     qa, sa, qw, sw = _data(40, 96, 192, 64, "s4", seed=5)
     qa_nc = qa.t().contiguous().t()  # non-contiguous view with identical values
@@ -131,7 +131,7 @@ def test_noncontiguous_inputs_and_thread_counts():
         outs = []
         for t in (1, 2):
             torch.set_num_threads(t)
-            outs.append(grouped_int_gemm(qa_nc, sa, qw, sw.half(), 64, backend="vnni"))
+            outs.append(grouped_int_gemm(qa_nc, sa, qw, sw.half(), 64, backend="cpp"))
     finally:
         torch.set_num_threads(old)
     _check(outs[0], qa, sa, qw, sw, 64)
@@ -153,11 +153,33 @@ def test_odd_cases_fall_back():
     qa, sa, qw, sw = _data(9, 10, 36, 6, "s4", seed=7)
     _check(grouped_int_gemm(qa, sa, qw, sw, 6), qa, sa, qw, sw, 6, _TOL["torch"])
     with pytest.raises(RuntimeError):
-        grouped_int_gemm(qa, sa, qw, sw, 6, backend="vnni")
+        grouped_int_gemm(qa, sa, qw, sw, 6, backend="cpp")
     qa, sa, qw, sw = _data(0, 10, 64, 64, "s4")
     assert grouped_int_gemm(qa, sa, qw, sw, 64).shape == (0, 10)
     with pytest.raises(ValueError):
         grouped_int_gemm(qa, sa, qw, sw, 64, backend="bogus")
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    """backend= and $SVDQ_CPU_GEMM take auto, torch or cpp (any case); anything else, the
+    pre-0.1 name "vnni" included, is a ValueError that names the valid values and the source."""
+    qa, sa, qw, sw = _data(5, 10, 64, 64, "s4")
+    assert cpu_gemm.BACKENDS == ("auto", "torch", "cpp")
+    for bad in ("vnni", "bogus"):
+        for call in (lambda: grouped_int_gemm(qa, sa, qw, sw, 64, backend=bad),
+                     lambda: prepare_weight(qw, sw, 64, backend=bad)):
+            with pytest.raises(ValueError, match="valid names: auto, torch, cpp") as e:
+                call()
+            assert repr(bad) in str(e.value) and "backend=" in str(e.value)
+    monkeypatch.setenv(cpu_gemm.ENV_BACKEND, "vnni")
+    with pytest.raises(ValueError, match=r"'vnni' \(from \$SVDQ_CPU_GEMM\); valid names: auto, torch, cpp"):
+        grouped_int_gemm(qa, sa, qw, sw, 64)
+    with pytest.raises(ValueError, match="valid names"):
+        cpu_gemm.quantize_activation_fused(torch.zeros(2, 64), None, 4, 64)
+    monkeypatch.setenv(cpu_gemm.ENV_BACKEND, "Torch")
+    assert prepare_weight(qw, sw, 64).packed is None
+    y = grouped_int_gemm(qa, sa, qw, sw, 64, backend="TORCH")
+    assert torch.equal(y, cpu_gemm.grouped_int_gemm_torch(qa, sa, qw, sw, 64))
 
 
 def test_unavailable_kernel_logs_once_and_falls_back(monkeypatch, caplog):
@@ -172,12 +194,12 @@ def test_unavailable_kernel_logs_once_and_falls_back(monkeypatch, caplog):
     _check(y1, qa, sa, qw, sw, 64, _TOL["torch"])
     assert sum("simulated: no compiler" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(RuntimeError):
-        grouped_int_gemm(qa, sa, qw, sw, 64, backend="vnni")
+        grouped_int_gemm(qa, sa, qw, sw, 64, backend="cpp")
 
 
-@pytest.mark.parametrize("backend", ["vnni", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_prepare_from_packed_int4(backend):
-    if backend == "vnni" and not cpu_gemm.fast_backend_available():
+    if backend == "cpp" and not cpu_gemm.fast_backend_available():
         pytest.skip(_no_kernel_reason())
     from svdq_compile.runtime.packing import pack_int4
 
@@ -188,14 +210,14 @@ def test_prepare_from_packed_int4(backend):
         qw[-1, :] = 7
         prep4 = prepare_weight(pack_int4(qw), sw, g, weight_bits=4, backend=backend)
         prep8 = prepare_weight(qw, sw, g, backend=backend)
-        assert (prep4.packed is not None) == (backend == "vnni")
+        assert (prep4.packed is not None) == (backend == "cpp")
         y4 = grouped_int_gemm(qa, sa, prep4, None, g)
         assert torch.equal(y4, grouped_int_gemm(qa, sa, prep8, None, g))
-        if backend == "vnni" and prep4.packed.ext == "avx2":
+        if backend == "cpp" and prep4.packed.ext == "avx2":
             # AVX2: weights within [-8, 7] take the U4 layout (u8 w + 8) from either input
             assert prep4.packed[0].dtype == prep8.packed[0].dtype == torch.uint8
             assert all(torch.equal(a, b) for a, b in zip(prep4.packed, prep8.packed))
-        elif backend == "vnni":
+        elif backend == "cpp":
             bp4, bp8 = prep4.packed[0], prep8.packed[0]
             if g % 8 == 0 and prep4.packed.ext == "avx512":  # int4 inputs keep 4 bits per weight: k-quad pairs in nibbles
                 assert bp4.dtype == torch.uint8 and 2 * bp4.numel() == bp8.numel()
@@ -212,7 +234,7 @@ def _amx_available() -> bool:
 
 
 @pytest.mark.skipif(not _amx_available(), reason="AMX-INT8 unavailable (CPU, OS permission or kernel)")
-def test_amx_blocks_bit_identical_to_vnni():
+def test_amx_blocks_bit_identical_to_avx512_vnni():
     """The AMX blocks (32-row blocks, G % 64 == 0) must give the VNNI tiles' bits exactly:
     same exact int32 partials, same fold order. Row counts around the 32-row block and the
     96-row task, int8 and packed-int4 weights, two group sizes, the fused low-rank/bias
@@ -254,7 +276,7 @@ def test_amx_env_var_turns_it_off():
     assert out.stdout.strip() == "off"
 
 
-@needs_vnni
+@needs_cpp
 def test_block_diagonal_lora_up_epilogue():
     """Fused siblings give a block-diagonal lora_up ([3N, 3R]); the epilogue skips the all-zero
     rank columns of each 64-column panel. The result must still be Y + h @ lora_up^T (fp32
