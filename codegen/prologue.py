@@ -15,7 +15,7 @@ like :func:`runtime.quantize.quantize_activation` + :func:`runtime.packing.pack_
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import triton
@@ -187,24 +187,32 @@ def run_prologue(
     sm = smooth if smooth is not None else x2d
     ld = lora_down if lora_down is not None else x2d
     h_arg = h if r > 0 else x2d
-    const = _constexprs(spec)
+    args = (
+        x2d, sm, ld, qa, sa_t, h_arg, m, k, r, float(shift),
+        x2d.stride(0), x2d.stride(1),
+        ld.stride(0) if lora_down is not None else 0,
+        ld.stride(1) if lora_down is not None else 0,
+        qa.stride(0), sa_t.stride(0), h.stride(0) if r > 0 else 0,
+    )
+    tune_and_launch("prologue", prologue_kernel, args, _constexprs(spec), spec, m, k,
+                    wrap=wrap, tune=tune, config=config, device=dev)
+    return qa, sa, h
+
+
+def tune_and_launch(
+    name: str, kernel: Any, args: tuple, const: dict, spec: KernelSpec, m: int, k: int, *,
+    wrap: bool, tune: bool, config: Optional[PrologueConfig], device: torch.device,
+) -> None:
+    """Launch a row-blocked prologue kernel with ``config``, or with the cached / autotuned
+    choice among :func:`prologue_candidates` (benchmarked only when ``tune``)."""
 
     def run(cfg: PrologueConfig) -> None:
-        grid = (triton.cdiv(m, cfg.block_m),)
-        args = (
-            x2d, sm, ld, qa, sa_t, h_arg, m, k, r, float(shift),
-            x2d.stride(0), x2d.stride(1),
-            ld.stride(0) if lora_down is not None else 0,
-            ld.stride(1) if lora_down is not None else 0,
-            qa.stride(0), sa_t.stride(0), h.stride(0) if r > 0 else 0,
-        )
         kwargs = dict(const, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        launch(prologue_kernel, grid, args, kwargs, wrap=wrap, device=dev)
+        launch(kernel, (triton.cdiv(m, cfg.block_m),), args, kwargs, wrap=wrap, device=device)
 
     if config is None:
         config = choose_config(
-            "prologue", spec, m, 0, k, prologue_candidates(m if isinstance(m, int) else 4096, k),
-            run if tune else None, dev,
+            name, spec, m, 0, k, prologue_candidates(m if isinstance(m, int) else 4096, k),
+            run if tune else None, device,
         )
     run(config)
-    return qa, sa, h

@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 
 from svdq_compile.runtime.per_token import FP8_DTYPE, FP8_MAX
-from svdq_compile.codegen.autotune import PrologueConfig, choose_config, prologue_candidates
-from svdq_compile.codegen.launch import interpreting, launch
+from svdq_compile.codegen.autotune import PrologueConfig
+from svdq_compile.codegen.launch import interpreting
+from svdq_compile.codegen.prologue import tune_and_launch
 from svdq_compile.codegen.spec import KernelSpec
 
 __all__ = ["prologue_pt_kernel", "run_prologue_pt", "e4m3_bits", "to_e4m3", "PT_QMAX"]
@@ -203,23 +204,13 @@ def run_prologue_pt(
     sm = smooth if smooth is not None else x2d  # unused pointer slots: a read-only tensor
     ld = lora_down if lora_down is not None else x2d
     const = dict(_constexprs(spec, interpreting()), EVEN_K=k % _BLOCK_K == 0)
-
-    def run(cfg: PrologueConfig) -> None:
-        grid = (triton.cdiv(m, cfg.block_m),)
-        args = (
-            x2d, sm, ld, qa, sa, h if r > 0 else x2d, m, k, r,
-            x2d.stride(0), x2d.stride(1),
-            ld.stride(0) if lora_down is not None else 0,
-            ld.stride(1) if lora_down is not None else 0,
-            qa.stride(0), h.stride(0) if r > 0 else 0,
-        )
-        kwargs = dict(const, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        launch(prologue_pt_kernel, grid, args, kwargs, wrap=wrap, device=dev)
-
-    if config is None:
-        config = choose_config(
-            "prologue_pt", spec, m, 0, k, prologue_candidates(m if isinstance(m, int) else 4096, k),
-            run if tune else None, dev,
-        )
-    run(config)
+    args = (
+        x2d, sm, ld, qa, sa, h if r > 0 else x2d, m, k, r,
+        x2d.stride(0), x2d.stride(1),
+        ld.stride(0) if lora_down is not None else 0,
+        ld.stride(1) if lora_down is not None else 0,
+        qa.stride(0), h.stride(0) if r > 0 else 0,
+    )
+    tune_and_launch("prologue_pt", prologue_pt_kernel, args, const, spec, m, k,
+                    wrap=wrap, tune=tune, config=config, device=dev)
     return qa, sa, h

@@ -15,22 +15,22 @@ class Epilogue:
     """One elementwise op the quantized linear can fuse after the bias.
 
     ``code`` is the ``ACT`` constexpr the Triton kernels branch on (codegen/epilogue.py);
-    ``onnx`` names the ONNX form the exporter emits (export/onnx_linear.py).
+    the exporter keeps its ONNX form of each name (export/onnx_linear.py, checked to cover
+    this table).
     """
 
     name: str
     code: int
     torch_fn: Callable[[torch.Tensor], torch.Tensor]
-    onnx: str
 
 
 # The one table of epilogues: every backend reads its names, codes and functions here.
 EPILOGUE_TABLE: dict[str, Epilogue] = {e.name: e for e in (
-    Epilogue("none", 0, lambda y: y, "Identity"),
-    Epilogue("gelu", 1, F.gelu, "Gelu"),
-    Epilogue("gelu_tanh", 2, lambda y: F.gelu(y, approximate="tanh"), "Gelu(approximate=tanh)"),
-    Epilogue("silu", 3, F.silu, "Mul(y, Sigmoid(y))"),
-    Epilogue("relu", 4, F.relu, "Relu"),
+    Epilogue("none", 0, lambda y: y),
+    Epilogue("gelu", 1, F.gelu),
+    Epilogue("gelu_tanh", 2, lambda y: F.gelu(y, approximate="tanh")),
+    Epilogue("silu", 3, F.silu),
+    Epilogue("relu", 4, F.relu),
 )}
 EPILOGUES: tuple[str, ...] = tuple(EPILOGUE_TABLE)
 

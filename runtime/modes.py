@@ -37,7 +37,8 @@ __all__ = [
 ]
 
 # Handler slots a scheme can fill (see the module docstring).
-SLOTS = ("quantize_weight", "dequantize_weight", "check_weights", "torch_linear", "triton_linear", "onnx_linear")
+SLOTS = ("quantize_weight", "dequantize_weight", "check_weights", "torch_linear", "triton_linear", "onnx_linear",
+         "tensorrt_linear")
 
 
 class ModeUnsupportedError(ValueError):

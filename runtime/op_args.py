@@ -13,6 +13,8 @@ from typing import Any, Callable, NamedTuple, Optional, TypeVar, get_type_hints
 
 import torch
 
+from svdq_compile.runtime.modes import get_scheme
+
 __all__ = ["LinearArgs", "SCHEMA", "SIGNATURE", "ARG", "ARG_NAMES", "TENSOR_ARGS", "bind", "with_signature"]
 
 
@@ -52,7 +54,7 @@ class LinearArgs(NamedTuple):
 
     @property
     def per_token(self) -> bool:
-        return self.scheme != "group"
+        return get_scheme(self.scheme).per_token
 
 
 ARG_NAMES: tuple[str, ...] = LinearArgs._fields

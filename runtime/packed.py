@@ -28,7 +28,7 @@ class LinearSpec:
     act_bits: int = 4
     act_unsigned: bool = False
     act_shift: float = 0.0
-    rank: int = 0
+    rank: int = 0  # rows of lora_down (PackedLinear checks they agree)
     scheme: str = "group"  # "group", or a per-token scheme ("int8", "fp8")
 
     def __post_init__(self) -> None:
@@ -83,6 +83,10 @@ class PackedLinear:
                 )
         if self.bias is not None and tuple(self.bias.shape) != (n,):
             raise ValueError(f"bias must be [{n}], got {list(self.bias.shape)}")
+        # The low-rank tensors are the rank's one source of truth; the spec repeats it for
+        # the manifest and must agree.
+        if s.rank != self.rank:
+            raise ValueError(f"spec.rank {s.rank} does not match lora_down's {self.rank} rows")
 
     @property
     def rank(self) -> int:

@@ -2,9 +2,9 @@
 
 Same numerics as :mod:`.reference`, evaluated in fp32.
 
-Fast path (x86-64 with AVX512-VNNI, the C++ kernels of :mod:`.cpu_gemm` built):
+Fast path (x86-64, the C++ kernels of :mod:`.cpu_gemm` built for the CPU's best ISA):
 
-1. the weight-side work (int4 unpack, VNNI re-layout, per-group sums, transposed
+1. the weight-side work (int4 unpack, kernel re-layout, per-group sums, transposed
    scales) is done once per weight and cached *on the qweight tensor object* (the
    op receives the same buffer tensor on every call), validated on every call by the
    tensor's version counter (in-place writes bump it), its data pointer/shape and an
@@ -14,13 +14,13 @@ Fast path (x86-64 with AVX512-VNNI, the C++ kernels of :mod:`.cpu_gemm` built):
    int activations (bit-identical to :func:`.quantize.quantize_activation`), already
    biased to uint8 for ``VPDPBUSD``,
    and the low-rank down projection ``h = X' L2^T`` (rank R) while each row is in L1;
-3. the VNNI grouped GEMM with a fused epilogue ``Y += h L1^T`` then ``Y += bias``;
+3. the C++ grouped GEMM with a fused epilogue ``Y += h L1^T`` then ``Y += bias``;
    activation/gate/residual follow in place in :func:`.epilogue.finish_output`'s order.
 
 The integer part is exact (bit-identical q/scales, exact int32 group sums); the fp32
 low-rank/bias sums differ from the torch path only by fp32 rounding order.
 
-Fallback (``SVDQ_CPU_GEMM=torch``, no AVX512-VNNI/compiler, group size not a multiple
+Fallback (``SVDQ_CPU_GEMM=torch``, no C++ compiler or a CPU below AVX2, group size not a multiple
 of 4, empty input): the original vectorised-torch path.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def cached_prepared_weight(
 ) -> cpu_gemm.PreparedWeight:
     """PreparedWeight for (qweight, wscales), cached on ``qweight`` and rebuilt when either
     changed (in-place writes, ``set_``, new scales). ``prep.packed`` is None when the
-    VNNI kernel cannot take this weight."""
+    C++ kernels cannot take this weight."""
     e = getattr(qweight, CACHE_ATTR, None)
     if isinstance(e, _CacheEntry) and _entry_valid(e, qweight, wscales, group_size, weight_bits):
         return e.prep

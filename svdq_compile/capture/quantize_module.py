@@ -37,12 +37,6 @@ def capture_graphs(model: nn.Module, example_inputs: Sequence[Any], example_kwar
     return graphs
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def quantize(
     model: nn.Module,
     example_inputs: Sequence[Any],
@@ -90,7 +84,7 @@ def quantize(
     for name, new in swaps.items():
         old = model.get_submodule(name)
         new.to(old.weight.device)
-        _set_module(model, name, new)
+        model.set_submodule(name, new)
         report.layers.append({"name": name, "shape": [new.out_features, new.in_features], "mode": new.spec.label,
                               "alpha": new.meta.get("alpha"), "rank": new.base_rank,
                               "sqnr_db": new.meta.get("sqnr_db"), "bytes": new.packed.nbytes(),

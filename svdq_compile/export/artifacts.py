@@ -185,8 +185,6 @@ def read_artifact(path: Union[str, os.PathLike], verify: bool = True) -> tuple[d
 
 def load(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> nn.Module:
     """Swap the model's linears for the saved quantized layers (no calibration)."""
-    from svdq_compile.capture.quantize_module import _set_module
-
     _, packed = read_artifact(path)
     modules = dict(model.named_modules())
     missing = [n for n in packed if n not in modules]
@@ -210,6 +208,6 @@ def load(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -
                 f"artifact {path} does not match the model: layer {name} is {list(shape)} in the model "
                 f"but [{p.spec.out_features}, {p.spec.in_features}] in the artifact"
             )
-        _set_module(model, name, SVDQLinear(p.to(device), name))
+        model.set_submodule(name, SVDQLinear(p.to(device), name))
     log.info("loaded %d quantized layers from %s", len(packed), path)
     return model

@@ -38,12 +38,6 @@ def _packed_linears(model: nn.Module) -> dict[str, object]:
             if isinstance(m, nn.Linear) and getattr(m.weight, "_svdq_packed", None) is not None}
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 @contextlib.contextmanager
 def compiled_as_modules(model: nn.Module, compiled: bool = False) -> Iterator[int]:
     """Within the ``with`` block, every linear the backend quantized is an SVDQLinear; yields
@@ -62,8 +56,8 @@ def compiled_as_modules(model: nn.Module, compiled: bool = False) -> Iterator[in
     try:
         for name, p in packed.items():
             lin = originals[name]
-            _set_module(model, name, SVDQLinear(p.to(lin.weight.device), name))
+            model.set_submodule(name, SVDQLinear(p.to(lin.weight.device), name))
         yield len(packed)
     finally:
         for name, lin in originals.items():
-            _set_module(model, name, lin)
+            model.set_submodule(name, lin)

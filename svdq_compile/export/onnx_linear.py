@@ -34,6 +34,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from svdq_compile.runtime.epilogue import EPILOGUES
+from svdq_compile.runtime.modes import handler, register_handler
 from svdq_compile.runtime.packing import pack_int4, unpack_int4
 from svdq_compile.runtime.per_token import FP8_MAX, expanded_weight
 from svdq_compile.runtime.quantize import qrange
@@ -48,6 +50,17 @@ MIN_OPSET = 21  # DequantizeLinear with INT4 inputs and block_size
 FLAVORS = ("exact", "deploy")
 _F32 = ir.DataType.FLOAT
 logger = logging.getLogger(__name__)
+
+
+# The ONNX form of each epilogue of runtime/epilogue.py's table (checked to cover it).
+_ONNX_EPILOGUES = {
+    "none": lambda b, y: y,
+    "gelu": lambda b, y: b.op("Gelu", [y]),
+    "gelu_tanh": lambda b, y: b.op("Gelu", [y], {"approximate": "tanh"}),
+    "silu": lambda b, y: b.op("Mul", [y, b.op("Sigmoid", [y])], name="silu"),
+    "relu": lambda b, y: b.op("Relu", [y]),
+}
+assert set(_ONNX_EPILOGUES) == set(EPILOGUES), "every epilogue needs its ONNX form"
 
 
 def _const_array(v: Optional[ir.Value], what: str, layer: str) -> np.ndarray:
@@ -245,16 +258,9 @@ def _expand_one(b: Builder, node: ir.Node, index: int, weights: dict, replaced: 
         y = b.op("Add", [y, b.op("MatMul", [h, b.to_f32(up)], name="lowrank_up")], name="y_lowrank")
     if ins["bias"] is not None and not bias_in_up:
         y = b.op("Add", [y, b.to_f32(ins["bias"])], name="y_bias")
-    if epilogue == "gelu":
-        y = b.op("Gelu", [y])
-    elif epilogue == "gelu_tanh":
-        y = b.op("Gelu", [y], {"approximate": "tanh"})
-    elif epilogue == "silu":
-        y = b.op("Mul", [y, b.op("Sigmoid", [y])], name="silu")
-    elif epilogue == "relu":
-        y = b.op("Relu", [y])
-    elif epilogue != "none":
+    if epilogue not in _ONNX_EPILOGUES:
         raise ValueError(f"svdq export: unknown epilogue {epilogue!r} in layer {layer!r}")
+    y = _ONNX_EPILOGUES[epilogue](b, y)
     if rank is None:
         lead = b.op("Slice", [b.op("Shape", [x]), b.i64([0]), b.i64([-1]), b.i64([0])], name="lead_shape")
         y = b.op("Reshape", [y, b.op("Concat", [lead, b.i64([n])], {"axis": 0}, "out_shape")], name="y")
@@ -307,7 +313,8 @@ def expand_quantized_linears(model: ir.Model, flavor: str = "exact", int8_kernel
     own = [v for v in graph.initializers.values()
            if not any(u.node.domain == PLACEHOLDER_DOMAIN for u in v.uses())] if flavor == "deploy" and fp16_weights else []
     for i, node in enumerate(nodes):
-        _expand_one(builder, node, i, weights, replaced, flavor, int8_kernel, shared)
+        scheme = str(node.attributes["scheme"].value) if "scheme" in node.attributes else "group"
+        handler(scheme, "onnx_linear")(builder, node, i, weights, replaced, flavor, int8_kernel, shared)
     # A placeholder left inside a subgraph (If/Loop body) or a local function is not supported.
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if node.domain == PLACEHOLDER_DOMAIN:
@@ -326,3 +333,8 @@ def expand_quantized_linears(model: ir.Model, flavor: str = "exact", int8_kernel
     if any(n.domain == "com.microsoft" for n in graph):
         model.opset_imports["com.microsoft"] = 1
     return len(nodes)
+
+
+# The built-in schemes' ONNX expansion (runtime/modes.py); another scheme registers its own.
+for _scheme in ("group", "int8", "fp8"):
+    register_handler(_scheme, "onnx_linear", _expand_one)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from svdq_compile.quant.modules import SVDQLinear
+from svdq_compile.runtime.modes import has_handler, register_handler
 
 __all__ = ["export_tensorrt", "TensorRTUnavailableError", "require_tensorrt", "register_tensorrt_plugin",
            "TRT_PLUGIN_OP"]
@@ -83,7 +84,7 @@ class _TRTLinear(nn.Module):
         super().__init__()
         p = m.packed
         s = p.spec
-        if s.scheme != "group":
+        if not has_handler(s.scheme, "tensorrt_linear"):
             raise ValueError(f"svdq_compile.export_tensorrt: layer {m.name!r} uses mode {s.mode}; the TensorRT "
                              "plugin covers the group-scaled modes (w4a4, w4a8, w8a8, w4a16) only. Quantize with "
                              "mode='w4a4' for TensorRT, or export ONNX (export_onnx supports every mode)")
@@ -110,16 +111,15 @@ class _TRTLinear(nn.Module):
 @contextlib.contextmanager
 def _trt_linears(model: nn.Module):
     """Swap SVDQLinear -> _TRTLinear in place for the duration of the block (restored after)."""
-    from svdq_compile.capture.quantize_module import _set_module
 
     swapped = {name: m for name, m in model.named_modules() if isinstance(m, SVDQLinear)}
     try:
         for name, m in swapped.items():
-            _set_module(model, name, _TRTLinear(m))
+            model.set_submodule(name, _TRTLinear(m))
         yield len(swapped)
     finally:
         for name, m in swapped.items():
-            _set_module(model, name, m)
+            model.set_submodule(name, m)
 
 
 _registered = False
@@ -196,3 +196,7 @@ def export_tensorrt(
         torch_tensorrt.save(trt_module, str(path), arg_inputs=list(args), kwarg_inputs=kwargs or None)
         log.info("svdq_compile.export_tensorrt: saved %s", path)
     return trt_module
+
+
+# The TensorRT plugin covers the group-scaled modes (runtime/modes.py slot "tensorrt_linear").
+register_handler("group", "tensorrt_linear", _TRTLinear)

@@ -329,11 +329,6 @@ def _component_class(path: Path, name: str) -> tuple[str, type]:
     return library, getattr(importlib.import_module(library), cls_name)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _load_quantized_component(root: Path, name: str) -> nn.Module:
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -355,7 +350,7 @@ def _load_quantized_component(root: Path, name: str) -> nn.Module:
         m = modules.get(lname)
         if not isinstance(m, nn.Linear) or (m.out_features, m.in_features) != (p.spec.out_features, p.spec.in_features):
             raise ArtifactError(f"{path}: quantized layer {lname} does not match a linear of {cls.__name__}")
-        _set_module(model, lname, SVDQLinear(p, lname))
+        model.set_submodule(lname, SVDQLinear(p, lname))
     tensors = load_file(str(path / _FLOAT_FILE))
     with safe_open(str(path / _FLOAT_FILE), "pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
