@@ -161,7 +161,7 @@ def pt_gemm_candidates(
     Hopper lists; other GPUs (mma.sync) get smaller tiles.
 
     INT8 on a GPU puts the composition first: Triton's Hopper pipeliner serialises every
-    wgmma of a non-fp32 accumulator (DESIGN 2.1), ``torch._int_mm`` (cuBLASLt) does not; on
+    wgmma of a non-fp32 accumulator (docs/design.md section 2.1), ``torch._int_mm`` (cuBLASLt) does not; on
     wgmma GPUs (sm_90, sm_100) the composition is the only candidate.
     """
     small = m <= 64

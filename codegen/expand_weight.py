@@ -6,7 +6,7 @@ Bit for bit :func:`runtime.per_token.expanded_weight`:
 - fp8: ``e4m3_rne(fp32(q * s_g) / c_n)``: ``q * s_g`` is exact in fp32 and ``c_n`` is a
   power of two, so ``div_rn`` is exact too and the only rounding is the final RNE.
 
-Why a separate pass instead of expanding inside the GEMM (DESIGN 2.1, issue 16): on
+Why a separate pass instead of expanding inside the GEMM (docs/design.md section 2.1, issue 16): on
 Hopper the fused GEMM keeps a wgmma in flight only when BOTH operands come from memory
 (an offline sm_90 compile of in-register expansion as the B operand gets ``pendings = 0``
 after every dot; as the A operand of the transposed product ptxas serialises the wgmmas,

@@ -12,7 +12,7 @@ shared with the group GEMM).
 
 INT8 accumulates in int32 (exact): Triton's Hopper pipeliner serialises every wgmma of a
 non-fp32 accumulator ("We don't make the dot async if the accumulator is not fp32",
-DESIGN 2.1), so on a GPU the library composition (``torch._int_mm``, :mod:`.library_pt`)
+docs/design.md section 2.1), so on a GPU the library composition (``torch._int_mm``, :mod:`.library_pt`)
 is a tuning candidate beside this kernel and comes first for int8.
 
 ``FROM_ACC``: the same kernel without the K loop reads a finished accumulator (the library

@@ -12,7 +12,7 @@
 - int8 on CUDA: ``torch._int_mm`` (cuBLASLt, int32 out; K and N multiples of 8; it needs
   M > 16, so a small or symbolic M gets 17 zero rows appended, a copy of M x K bytes, and
   the product is sliced back). On wgmma GPUs (sm_90, sm_100) this is the only int8 GEMM:
-  Triton's pipeliner waits for every wgmma of an int32 accumulator (DESIGN 2.1).
+  Triton's pipeliner waits for every wgmma of an int32 accumulator (docs/design.md section 2.1).
 - CPU (tests, the interpreter): ``torch._int_mm`` for int8 and an fp32 matmul of the
   exactly-representable fp8 values for fp8 stand in for the library GEMM.
 """

@@ -1,6 +1,6 @@
 """Per-token 8-bit activation numerics: the ``w4a8-int8`` and ``w4a8-fp8`` schemes.
 
-Why these exist (DESIGN section 2.1): group-64 scales on both operands put float work
+Why these exist (docs/design.md section 2.1): group-64 scales on both operands put float work
 inside every K step of the GEMM, which Hopper's pipeliner serialises. With one scale
 per token (activations) and one per output channel (weights) the main loop is a single
 accumulator over all of K; every float op moves to the epilogue. Weights stay INT4 in
@@ -29,7 +29,7 @@ memory (same bytes as W4A4), smoothing and the 16-bit low-rank branch are unchan
   and dividing by a power of two is exact, so the only rounding is the final RNE to e4m3,
   which every implementation (torch's ``.to(float8_e4m3fn)``, Triton's ``cvt.rn``)
   reproduces bit for bit. Power-of-two *group* scales would make the expansion exact but
-  cost quality (DESIGN 2.1: cosine 0.958 vs 0.975); a power-of-two *channel* scale costs
+  cost quality (docs/design.md section 2.1: cosine 0.958 vs 0.975); a power-of-two *channel* scale costs
   nothing, since e4m3's relative precision does not depend on the exponent.
 - activations: ``sa_m = absmax_m / 448``, ``qa = fp8_rne(x' / sa_m)`` (saturating);
 - ``Y = (qa @ w8^T) * sa_m * c_n`` with an fp32 accumulator.

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the quantized linear: the test oracle for every kernel.
 
-It follows ../shared/DESIGN.md section 1 step 5 literally:
+It follows docs/design.md section 1 step 5 literally:
 ``Y = Q(X') Q(R)^T (per-group rescale) + (X' L2^T) L1^T + b`` with ``X' = X / smooth``.
 The integer GEMM is evaluated as a dequantize-then-matmul in ``compute_dtype``
 (float64 by default: every int4*scale product and the 64-term sums are exact there,

@@ -27,7 +27,7 @@ __all__ = ["DemoOptions", "VARIANTS", "compile_variant", "run_demo"]
 log = logging.getLogger(__name__)
 
 # name -> torch.compile options. Rank 32 is a quarter of these 128-wide layers (in FLUX
-# it is ~1% of 3072), so the demo also shows rank 4, the proportional rank (DESIGN 6).
+# it is ~1% of 3072), so the demo also shows rank 4, the proportional rank (docs/design.md section 6).
 VARIANTS: dict[str, Optional[dict[str, Any]]] = {
     "fp32": None,
     "naive W4A4": {"mode": "w4a4", "smooth": False, "rank": 0, "refine_iters": 0},

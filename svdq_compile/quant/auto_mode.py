@@ -8,7 +8,7 @@ The rule and the figures behind it (README "Choosing a mode"):
   benchmarks/results/modes_quality.md; the planners' pretrained-transformer reference:
   cosine 0.9808 / 0.9745 / 0.9546);
 - speed: with one activation scale per token the GEMM's K loop carries no float work,
-  which group-64 scales on both operands cannot avoid (DESIGN 2.1);
+  which group-64 scales on both operands cannot avoid (docs/design.md section 2.1);
 - CUDA with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell):
   ``w4a8-fp8`` (an FP8 GEMM with an fp32 accumulator is what Triton's Hopper pipeliner
   keeps asynchronous; int8 -> int32 loops are serialised);

@@ -10,7 +10,7 @@ from svdq_compile.runtime.modes import get_mode, mode_names
 
 __all__ = ["SVDQuantConfig", "DEFAULT_SKIP", "DEFAULT_MODE_OVERRIDES"]
 
-# Kept in 16 bits by default (DESIGN section 1 step 6): embedders and the final
+# Kept in 16 bits by default (docs/design.md section 1 step 6): embedders and the final
 # projection/modulation, where errors are not averaged over many later layers.
 # Top-level "proj_out" is the last projection; FLUX single blocks' "...blocks.N.proj_out"
 # do not match these patterns and are quantized.
@@ -32,7 +32,7 @@ class SVDQuantConfig:
         group_size: quantization group along K for weights and activations.
         smooth: apply SmoothQuant-style smoothing before quantization.
         alpha: fixed migration strength (beta = 1 - alpha); ``None`` searches (alpha, beta)
-            per layer on the calibration tokens (DESIGN section 1).
+            per layer on the calibration tokens (docs/design.md section 1).
         search_grid: grid points of the alpha search (0.0 plus ``search_grid - 1`` values in (0, 1)).
         search_tokens: calibration tokens the search evaluates the quantized layer on.
         search_rows: output channels (a seeded random subset) the search evaluates on;

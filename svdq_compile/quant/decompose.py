@@ -1,4 +1,4 @@
-"""SVDQuant per-layer decomposition: pure numerics, no graphs (DESIGN section 1).
+"""SVDQuant per-layer decomposition: pure numerics, no graphs (docs/design.md section 1).
 
 ``W' = W * lambda``; ``L1 L2 = SVD_r(W')`` (float64, optionally refined);
 ``R = W' - L1 L2`` quantized to INT4 groups of 64 with fp16 scales.

@@ -123,7 +123,7 @@ class SVDQLinear(nn.Module):
         """Add ``scale * up @ down`` (down: [r, K], up: [N, r]) to the layer, no re-quantization.
 
         The factors (:meth:`lora_factors`) are concatenated to the low-rank branch
-        (DESIGN section 5: LoRA without re-quantizing); :meth:`unfold_lora` takes them out.
+        (docs/design.md section 5: LoRA without re-quantizing); :meth:`unfold_lora` takes them out.
         """
         d, u = self.lora_factors(down, up, scale)
         if self.lora_down is None:

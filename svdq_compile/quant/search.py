@@ -1,6 +1,6 @@
 """Smoothing search for a group of linears that read the same tensor (shared lambda).
 
-Objective (DESIGN section 1): the output MSE of the *fully* quantized layers (low-rank
+Objective (docs/design.md section 1): the output MSE of the *fully* quantized layers (low-rank
 branch and both quantizers included) on calibration tokens, summed over the group
 with each layer's error relative to its output energy.
 """

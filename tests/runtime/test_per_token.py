@@ -128,7 +128,7 @@ def test_bad_per_token_arguments():
 
 
 def test_quality_per_token_beats_w4a4_on_outlier_layer():
-    """The planners' ordering (DESIGN 2.1), on a layer with an activation outlier channel."""
+    """The planners' ordering (docs/design.md section 2.1), on a layer with an activation outlier channel."""
     g = torch.Generator().manual_seed(0)
     k, n = 256, 256
     w = torch.randn(n, k, generator=g) / k ** 0.5
