@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from svdq_compile.runtime.epilogue import EPILOGUE_TABLE
-from svdq_compile.runtime.modes import QuantMode, find_mode
+from svdq_compile.runtime.modes import ModeFields
 
 __all__ = ["KernelSpec", "ACTIVATIONS", "LORA_PRECISIONS", "rank_pad"]
 
@@ -41,7 +41,7 @@ def rank_pad(rank: int) -> int:
 
 
 @dataclass(frozen=True)
-class KernelSpec:
+class KernelSpec(ModeFields):
     """Static description of one fused quantized linear (prologue + GEMM).
 
     Attributes:
@@ -87,15 +87,6 @@ class KernelSpec:
                 raise TypeError(f"{name} must be float32, float16 or bfloat16, got {getattr(self, name)}")
 
     # ----------------------------------------------------------------- properties
-    @property
-    def qmode(self) -> QuantMode:
-        """The registered mode (runtime/modes.py); its name is what users call the mode."""
-        return find_mode(self.weight_bits, self.act_bits, self.scheme)
-
-    @property
-    def mode(self) -> str:
-        return self.qmode.name
-
     @property
     def has_lora(self) -> bool:
         return self.rank > 0

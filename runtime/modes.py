@@ -31,7 +31,7 @@ from svdq_compile.runtime.packing import pack_int4, unpack_int4
 from svdq_compile.runtime.quantize import dequantize_groups, quantize_weight
 
 __all__ = [
-    "QuantMode", "Scheme", "ModeUnsupportedError", "MODES", "SCHEMES", "SLOTS",
+    "QuantMode", "Scheme", "ModeFields", "ModeUnsupportedError", "MODES", "SCHEMES", "SLOTS",
     "register_mode", "register_scheme", "register_handler", "handler", "has_handler",
     "get_mode", "find_mode", "get_scheme", "mode_names",
 ]
@@ -136,6 +136,25 @@ class QuantMode:
     def check_weights(self, tensors: Mapping[str, Any], n: int, k: int, group_size: int, where: str = "") -> None:
         """Shapes / dtypes of the scheme's weight tensors for an [N, K] layer (clear errors)."""
         handler(self.scheme, "check_weights")(tensors, self, n, k, group_size, where)
+
+
+class ModeFields:
+    """Mix-in for frozen specs that store ``weight_bits``, ``act_bits``, ``scheme`` and
+    ``act_unsigned`` (the form artifacts and kernel keys keep): the registry's view of them."""
+
+    @property
+    def qmode(self) -> QuantMode:
+        """The registered mode (its name is what users call the mode)."""
+        return find_mode(self.weight_bits, self.act_bits, self.scheme)
+
+    @property
+    def mode(self) -> str:
+        return self.qmode.name
+
+    @property
+    def label(self) -> str:
+        """The mode as reports print it (``u`` suffix for unsigned activations)."""
+        return self.qmode.label(self.act_unsigned)
 
 
 _SCHEMES: dict[str, Scheme] = {}

@@ -11,14 +11,14 @@ from typing import Optional
 import torch
 
 from svdq_compile.runtime.epilogue import EPILOGUES
-from svdq_compile.runtime.modes import QuantMode, find_mode
+from svdq_compile.runtime.modes import ModeFields
 from svdq_compile.runtime.packing import pack_int4, unpack_int4
 
 __all__ = ["LinearSpec", "PackedLinear", "EPILOGUES"]
 
 
 @dataclass(frozen=True)
-class LinearSpec:
+class LinearSpec(ModeFields):
     """Static description of one quantized linear (everything but the tensors)."""
 
     in_features: int
@@ -35,20 +35,6 @@ class LinearSpec:
         # The registry knows which (bits, scheme) combinations exist and what each allows.
         self.qmode.check_spec(in_features=self.in_features, group_size=self.group_size,
                               act_unsigned=self.act_unsigned, act_shift=self.act_shift)
-
-    @property
-    def qmode(self) -> QuantMode:
-        """The registered mode of this layer (runtime/modes.py)."""
-        return find_mode(self.weight_bits, self.act_bits, self.scheme)
-
-    @property
-    def mode(self) -> str:
-        return self.qmode.name
-
-    @property
-    def label(self) -> str:
-        """The mode as reports print it (``u`` suffix for unsigned activations)."""
-        return self.qmode.label(self.act_unsigned)
 
 
 @dataclass(frozen=True)
