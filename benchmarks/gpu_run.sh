@@ -38,17 +38,25 @@ timeout ${TEST_S:-170} python3 -m pytest tests/codegen tests/test_errors.py -q -
 echo "pytest exit $?"; tail -25 "$OUT/gpu_tests.txt"
 fi
 
+# Every benchmark below is a suite of the one runner (`python -m benchmarks` = `svdq bench`):
+# results as $OUT/bench_<suite>_cuda.{json,md,png}, JSON written as it goes; the runner's
+# time budget (--budget-s, hard stop 30 s later) ends each step before its `timeout`.
+#   bench LIMIT_S LOG SUITE OUT_DIR [runner options...]
+bench() {
+  local limit=$1 log=$2 suite=$3 dir=$4; shift 4
+  timeout "$limit" python3 -m benchmarks --suite "$suite" --device cuda --out "$dir" --no-progress "$@" \
+    >"$OUT/$log.txt" 2>&1
+  echo "$log exit $?"; tail -25 "$OUT/$log.txt"
+}
+
 if want kernels; then
 step "kernel benchmark"
-timeout ${KERNEL_S:-190} python3 benchmarks/bench_kernels.py --out "$OUT" --budget-s ${KERNEL_BUDGET_S:-150} \
-  >"$OUT/kernels.txt" 2>&1
-echo "bench_kernels exit $?"; tail -30 "$OUT/kernels.txt"
+bench ${KERNEL_S:-190} kernels kernels "$OUT" --budget-s ${KERNEL_BUDGET_S:-150}
 fi
 
 if want diag; then
 step "GEMM diagnosis (configs, W4A4/W8A8/W4A8, int8 ceilings without group rescale)"
-timeout ${DIAG_S:-90} python3 benchmarks/gpu_diag.py --out "$OUT" >"$OUT/gpu_diag.txt" 2>&1
-echo "gpu_diag exit $?"; tail -20 "$OUT/gpu_diag.txt"
+bench ${DIAG_S:-90} gpu_diag gpu_diag "$OUT" --budget-s ${DIAG_BUDGET_S:-55}
 fi
 
 if want mmav2; then
@@ -57,15 +65,12 @@ step "diag again with DISABLE_MMA_V3=1 (mma.sync instead of wgmma; docs/kernels.
 # overlap with the per-group rescale); mma.sync has no such wait.
 # Separate Triton and tuning caches: the switch must not reuse wgmma binaries or configs.
 DISABLE_MMA_V3=1 TRITON_CACHE_DIR=/tmp/triton_mmav2 SVDQ_CACHE_DIR=/tmp/svdq_mmav2 \
-  timeout ${MMAV2_S:-90} python3 benchmarks/gpu_diag.py --out "$OUT/mmav2" >"$OUT/mmav2.txt" 2>&1
-echo "mmav2 exit $?"; tail -12 "$OUT/mmav2.txt"
+  bench ${MMAV2_S:-90} mmav2 gpu_diag "$OUT/mmav2" --budget-s ${DIAG_BUDGET_S:-55}
 fi
 
 step "block + linear + memory suites"
-if want suites && [ -f benchmarks/__main__.py ]; then
-  timeout ${SUITE_S:-170} python3 -m benchmarks --suite ${SUITES:-block,memory} --device cuda --out "$OUT" \
-    >"$OUT/suites.txt" 2>&1
-  echo "suites exit $?"; tail -30 "$OUT/suites.txt"
+if want suites; then
+  bench ${SUITE_S:-170} suites ${SUITES:-block,memory} "$OUT"
 fi
 step "done"
 ls -la "$OUT"

@@ -6,10 +6,10 @@ otherwise (explicit ``mode=`` everywhere: the default is ``"auto"``).
   and at the proportional rank 4 (DESIGN section 6), with the demo's own calibration
   recording, sampler and metrics (svdq_compile/demo); fewer samples and steps than
   ``svdq demo`` with ``--quick``;
-- the outlier block (tests/models.py ``AttnMLPBlock``: LayerNorm -> QKV + GELU MLP, 1% of
+- the outlier block (svdq_compile/testing/models.py ``AttnMLPBlock``: LayerNorm -> QKV + GELU MLP, 1% of
   activation channels x30): output SQNR of the block's contribution (residual removed) vs
   fp32, as tests/test_backend.py measures it;
-- every tiny diffusers pipeline (tests/pipelines/tiny_pipelines.py: FLUX, SD3,
+- every tiny diffusers pipeline (svdq_compile/testing/tiny_pipelines.py: FLUX, SD3,
   PixArt-Sigma, SDXL; outlier channels injected): the denoiser's output SQNR vs the float
   denoiser on the inputs it receives while generating the evaluation images (prompts
   and seeds distinct from calibration), and the images' PSNR vs the float pipeline.
@@ -17,19 +17,18 @@ otherwise (explicit ``mode=`` everywhere: the default is ``"auto"``).
 Each row also keeps the per-layer SQNR the decomposition measured, so a mode that loses
 can be traced to the layers where it loses.
 
-    python -m benchmarks.bench_modes [--quick] [--only demo,block,pipelines]
+    svdq bench --suite modes_quality [--quick] [--param only=demo,block,pipelines]
+        [--param pipelines=flux,sd3,pixart_sigma,sdxl]
 
-Writes benchmarks/results/modes_quality.{json,md}. Takes ~27 min on a busy 2-core CPU
-(load ~8; the demo at `svdq demo`'s 100 samples x 20 steps is most of it), ~6 min with
---quick. ``--render JSON`` re-renders a result file's table and markdown only.
+Takes ~27 min on a busy 2-core CPU (load ~8; the demo at `svdq demo`'s 100 samples x 20
+steps is most of it), ~6 min with --quick. ``svdq bench --render FILE.json`` re-renders a
+result file's table and markdown (the table and the ordering are recomputed from the rows).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +39,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from ..common import RESULTS, machine_info  # noqa: E402
+from ..suites.harness import Context, env  # noqa: E402
+
+__all__ = ["run", "to_markdown", "plot", "PARAMS", "DEVICE", "block_sqnr", "reference_run", "quantize_tiny_pipeline",
+           "denoiser_sqnr", "table", "failures"]
 
 MODES = ("w4a4", "w4a8-int8", "w4a8-fp8")
 PER_TOKEN = ("w4a8-int8", "w4a8-fp8")
@@ -53,6 +55,9 @@ PIPE_RANK = 4
 CALIB_PROMPTS = ["a photo of a dog", "a green tree in the city", "a small bird on a flower"]
 EVAL_PROMPTS = ["a photo of a cat", "a red house", "an astronaut riding a horse", "a blue car on the road"]
 PIPE_NAMES = ("flux", "sd3", "pixart_sigma", "sdxl")
+PARTS = ("demo", "block", "pipelines")
+DEVICE = "cpu"
+PARAMS = {"only": PARTS, "pipelines": PIPE_NAMES}
 
 
 def _layer_sqnr(layers: list[dict]) -> dict[str, Optional[float]]:
@@ -299,25 +304,25 @@ def failures(tab: list[dict]) -> list[str]:
 
 
 def to_markdown(payload: dict) -> str:
-    m = payload["machine"]
-    lines = [
-        "# Quality of the quantization modes (issue 16)",
-        "",
-        f"`python -m benchmarks.bench_modes{' --quick' if payload['quick'] else ''}`; {m['cpu']}, "
-        f"{m['cores']} cores, torch {m['torch']}, {m['date']}, {payload['elapsed_s']:.0f} s. "
+    from ..suites.report import footer, header
+
+    tab = table(payload["rows"])
+    lines = header(payload, "Quality of the quantization modes (issue 16)") + [
+        f"`svdq bench --suite modes_quality{' --quick' if payload['quick'] else ''}`, "
+        f"{payload['elapsed_s']:.0f} s. "
         "Same seeds, calibration and config in every column; only `mode` changes. "
         "Higher is better; delta = mode minus w4a4.",
         "",
         "| model | metric | rank | w4a4 | w4a8-int8 | w4a8-fp8 | int8 - w4a4 | fp8 - w4a4 | >= w4a4 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for e in payload["table"]:
+    for e in tab:
         v, d, h = e["values"], e["delta_db"], e["holds"]
         f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
         ok = " / ".join(("yes" if h[k] else "**NO**") for k in PER_TOKEN if k in h)
         lines.append(f"| {e['model']} | {e['metric']} | {e['rank']} | {f(v.get('w4a4'))} | {f(v.get('w4a8-int8'))} | "
                      f"{f(v.get('w4a8-fp8'))} | {d.get('w4a8-int8', 0):+.2f} | {d.get('w4a8-fp8', 0):+.2f} | {ok} |")
-    ss = [e for e in payload["table"] if "ssim" in e]
+    ss = [e for e in tab if "ssim" in e]
     if ss:
         lines += ["", "Demo SSIM vs fp32 (same samples):", "",
                   "| rank | w4a4 | w4a8-int8 | w4a8-fp8 | >= w4a4 |", "|---|---|---|---|---|"]
@@ -327,9 +332,16 @@ def to_markdown(payload: dict) -> str:
             lines.append(f"| {e['rank']} | " + " | ".join(f"{s[k]:.4f}" if k in s else "-" for k in MODES)
                          + f" | {ok} |")
     lines += ["", "Setup:", ""] + [f"- {s}" for s in payload["setup"]]
-    if payload.get("notes"):
-        lines += ["", "Notes:", ""] + [f"- {s}" for s in payload["notes"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + footer(payload)) + "\n"
+
+
+def plot(p: dict, path: Path) -> bool:
+    from ..suites.report import bar_chart
+
+    tab = [e for e in table(p["rows"]) if "dB" in e["metric"]]
+    cases = [f"{e['model']} {e['metric'].replace(' dB', '')} r{e['rank']}" for e in tab]
+    return bar_chart(path, cases, {m: [e["values"].get(m) for e in tab] for m in MODES},
+                     title="quality by mode (higher is better)", ylabel="dB", hlines=())
 
 
 def setup_lines(quick: bool) -> list[str]:
@@ -341,10 +353,10 @@ def setup_lines(quick: bool) -> list[str]:
         f"calibration on {d.calib_samples} fp32 trajectories (the demo's own recording), search_grid "
         f"{d.search_grid}; torch.compile(backend='svdquant') with use_inductor=False; PSNR/SSIM with "
         "svdq_compile.demo.metrics" + (" (fewer samples and steps than `svdq demo`'s 100 x 20)" if quick else ""),
-        f"outlier block: tests/models.py AttnMLPBlock (dim 256, MLP 512, 1% of channels x30), "
+        f"outlier block: svdq_compile/testing/models.py AttnMLPBlock (dim 256, MLP 512, 1% of channels x30), "
         f"calibration 4x32 tokens, evaluation 2x32 tokens (tests/test_backend.py), search_grid "
         f"{6 if quick else 20}; SQNR of block(x) - x",
-        f"tiny pipelines: tests/pipelines/tiny_pipelines.py, {PIPE_HW}x{PIPE_HW}, {PIPE_STEPS} steps, rank "
+        f"tiny pipelines: svdq_compile/testing/tiny_pipelines.py, {PIPE_HW}x{PIPE_HW}, {PIPE_STEPS} steps, rank "
         f"{PIPE_RANK}, pipeline_config() (AdaLN modulation W4A16 in every column), "
         f"{len(CALIB_PROMPTS)} calibration prompts; "
         + ("the pipeline tests' short search " + str(pipeline_fast(True)) if quick else "default search")
@@ -353,55 +365,29 @@ def setup_lines(quick: bool) -> list[str]:
     ]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer demo samples/steps, short searches")
-    ap.add_argument("--only", default="demo,block,pipelines", help="comma-separated: demo, block, pipelines")
-    ap.add_argument("--pipelines", default=",".join(PIPE_NAMES), help="which tiny pipelines")
-    ap.add_argument("--out", default=str(RESULTS / "modes_quality.json"))
-    ap.add_argument("--render", metavar="JSON", help="only re-render an existing JSON's table and markdown")
-    args = ap.parse_args(argv)
-    if args.render:
-        import json
-
-        write(json.loads(Path(args.render).read_text()), Path(args.out))
-        return 0
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the backend's per-layer progress bars
-    parts = [s.strip() for s in args.only.split(",") if s.strip()]
-    t_start = time.perf_counter()
+def run(ctx: Context, tqdm: Any) -> None:
+    parts = [p for p in ctx.params["only"] if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"only: unknown parts {bad}; choose from {PARTS}")
+    bar = tqdm(desc="modes_quality", disable=not ctx.progress)
 
     def log(r):
-        print(f"{r['model']:16s} {r['metric']:26s} rank {r['rank']:>2} {r['mode']:10s} {r['value']:7.2f}"
-              f"  ({r.get('seconds', 0):.0f} s)", flush=True)
+        ctx.record({"case": f"{r['model']} / {r['metric']} / rank {r['rank']} / {r['mode']}", **r})
+        bar.set_postfix_str(f"{r['model']} {r['mode']} rank {r['rank']}: {r['value']:.2f}")
+        bar.update(1)
 
-    rows: list[dict] = []
-    if "block" in parts:
-        rows += run_block(args.quick, log)
-    if "pipelines" in parts:
-        rows += run_pipelines(args.quick, log, [s for s in args.pipelines.split(",") if s])
-    if "demo" in parts:
-        rows += run_demo(args.quick, log)
-    payload = {"machine": machine_info(), "quick": args.quick, "parts": parts,
-               "elapsed_s": time.perf_counter() - t_start, "modes": list(MODES),
-               "setup": setup_lines(args.quick), "table": table(rows), "rows": rows}
-    write(payload, Path(args.out))
-    return 0
-
-
-def write(payload: dict, out: Path) -> None:
-    """(Re)compute the table and notes from the rows; write ``out`` (JSON) and its .md."""
-    import json
-
-    payload["table"] = table(payload["rows"])
-    fails = failures(payload["table"])
-    payload["notes"] = ([f"ordering does NOT hold: {f}" for f in fails] if fails
-                        else ["w4a8-int8 >= w4a4 and w4a8-fp8 >= w4a4 in every row"]) + payload.get("extra_notes", [])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1, default=str))
-    md = to_markdown(payload)
-    out.with_suffix(".md").write_text(md)
-    print(md)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    ctx.extra.update(parts=parts, modes=list(MODES), setup=setup_lines(ctx.quick))
+    with env("TQDM_DISABLE", "1"):  # the backend's per-layer progress bars
+        if "block" in parts:
+            run_block(ctx.quick, log)
+        if "pipelines" in parts:
+            run_pipelines(ctx.quick, log, list(ctx.params["pipelines"]))
+        if "demo" in parts:
+            run_demo(ctx.quick, log)
+    bar.close()
+    ctx.extra["table"] = table(ctx.rows)
+    fails = failures(ctx.extra["table"])
+    for note in ([f"ordering does NOT hold: {f}" for f in fails] if fails
+                 else ["w4a8-int8 >= w4a4 and w4a8-fp8 >= w4a4 in every row"]):
+        ctx.note(note)

@@ -6,13 +6,14 @@ here (reported as ``n/a (reason)``, never dropped). Builders never modify their 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import importlib.util
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -79,16 +80,18 @@ def wrap(method: Method, module: Any) -> Any:
 
 
 def package_versions() -> dict[str, Optional[str]]:
+    """Installed versions (package metadata: nothing is imported, so reporting them has no side
+    effects; e.g. importing torchao defines Triton kernels, after which the Triton interpreter
+    of the kernels suite's CPU smoke run no longer works)."""
+    from importlib import metadata
+
     out: dict[str, Optional[str]] = {}
-    for name in ("svdq_compile", "diffusers", "torchao", "bitsandbytes", "triton", "numpy"):
+    for name, dist in (("svdq_compile", "svdq-compile"), ("diffusers", "diffusers"), ("torchao", "torchao"),
+                       ("bitsandbytes", "bitsandbytes"), ("triton", "triton"), ("numpy", "numpy")):
         try:
-            if importlib.util.find_spec(name) is None:
-                out[name] = None
-                continue
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except Exception as e:  # noqa: BLE001 - a broken optional package is reported, not fatal
-            out[name] = f"import failed: {type(e).__name__}"
+            out[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[name] = None
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
         out["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
@@ -123,13 +126,29 @@ def build_inductor(model: nn.Module, **_: Any) -> nn.Module:
 def _torchao():
     if importlib.util.find_spec("torchao") is None:
         raise Unavailable("torchao not installed (pip install torchao)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_torchao():
         try:
             import torchao.quantization as tq
         except Exception as e:  # noqa: BLE001
             raise Unavailable(f"torchao import failed: {_short(e)}") from e
     return tq
+
+
+@contextlib.contextmanager
+def _quiet_torchao() -> Iterator[None]:
+    """No warnings while importing torchao: on a CPU torch it logs one for each CUDA-only
+    extension it cannot load, and its import warns about deprecated torch APIs."""
+    logs = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in logs]
+    for lg in logs:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(logs, levels):
+            lg.setLevel(level)
 
 
 def _not_adaln(module: nn.Module, fqn: str) -> bool:

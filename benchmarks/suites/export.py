@@ -42,6 +42,7 @@ from .timing import time_interleaved
 
 __all__ = ["run", "to_markdown", "plot", "FILES"]
 
+DEVICE = "cpu"  # ONNX Runtime's CPU execution provider, whatever --device says
 QUANT_MODE = "w4a8-int8"
 PROFILE_RUNS = 3
 
@@ -289,8 +290,6 @@ def run(ctx: Context, tqdm: Any) -> None:
 
     from .flux import FULL, REDUCED, block_inputs, fast_svd, make_block
 
-    if ctx.device != "cpu":
-        ctx.note("the export suite measures ONNX Runtime's CPU EP; --device is ignored")
     n_files = len(FILES) + 1
     bar = tqdm(total=3 * n_files, desc="bench export (ORT CPU)", disable=not ctx.progress)
     with tempfile.TemporaryDirectory(prefix="svdq_bench_export_") as d:
@@ -324,12 +323,9 @@ def run(ctx: Context, tqdm: Any) -> None:
 
 
 def to_markdown(p: dict) -> str:
-    from .report import _machine_line
+    from .report import footer, header
 
-    lines = [f"## ONNX export: ONNX Runtime CPU latency{' (--quick)' if p.get('quick') else ''}", "",
-             f"Machine: {_machine_line(p)}.", ""]
-    if not p.get("complete"):
-        lines += ["**Incomplete run** (stopped early: time budget or error); rows below are what finished.", ""]
+    lines = header(p, f"ONNX export: ONNX Runtime CPU latency{' (--quick)' if p.get('quick') else ''}")
     lines += [f"Median ms per session.run (min-max over {p.get('settings', {}).get('repeats')} interleaved repeats); "
               "speedup = float ONNX median / median, same run; SQNR of the ORT output vs the torch quantized "
               "model (and vs the torch float model); file size / the model's parameters at 16 bits.", "",
@@ -356,11 +352,8 @@ def to_markdown(p: dict) -> str:
         for case, f, o in ops:
             lines.append(f"- {case} / {f}: " + ", ".join(f"{k} {v}" for k, v in sorted(o.items(), key=lambda kv: -kv[1])))
     lines += _profile_markdown(p["rows"])
-    if p.get("notes"):
-        lines += ["", "Notes:"] + [f"- {n}" for n in p["notes"]]
-    lines += ["", "Files:"] + [f"- **{k}**: {v}" for k, v in FILE_DOCS.items()]
-    if p.get("error"):
-        lines += ["", f"Suite error: `{p['error']}`"]
+    notes, error = footer({"notes": p.get("notes")}), footer({"error": p.get("error")})
+    lines += notes + ["", "Files:"] + [f"- **{k}**: {v}" for k, v in FILE_DOCS.items()] + error
     return "\n".join(lines) + "\n"
 
 
@@ -411,31 +404,13 @@ def _db(v: Any) -> str:
 
 
 def plot(p: dict, path: Path) -> bool:
-    try:
-        import matplotlib
+    from .report import bar_chart
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     rows = [r for r in p["rows"] if r.get("speedup_vs_float") is not None]
-    if not rows:
-        return False
     cases = list(dict.fromkeys(r["case"] for r in rows))
     keys = [k for k, *_ in FILES if any(r["file"] == k for r in rows)]
     cell = {(r["case"], r["file"]): r["speedup_vs_float"] for r in rows}
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.8 / len(keys)
-    for i, k in enumerate(keys):
-        ax.bar([j + i * width for j in range(len(cases))], [cell.get((c, k), 0) for c in cases], width, label=k)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhline(1.3, color="r", lw=0.8, ls="--", label="1.3x target")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels(cases, fontsize=8)
-    ax.set(ylabel="speedup vs float ONNX (x)", title="ONNX Runtime CPU: speedup vs the float ONNX file, same run")
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return bar_chart(path, cases, {k: [cell.get((c, k), 0) for c in cases] for k in keys},
+                     title="ONNX Runtime CPU: speedup vs the float ONNX file, same run",
+                     ylabel="speedup vs float ONNX (x)", figsize=(8, 4.5), rotation=0, ncol=1,
+                     hlines=((1.0, {}), (1.3, {"color": "r", "ls": "--", "label": "1.3x target"})))

@@ -112,7 +112,7 @@ def fast_svd(max_exact_dim: int = 1024) -> Iterator[None]:
     Small layers keep the exact path (single-threaded LAPACK, fast even on a busy
     machine). Speed and weight bytes do not depend on which SVD found the factors.
     """
-    from svdq_compile import decompose
+    from svdq_compile.quant import decompose
 
     old = decompose._EXACT_SVD_MAX_DIM
     decompose._EXACT_SVD_MAX_DIM = min(old, max_exact_dim)

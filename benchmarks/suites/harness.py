@@ -1,31 +1,94 @@
-"""What every suite shares: the run context (options, deadline, incremental JSON) and
-``run_case``, which builds each method, checks its output against eager, and times all
-methods of one case interleaved.
+"""What every suite shares: the run context (options, deadline, incremental JSON), the
+machine description every result file carries (:func:`machine_info`) and ``run_case``,
+which builds each method, checks its output against eager, and times all methods of one
+case interleaved (timing itself: :mod:`.timing`).
 """
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import gc
 import json
 import logging
 import math
+import os
+import platform
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
 from .baselines import METHOD_BY_KEY, PRIORITY, Method, Unavailable, reason, wrap
 from .timing import sync, time_interleaved
 
-__all__ = ["Context", "run_case", "na", "sqnr_db", "flat_output", "reset_compiler"]
+__all__ = ["Context", "run_case", "na", "sqnr_db", "flat_output", "reset_compiler", "machine_info", "env"]
 
 log = logging.getLogger(__name__)
 
 
 def na(why: str) -> str:
     return f"n/a ({why})"
+
+
+@contextlib.contextmanager
+def env(name: str, value: str) -> Iterator[None]:
+    """Set environment variable ``name`` for the duration of the block (restored after)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def machine_info() -> dict[str, Any]:
+    """What ran the benchmark: CPU, cores, threads, the CPU kernels' ISA, torch / triton /
+    python versions, GPU, load, date (the ``machine`` entry of every result file)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:  # which C++ CPU kernels ran (amx, avx512_vnni, avx_vnni, avx2, or torch)
+        from svdq_compile.runtime import cpu_gemm
+
+        info["cpu_isa"] = cpu_gemm.active_isa()
+    except Exception as e:  # noqa: BLE001 - reported, never fatal for a benchmark
+        info["cpu_isa"] = f"unknown ({type(e).__name__})"
+    if hasattr(os, "getloadavg"):
+        # CPU timings on a shared 2-core machine depend on other jobs: record the load.
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["loadavg"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
 
 
 @dataclass
@@ -40,6 +103,7 @@ class Context:
     repeats: int = 5
     warmup: int = 1
     methods: Optional[Sequence[str]] = None  # keys to run (None: all)
+    params: dict = field(default_factory=dict)  # the suite's PARAMS with the --param overrides
     deadline: float = math.inf  # time.monotonic() after which no new method is built
     progress: bool = True
     header: dict = field(default_factory=dict)  # machine, versions, settings

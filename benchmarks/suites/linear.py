@@ -53,10 +53,11 @@ def synthetic_svdq_linear(layer: nn.Linear, mode: str, gen: torch.Generator) -> 
     """
     from svdq_compile import SVDQLinear
     from svdq_compile.quant.decompose import LayerTarget, _quant_residual
-    from svdq_compile.runtime.packed import LinearSpec, PackedLinear, mode_bits, mode_scheme
+    from svdq_compile.runtime.modes import get_mode
+    from svdq_compile.runtime.packed import LinearSpec, PackedLinear
 
-    wbits, abits = mode_bits(mode)
-    scheme = mode_scheme(mode)
+    qmode = get_mode(mode)
+    wbits, abits, scheme = qmode.weight_bits, qmode.act_bits, qmode.scheme
     n, k = layer.weight.shape
     dtype, device = layer.weight.dtype, layer.weight.device
     w = layer.weight.detach().float().cpu()

@@ -1,13 +1,24 @@
-"""Markdown tables and PNG plots of one suite's JSON payload."""
+"""Markdown tables and PNG plots of the result files, and the helpers every suite's report uses.
+
+One result format for every suite: ``<out>/bench_<suite>_<device>.json`` (suite, device,
+machine, versions, settings, notes, rows and the suite's own entries), the ``.md`` its
+``to_markdown`` writes (title, machine line, tables, notes) and the ``.png`` its ``plot``
+writes. ``python -m benchmarks.suites.report FILE.json ...`` (or ``svdq bench --render``)
+re-renders the markdown and plot of saved files, including the files written by the
+benchmark scripts these suites replaced (the suite is read from the file, or from its
+name: ``ablation.json`` -> ``ablation``).
+"""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from .baselines import METHODS
 
-__all__ = ["to_markdown", "plot"]
+__all__ = ["to_markdown", "plot", "machine_line", "header", "footer", "bar_chart", "pyplot", "save_figure",
+           "render_file", "rows_of"]
 
 GB = 1e9
 
@@ -22,14 +33,87 @@ def _num(v: Any, fmt: str) -> str:
     return fmt.format(v)
 
 
-def _machine_line(p: dict) -> str:
-    m, v = p.get("machine", {}), p.get("versions", {})
-    hw = m.get("gpu") or (f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} threads"
-                          f"{', CPU kernels: ' + m['cpu_isa'] if m.get('cpu_isa') else ''})")
-    sw = ", ".join(f"{k} {val}" for k, val in [("torch", m.get("torch")), *v.items()] if val)
+def machine_line(p: dict) -> str:
+    """CPU (cores, threads, CPU kernels' ISA) / GPU; torch, python and package versions; date; load."""
+    # Files of the replaced scripts: "meta" (demo speed) or the top level (GPU kernels) held it.
+    m, v = p.get("machine") or p.get("meta") or p, p.get("versions", {})
+    if isinstance(m, str):  # files written before the common format: a free-text line
+        return m + (f"; {p['date']}" if p.get("date") else "")
+    cpu = (f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} threads"
+           f"{', CPU kernels: ' + m['cpu_isa'] if m.get('cpu_isa') else ''})") if m.get("cpu") else None
+    hw = "; ".join(h for h in (m.get("gpu"), cpu) if h) or "?"
+    sw = ", ".join(f"{k} {val}" for k, val in [("torch", m.get("torch")), ("python", m.get("python")),
+                                              *([("triton", m.get("triton"))] if "triton" not in v else []),
+                                              *v.items()] if val)
     load = m.get("loadavg")
     load_s = f"; load average {load[0]:.1f}" if load else ""
     return f"{hw}; {sw}; {m.get('date')}{load_s}"
+
+
+def header(p: dict, title: str) -> list[str]:
+    """Title, machine line and the incomplete-run warning: the top of every suite's markdown."""
+    lines = [f"## {title}", "", f"Machine: {machine_line(p)}.", ""]
+    if not p.get("complete", True):
+        lines += ["**Incomplete run** (stopped early: time budget or error); rows below are what finished.", ""]
+    return lines
+
+
+def footer(p: dict) -> list[str]:
+    """Notes and the suite's error: the bottom of every suite's markdown."""
+    lines = []
+    if p.get("notes"):
+        lines += ["", "Notes:"] + [f"- {n}" for n in p["notes"]]
+    if p.get("error"):
+        lines += ["", f"Suite error: `{p['error']}`"]
+    return lines
+
+
+def rows_of(p: dict, *old_keys: str) -> list:
+    """The payload's rows; files from the replaced scripts kept them under other keys."""
+    for key in ("rows", *old_keys):
+        if isinstance(p.get(key), list):
+            return p[key]
+    return []
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return True
+
+
+def bar_chart(path: Path, cases: Sequence[str], series: dict[str, Sequence[float]], title: str, ylabel: str,
+              hlines: Sequence[tuple[float, dict]] = ((1.0, {}),), figsize: Optional[tuple[float, float]] = None,
+              rotation: int = 30, ncol: int = 2) -> bool:
+    """Grouped bars, one group per case and one bar per series; False without matplotlib or data."""
+    plt = pyplot()
+    if plt is None or not cases or not series:
+        return False
+    fig, ax = plt.subplots(figsize=figsize or (max(7, 0.9 * len(cases) * max(1, len(series)) / 3), 4.5))
+    width = 0.8 / len(series)
+    for i, (label, vals) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(cases))], [0 if v is None else v for v in vals], width, label=label)
+    for y, style in hlines:
+        ax.axhline(y, **{"color": "k", "lw": 0.8, **style})
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=rotation, ha="right" if rotation else "center", fontsize=7 if rotation else 8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(fontsize=7, ncol=ncol)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
 
 
 def _cases(rows: list[dict]) -> list[str]:
@@ -127,10 +211,8 @@ def _memory_tables(p: dict) -> list[str]:
 def to_markdown(p: dict) -> str:
     title = {"linear": "Linear layers", "block": "FLUX.1 blocks", "model": "Whole models",
              "memory": "Weight memory"}.get(p["suite"], p["suite"])
-    lines = [f"## {title} ({p['device']}{', --quick' if p.get('quick') else ''}{', smoke' if p.get('smoke') else ''})",
-             "", f"Machine: {_machine_line(p)}.", ""]
-    if not p.get("complete"):
-        lines += ["**Incomplete run** (stopped early: time budget or error); rows below are what finished.", ""]
+    lines = header(p, f"{title} ({p['device']}{', --quick' if p.get('quick') else ''}"
+                      f"{', smoke' if p.get('smoke') else ''})")
     lines += _memory_tables(p) if p["suite"] == "memory" else _timing_tables(p)
     if p.get("in_progress"):
         done = [f"{r['method']}: {r.get('status', 'building')}"
@@ -152,16 +234,10 @@ def to_markdown(p: dict) -> str:
 
 def plot(p: dict, path: Path) -> bool:
     """Write a PNG; False when matplotlib is missing or there is nothing to plot."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     if p["suite"] == "memory":
+        plt = pyplot()
         parts = [r for r in p["rows"] if r.get("kind") == "FLUX.1 part"]
-        if not parts:
+        if plt is None or not parts:
             return False
         fig, ax = plt.subplots(figsize=(7, 4))
         bottoms = [0.0, 0.0]
@@ -174,28 +250,42 @@ def plot(p: dict, path: Path) -> bool:
         s = p.get("summary", {})
         ax.set(ylabel="GB", title=f"FLUX.1 [dev] transformer weights: {s.get('ratio', float('nan')):.2f}x smaller")
         ax.legend(fontsize=7)
-    else:
-        rows = [r for r in p["rows"] if r.get("speedup") is not None]
-        if not rows:
-            return False
-        cases = _cases(rows)
-        methods = [m for m in METHODS if any(r["key"] == m.key for r in rows)]
-        fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(cases) * max(1, len(methods)) / 3), 4.5))
-        width = 0.8 / len(methods)
-        cell = {(r["case"], r["key"]): r["speedup"] for r in rows}
-        for i, m in enumerate(methods):
-            xs = [j + i * width for j in range(len(cases))]
-            ax.bar(xs, [cell.get((c, m.key), 0) for c in cases], width, label=m.name)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-        ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
-        ax.set(ylabel="speedup vs eager (x)", title=f"{p['suite']} ({p['device']}): speedup vs eager, same run")
-        ax.legend(fontsize=7, ncol=2)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+        return save_figure(fig, path)
+    rows = [r for r in p["rows"] if r.get("speedup") is not None]
+    cases = _cases(rows)
+    methods = [m for m in METHODS if any(r["key"] == m.key for r in rows)]
+    cell = {(r["case"], r["key"]): r["speedup"] for r in rows}
+    return bar_chart(path, cases, {m.name: [cell.get((c, m.key), 0) for c in cases] for m in methods},
+                     title=f"{p['suite']} ({p['device']}): speedup vs eager, same run", ylabel="speedup vs eager (x)")
+
+
+def _suite_of(path: Path, payload: dict, suite: Optional[str]) -> str:
+    from . import NAMES
+
+    name = suite or payload.get("suite")
+    if name is None:  # a file of the replaced scripts: ablation.json, modes_quality.json, passes.json, ...
+        stem = path.stem
+        name = next((n for n in NAMES if stem == n or stem.startswith(n + "_")), None)
+    if name not in NAMES:
+        raise SystemExit(f"{path}: which suite wrote it? (pass --suite; one of {', '.join(NAMES)})")
+    return name
+
+
+def render_file(path: Path, suite: Optional[str] = None) -> list[Path]:
+    """Re-render ``.md`` / ``.png`` next to a result JSON file (e.g. JSON fetched from a GPU run)."""
+    from . import get
+
+    path = Path(path)
+    payload = json.loads(path.read_text())
+    name = _suite_of(path, payload, suite)
+    payload.setdefault("suite", name)
+    payload.setdefault("settings", {})
+    payload.setdefault("notes", [])
+    mod = get(name)
+    md = path.with_suffix(".md")
+    md.write_text(getattr(mod, "to_markdown", to_markdown)(payload))
+    png = path.with_suffix(".png")
+    return [md] + ([png] if getattr(mod, "plot", plot)(payload, png) else [])
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -203,7 +293,6 @@ def main(argv: "list[str] | None" = None) -> int:
 
         python -m benchmarks.suites.report benchmarks/results/bench_block_cuda.json ...
     """
-    import json
     import sys
 
     paths = [Path(a) for a in (sys.argv[1:] if argv is None else argv)]
@@ -211,13 +300,7 @@ def main(argv: "list[str] | None" = None) -> int:
         print(main.__doc__)
         return 2
     for path in paths:
-        payload = json.loads(path.read_text())
-        payload.setdefault("settings", {})
-        payload.setdefault("notes", [])
-        md = path.with_suffix(".md")
-        md.write_text(to_markdown(payload))
-        made = plot(payload, path.with_suffix(".png"))
-        print(f"wrote {md}" + (f", {path.with_suffix('.png')}" if made else ""))
+        print("wrote " + ", ".join(str(w) for w in render_file(path)))
     return 0
 
 

@@ -9,7 +9,7 @@ branch and epilogue run in X's dtype).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -15,27 +15,24 @@ Two diagnostics:
   without the LoRA. If the quantized error is the same with and without the LoRA
   (the branch adds ``B A x`` exactly), the end-to-end gap is propagation through a
   different function, not the LoRA path.
-* re-quantized control (``--requant``): the 16-bit pipeline with the LoRA fused into
+* re-quantized control (``requant``): the 16-bit pipeline with the LoRA fused into
   its weights, quantized from scratch with the same settings. This is what the issue
   forbids in the product (it re-quantizes the INT4 weights); here it only says how
   much of the gap a quantizer that sees the LoRA would still have.
 
-Usage (2-core CPU: ~10 minutes for the defaults)::
+Usage (2-core CPU: ~10 minutes for the defaults; the pipeline tests' settings come from
+``tests/pipelines/test_diffusers_pipelines.py``, so it runs from a source checkout)::
 
-    .venv/bin/python -m benchmarks.bench_lora_margin [--pipelines flux sd3] [--seeds 8] [--requant 3]
-
-Writes benchmarks/results/lora_margin.{json,md}.
+    svdq bench --suite lora_margin [--param pipelines=flux,sd3] [--param seeds=8] [--param requant=3]
+        [--param "conclusion=a sentence appended to the markdown"]
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -43,16 +40,29 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 from svdq_compile.testing import tiny_pipelines as tp  # noqa: E402
-from tests.pipelines import test_diffusers_pipelines as T  # noqa: E402  (the test's helpers and settings)
 
-from svdq_compile.cli import main as cli  # noqa: E402
-from svdq_compile.integrations.diffusers.pipelines import denoiser_name, load_pipeline, pipeline_config, quantize_pipeline  # noqa: E402
+from ..suites.harness import Context  # noqa: E402
 
-OUT = ROOT / "benchmarks" / "results"
-PROMPTS = T.EVAL_PROMPTS  # 4 prompts, seeds 0..3 (the test: the first 2)
+__all__ = ["run", "to_markdown", "plot", "PARAMS", "DEVICE"]
+
 TEST_STRENGTH = 0.15  # std of B in the test's LoRAs
+DEVICE = "cpu"
+PARAMS = {"pipelines": ("flux", "sd3"), "seeds": 8, "strengths": (TEST_STRENGTH, 0.05), "requant": 3,
+          "conclusion": ""}
+# The test module's helpers and settings (HW, STEPS, RANK, FAST, prompts, LoRA targets), imported
+# when the suite runs: tests.pipelines.test_diffusers_pipelines.
+T: Any = None
+PROMPTS: list = []  # 4 prompts, seeds 0..3 (the test: the first 2)
+
+
+def _load_test_settings() -> Any:
+    global T, PROMPTS
+    if T is None:
+        from tests.pipelines import test_diffusers_pipelines
+
+        T, PROMPTS = test_diffusers_pipelines, list(test_diffusers_pipelines.EVAL_PROMPTS)
+    return T
 
 
 def _latents(pipe, name: str, prompts) -> np.ndarray:
@@ -72,6 +82,8 @@ def _stats(xs) -> dict:
 
 
 def _quantize_cli(name: str, fp_dir: Path, root: Path) -> tuple[Path, float]:
+    from svdq_compile.cli import main as cli
+
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(T.CALIB_PROMPTS) + "\n")
     q_dir = root / "q"
@@ -90,6 +102,8 @@ class LoraMaker:
 
     def __init__(self, fp_dir: Path, root: Path) -> None:
         from peft import LoraConfig
+
+        from svdq_compile.integrations.diffusers.pipelines import denoiser_name
 
         self.pipe = T._load_fp(fp_dir)
         self.dname = denoiser_name(self.pipe)
@@ -116,6 +130,8 @@ def per_layer(fp, q, name: str) -> dict:
     """Same inputs (those of fp + LoRA, first denoiser call) through fp / quantized layers,
     each with and without the LoRA (``fp`` and ``q`` have the same adapter loaded)."""
     from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from svdq_compile.integrations.diffusers.pipelines import denoiser_name
 
     fden, qden = getattr(fp, denoiser_name(fp)), getattr(q, denoiser_name(q))
     inputs: dict = {}
@@ -149,6 +165,8 @@ def per_layer(fp, q, name: str) -> dict:
 
 def _requantized(name: str, fp_dir: Path, lora: Path | None) -> np.ndarray:
     """Latents of the fp pipeline (+ fused LoRA) quantized from scratch (test settings, API)."""
+    from svdq_compile.integrations.diffusers.pipelines import pipeline_config, quantize_pipeline
+
     pipe = T._load_fp(fp_dir)
     if lora is not None:
         pipe.load_lora_weights(lora, adapter_name="x")
@@ -162,6 +180,8 @@ def _requantized(name: str, fp_dir: Path, lora: Path | None) -> np.ndarray:
 
 
 def run_pipeline(name: str, seeds: int, strengths, requant: int, root: Path) -> dict:
+    from svdq_compile.integrations.diffusers.pipelines import load_pipeline
+
     t0 = time.perf_counter()
     fp_dir = tp.build(name, root / "fp")
     q_dir, quant_s = _quantize_cli(name, fp_dir, root)
@@ -218,72 +238,76 @@ def run_pipeline(name: str, seeds: int, strengths, requant: int, root: Path) -> 
     return res
 
 
-def _md(data: dict) -> str:
-    lines = ["# LoRA on quantized pipelines: SQNR gap with vs without a LoRA", "",
-             f"{data['machine']}, {data['date']}. Tiny test pipelines quantized as in `tests/pipelines` "
-             f"(rank {T.RANK}, w4a4, fast search); {data['seeds']} random rank-4 LoRAs per strength on "
-             f"{', '.join(T.LORA_TARGETS)}; latents after 2 steps, {len(PROMPTS)} prompts x seeds 0-{len(PROMPTS) - 1}. "
+def run(ctx: Context, tqdm: Any) -> None:
+    _load_test_settings()
+    c = ctx.params
+    ctx.extra.update(seeds=c["seeds"], strengths=list(c["strengths"]), test_strength=TEST_STRENGTH, rank=T.RANK,
+                     lora_targets=list(T.LORA_TARGETS), prompts=list(PROMPTS), conclusion=c["conclusion"])
+    bar = tqdm(total=len(c["pipelines"]), desc="lora_margin", disable=not ctx.progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in c["pipelines"]:
+            res = run_pipeline(name, c["seeds"], c["strengths"], c["requant"], Path(tmp) / name)
+            ctx.record({"case": name, "pipeline": name, **res})
+            bar.update(1)
+    bar.close()
+
+
+def _pipelines(p: dict) -> dict:
+    """{pipeline: result}; the file of benchmarks/bench_lora_margin.py kept them under "pipelines"."""
+    return p.get("pipelines") or {r["pipeline"]: r for r in p.get("rows", [])}
+
+
+def to_markdown(data: dict) -> str:
+    from ..suites.report import footer, header
+
+    if "rank" not in data:  # the file of benchmarks/bench_lora_margin.py: the settings are the test module's
+        _load_test_settings()
+    rank, targets = data.get("rank", T and T.RANK), data.get("lora_targets") or list(T.LORA_TARGETS)
+    prompts = data.get("prompts") or PROMPTS
+    pipes = _pipelines(data)
+    lines = header(data, "LoRA on quantized pipelines: SQNR gap with vs without a LoRA") + [
+             f"Tiny test pipelines quantized as in `tests/pipelines` "
+             f"(rank {rank}, w4a4, fast search); {data['seeds']} random rank-4 LoRAs per strength on "
+             f"{', '.join(targets)}; latents after 2 steps, {len(prompts)} prompts x seeds 0-{len(prompts) - 1}. "
              "Gap = SQNR(fp + LoRA, quantized + LoRA) - SQNR(fp, quantized), in dB (negative: worse with the LoRA).",
              "", "| pipeline | B std | SQNR no LoRA | gap mean +- std | gap min / max | gap, test's 2 prompts | "
              "per-image gap mean +- std | LoRA's own effect |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, r in data["pipelines"].items():
+    for name, r in pipes.items():
         for st, s in r["strengths"].items():
             g, g2, gi, e = s["gap_db"], s["gap_test_prompts_db"], s["gap_per_image_db"], s["lora_effect_db"]
             lines.append(f"| {name} | {st} | {r['sqnr_base_db']:.2f} dB | {g['mean']:+.2f} +- {g['std']:.2f} | "
                          f"{g['min']:+.2f} / {g['max']:+.2f} | {g2['mean']:+.2f} +- {g2['std']:.2f} | "
                          f"{gi['mean']:+.2f} +- {gi['std']:.2f} | {e['mean']:.1f} dB |")
     lines += ["", "Per layer (inputs of fp + LoRA, first denoiser call, strength "
-              f"{TEST_STRENGTH}): quantized vs fp layer, with and without the LoRA.", "",
+              f"{data.get('test_strength', TEST_STRENGTH)}): quantized vs fp layer, with and without the LoRA.", "",
               "| pipeline | layers | SQNR delta (LoRA - none) mean | min | layers with delta < 0 | "
               "max relative change of the quantized error |", "|---|---|---|---|---|---|"]
-    for name, r in data["pipelines"].items():
+    for name, r in pipes.items():
         p = r["per_layer"]
-        lines.append(f"| {name} | {p['n']} | {p['mean_delta_db']:+.2f} dB | {p['min_delta_db']:+.2f} dB | "
-                     f"{p['n_delta_below_0']} | {p['max_error_change_rel']:.1e} |")
-    if any("requantized_control" in r for r in data["pipelines"].values()):
+        if p:
+            lines.append(f"| {name} | {p['n']} | {p['mean_delta_db']:+.2f} dB | {p['min_delta_db']:+.2f} dB | "
+                         f"{p['n_delta_below_0']} | {p['max_error_change_rel']:.1e} |")
+    if any("requantized_control" in r for r in pipes.values()):
         lines += ["", "Control: the fp pipeline with the LoRA fused, quantized from scratch (re-quantization, "
                   "not what the product does), same LoRA seeds:", "",
                   "| pipeline | re-quantized gap mean +- std | ours, same seeds |", "|---|---|---|"]
-        for name, r in data["pipelines"].items():
+        for name, r in pipes.items():
             c = r.get("requantized_control")
             if c:
                 o = _stats(c["ours_same_seeds_gap_db"])
                 lines.append(f"| {name} | {c['gap_db']['mean']:+.2f} +- {c['gap_db']['std']:.2f} | "
                              f"{o['mean']:+.2f} +- {o['std']:.2f} |")
-    lines += ["", data.get("conclusion", ""), ""]
-    return "\n".join(lines)
+    lines += ["", data.get("conclusion", "")]
+    return "\n".join(lines + footer(data)) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pipelines", nargs="+", default=["flux", "sd3"])
-    ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--strengths", type=float, nargs="+", default=[TEST_STRENGTH, 0.05])
-    ap.add_argument("--requant", type=int, default=3, help="LoRA seeds for the re-quantized control (0: skip)")
-    ap.add_argument("--out", type=Path, default=OUT / "lora_margin.json")
-    ap.add_argument("--conclusion", default="", help="a sentence appended to the markdown")
-    ap.add_argument("--render", action="store_true", help="only rewrite the markdown from --out (and --conclusion)")
-    a = ap.parse_args(argv)
-    if a.render:
-        data = json.loads(a.out.read_text())
-        data["conclusion"] = a.conclusion or data.get("conclusion", "")
-        a.out.write_text(json.dumps(data, indent=1) + "\n")
-        a.out.with_suffix(".md").write_text(_md(data))
-        return 0
-    data = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads", "seeds": a.seeds, "strengths": a.strengths,
-            "test_strength": TEST_STRENGTH, "pipelines": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in a.pipelines:
-            data["pipelines"][name] = run_pipeline(name, a.seeds, a.strengths, a.requant, Path(tmp) / name)
-    data["conclusion"] = a.conclusion
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(data, indent=1) + "\n")
-    a.out.with_suffix(".md").write_text(_md(data))
-    print(_md(data))
-    return 0
+def plot(p: dict, path: Path) -> bool:
+    from ..suites.report import bar_chart
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    pipes = _pipelines(p)
+    strengths = list(dict.fromkeys(st for r in pipes.values() for st in r["strengths"]))
+    return bar_chart(path, list(pipes), {f"B std {st}": [r["strengths"].get(st, {}).get("gap_db", {}).get("mean")
+                                                         for r in pipes.values()] for st in strengths},
+                     title="SQNR gap with a LoRA (mean over LoRA seeds)", ylabel="dB", figsize=(6, 4), rotation=0,
+                     hlines=((0.0, {}),))

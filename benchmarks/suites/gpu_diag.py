@@ -1,59 +1,30 @@
-"""GPU diagnosis of the W4A4 GEMM: every launch config, W4A4 vs W8A8, vs bf16 (one shape).
+"""Suite ``gpu_diag``: GPU diagnosis of the W4A4 GEMM: every launch config, W4A4 vs W8A8 vs
+W4A8, vs bf16 (one shape).
 
 Answers where the time goes (nibble unpacking vs the per-group rescale vs tiling):
 W8A8 feeds tl.dot straight from memory, W4A4 unpacks nibbles in registers first, and the
 int8 ceilings (cuBLAS ``torch._int_mm`` and a plain Triton int8 GEMM, both without the
-per-group rescale) show what the rescale costs.
-    python benchmarks/gpu_diag.py --out DIR
+per-group rescale) show what the rescale costs. Also the AdaLN-shaped weight-only layer
+(Triton W4A16 vs the old dequantize + matmul fallback vs bf16). ``DISABLE_MMA_V3=1`` in the
+environment is recorded (``triton_env``): Triton then lowers tl.dot to mma.sync.
+
+    svdq bench --suite gpu_diag --device cuda [--param m=4608 --param k=3072 --param n=3072]
 """
 from __future__ import annotations
 
-import argparse
 import os
-import json
-import sys
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
-import triton
-import triton.language as tl
 
-from svdq_compile.codegen.tiling import grouped_tile
+from .baselines import Unavailable
+from .harness import Context
+from .timing import time_kernel
 
+__all__ = ["run", "to_markdown", "plot", "PARAMS", "ceiling_rows", "w4a16_rows", "triton_env"]
 
-@triton.jit
-def int8_gemm(a_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """A plain Triton int8 GEMM: int32 accumulator over all of K, no per-group rescale.
-
-    Not a usable SVDQuant kernel (no scales at all): it measures what Triton's int8
-    ``tl.dot`` reaches on this GPU, i.e. the ceiling our per-group rescaled GEMM is
-    compared against (docs/kernels.md).
-    """
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
-    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for _ in range(0, K // BLOCK_K):
-        acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(y_ptr + om[:, None] * N + on[None, :], acc, mask=(om[:, None] < M) & (on[None, :] < N))
-
-
-def _run_int8(a, w, cfg):
-    m, k = a.shape
-    n = w.shape[0]
-    y = torch.empty((m, n), dtype=torch.int32, device=a.device)
-    bm, bn, bk, gm, warps, stages = cfg
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    int8_gemm[grid](a, w, y, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-                    num_warps=warps, num_stages=stages)
-    return y
+PARAMS = {"m": 4608, "k": 3072, "n": 3072}
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages): the Triton matmul tutorial's
@@ -75,7 +46,8 @@ def ceiling_rows(m: int, k: int, n: int, dev: str, bench) -> list[dict]:
         rows.append({"variant": "int8 torch._int_mm (cuBLAS), no group rescale", "ms": ms, "tops": flops / ms / 1e9})
     except Exception as e:  # noqa: BLE001
         rows.append({"variant": "int8 torch._int_mm", "error": repr(e)[:300]})
-    run = _run_int8
+    from .gpu_diag_int8 import run_int8 as run
+
     for cfg in _CEILING_CONFIGS:
         try:
             y = run(a, w, cfg)
@@ -110,7 +82,6 @@ def w4a16_rows(dev: str, bench) -> list[dict]:
             rows.append({"variant": name, "shape": [2, 3072, 18432], "ms": bench(fn)})
         except Exception as e:  # noqa: BLE001
             rows.append({"variant": name, "error": repr(e)[:300]})
-        print(rows[-1], flush=True)
     return rows
 
 
@@ -120,38 +91,37 @@ def triton_env() -> dict:
     return {k: os.environ[k] for k in ("DISABLE_MMA_V3",) if k in os.environ}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--m", type=int, default=4608)
-    ap.add_argument("--k", type=int, default=3072)
-    ap.add_argument("--n", type=int, default=3072)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_diag: needs CUDA")
-        return 0
-    from triton.testing import do_bench
+def _bench(device: str, warmup_ms: int = 5, rep_ms: int = 30) -> Callable[[Callable[[], Any]], float]:
+    return lambda fn: time_kernel(fn, device, rep_ms=rep_ms, warmup_ms=warmup_ms)
 
+
+def run(ctx: Context, tqdm: Any) -> None:
+    if ctx.device != "cuda":
+        raise Unavailable("needs a CUDA GPU")
     from svdq_compile.codegen.autotune import gemm_candidates
-    from svdq_compile.codegen.gemm import run_gemm
     from svdq_compile.codegen.call_spec import make_spec
+    from svdq_compile.codegen.gemm import run_gemm
     from svdq_compile.codegen.prologue import run_prologue
     from svdq_compile.runtime import pack_int4, quantize_weight
 
-    m, k, n = args.m, args.k, args.n
+    m, k, n = ctx.params["m"], ctx.params["k"], ctx.params["n"]
     dev = "cuda"
+    ctx.extra.update(gpu=torch.cuda.get_device_name(), shape=[m, k, n], triton_env=triton_env())
+    bar = tqdm(desc="bench gpu_diag", disable=not ctx.progress)
+
+    def record(row: dict) -> None:
+        ctx.record({"case": f"{row['variant']} {row.get('config', '')}".strip(), **row})
+        bar.update(1)
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
     w = torch.randn(n, k, generator=g)
     flops = 2 * m * n * k
-    rows = []
     wb = w.to(dev, torch.bfloat16)
-    ms = do_bench(lambda: torch.nn.functional.linear(x, wb), warmup=10, rep=50, return_mode="median")
-    rows.append({"variant": "bf16 F.linear", "ms": ms, "tops": flops / ms / 1e9})
-    rows += w4a16_rows(dev, lambda fn: do_bench(fn, warmup=5, rep=30, return_mode="median"))
-    for r in ceiling_rows(m, k, n, dev, lambda fn: do_bench(fn, warmup=5, rep=30, return_mode="median")):
-        rows.append(r)
-        print(r, flush=True)
+    ms = _bench(dev, 10, 50)(lambda: torch.nn.functional.linear(x, wb))
+    record({"variant": "bf16 F.linear", "ms": ms, "tops": flops / ms / 1e9})
+    for r in w4a16_rows(dev, _bench(dev)) + ceiling_rows(m, k, n, dev, _bench(dev)):
+        record(r)
     for wbits, abits in ((4, 4), (8, 8), (4, 8)):
         q, s = quantize_weight(w, wbits, 64)
         qw = (pack_int4(q) if wbits == 4 else q).to(dev)
@@ -159,24 +129,51 @@ def main(argv=None) -> int:
         spec = make_spec(x, None, None, None, None, None, 64, wbits, abits, False, "none", "ieee")
         qa, sa, h = run_prologue(x, None, None, spec, 0.0)
         for cfg in gemm_candidates(m, n, k):
+            if ctx.out_of_time():
+                record({"variant": f"gemm w{wbits}a{abits}", "config": str(cfg), "error": "n/a (skipped: time budget)"})
+                continue
             try:
                 run_gemm(qa, sa, qw, s, None, None, None, None, None, spec, (m,), config=cfg)
                 torch.cuda.synchronize()
-                ms = do_bench(lambda: run_gemm(qa, sa, qw, s, None, None, None, None, None, spec, (m,), config=cfg),
-                              warmup=5, rep=30, return_mode="median")
-                rows.append({"variant": f"gemm w{wbits}a{abits}", "config": str(cfg), "ms": ms, "tops": flops / ms / 1e9})
+                ms = _bench(dev)(lambda: run_gemm(qa, sa, qw, s, None, None, None, None, None, spec, (m,), config=cfg))
+                record({"variant": f"gemm w{wbits}a{abits}", "config": str(cfg), "ms": ms, "tops": flops / ms / 1e9})
             except Exception as e:  # record, keep going
-                rows.append({"variant": f"gemm w{wbits}a{abits}", "config": str(cfg), "error": repr(e)[:300]})
-            print(rows[-1], flush=True)
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "shape": [m, k, n], "triton_env": triton_env(), "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(f"{args.out}/gpu_diag.json", "w") as f:
-        json.dump(info, f, indent=1)
-    for r in rows:
-        print(f"{r['variant']:16s} {r.get('config', ''):60s} {r.get('ms', float('nan')):8.3f} ms {r.get('tops', 0):8.1f} TOPS {r.get('error', '')}")
-    return 0
+                record({"variant": f"gemm w{wbits}a{abits}", "config": str(cfg), "error": repr(e)[:300]})
+    bar.close()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _rows(p: dict) -> list[dict]:
+    return p.get("rows", [])
+
+
+def to_markdown(p: dict) -> str:
+    from .report import footer, header
+
+    env = p.get("triton_env") or {}
+    lines = header(p, f"GPU GEMM diagnosis: {p.get('gpu')}, M/K/N = {'/'.join(map(str, p.get('shape', [])))}"
+                      + (f" ({', '.join(f'{k}={v}' for k, v in env.items())})" if env else ""))
+    lines += ["Median ms (do_bench); TOPS = 2 M N K / t.", "", "| variant | config | ms | TOPS | note |",
+              "|---|---|---|---|---|"]
+    for r in _rows(p):
+        ms = "-" if r.get("ms") is None else f"{r['ms']:.3f}"
+        tops = "-" if r.get("tops") is None else f"{r['tops']:.1f}"
+        note = r.get("error", "")[:120] or ("" if r.get("exact_vs_int_mm") in (None, True) else "NOT exact vs _int_mm")
+        lines.append(f"| {r['variant']} | {r.get('config', '')} | {ms} | {tops} | {note} |")
+    return "\n".join(lines + footer(p)) + "\n"
+
+
+def plot(p: dict, path: Path) -> bool:
+    from .report import pyplot, save_figure
+
+    plt = pyplot()
+    rows = [r for r in _rows(p) if r.get("tops")]
+    if plt is None or not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(9, max(3.0, 0.25 * len(rows))))
+    ax.barh(range(len(rows)), [r["tops"] for r in rows])
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{r['variant']} {r.get('config', '')}"[:70] for r in rows], fontsize=6)
+    ax.invert_yaxis()
+    ax.set(xlabel="TOPS", title=f"{p.get('gpu')}: GEMM variants and launch configs")
+    ax.grid(axis="x", alpha=0.3)
+    return save_figure(fig, path)

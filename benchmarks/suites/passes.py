@@ -1,7 +1,7 @@
-"""Graph passes benchmark: activation passes and CPU latency of one FLUX block, passes off vs on.
+"""Suite ``passes``: activation passes and CPU latency of one FLUX block, graph passes off vs on.
 
-Usage: python benchmarks/bench_passes.py [--dim 3072 --heads 24 --tokens 256 --text-tokens 64]
-       [--repeats 5] [--decompose fast|full] [--quick]
+    svdq bench --suite passes [--quick] [--repeats 9] [--param dim=3072 --param heads=24
+        --param tokens=256 --param text_tokens=64 --param batch=1 --param decompose=fast|full]
 
 For a diffusers ``FluxTransformerBlock`` (double) and ``FluxSingleTransformerBlock``
 (single) with seeded random weights, compiled with the ``svdquant`` backend
@@ -21,35 +21,42 @@ passes, not Inductor):
    lambda is not folded into the producer (on the CPU path the op materialises X/lambda
    for the low-rank branch). Also reported: the unquantized (fp32) graph.
 2. **CPU latency** of one call of each block, passes off vs on, timed interleaved in
-   one process (median/min/max of ``--repeats``, after a warm-up call).
+   one process (median/min/max of ``--repeats``, after a warm-up call; ``--quick``:
+   hidden 512 / 4 heads, 64 + 16 tokens, 3 repeats).
 
 ``--decompose fast`` (default) packs each layer with lambda from the calibration
 statistics (alpha = 0.5), a randomized rank-32 SVD and round-to-nearest INT4 residual:
 the same packed format and op as the full SVDQuant search (``--decompose full``), but
 seconds instead of ~2 minutes per 3072-wide layer on this 2-core CPU; kernel run times
-do not depend on the values. Output: ``benchmarks/results/passes.{json,md}``.
+do not depend on the values. AdaLN modulation linears (M = batch) stay in float: the passes
+do not touch them, and the CPU W4A16 path dequantizes the whole weight per call (~3.5 s for
+18432x3072 on the 2-core dev machine vs 60 ms fp32), which would swamp the block's time.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from benchmarks.common import RESULTS, machine_info, write_json  # noqa: E402
+import svdq_compile
+import svdq_compile.passes.pipeline as pipeline
+from svdq_compile.passes.op_nodes import ARG, GraphTensors, is_svdq
+from svdq_compile.quant.decompose import smoothing_factors
+from svdq_compile.runtime.packed import LinearSpec, PackedLinear
+from svdq_compile.runtime.quantize import quantize_weight
 
-import svdq_compile  # noqa: E402
-import svdq_compile.passes.pipeline as pipeline  # noqa: E402
-from svdq_compile.quant.decompose import smoothing_factors  # noqa: E402
-from svdq_compile.passes.op_nodes import ARG, GraphTensors, is_svdq  # noqa: E402
-from svdq_compile.runtime.packed import LinearSpec, PackedLinear  # noqa: E402
-from svdq_compile.runtime.quantize import quantize_weight  # noqa: E402
+from .harness import Context
+from .timing import time_interleaved, timed
 
+__all__ = ["run", "to_markdown", "plot", "PARAMS", "DEVICE", "count_passes", "fast_quantize_group"]
+
+DEVICE = "cpu"
+DEFAULT_REPEATS = (3, 9)
+PARAMS = {"dim": 3072, "heads": 24, "tokens": 256, "text_tokens": 64, "batch": 1, "decompose": "fast"}
+QUICK_PARAMS = {"dim": 512, "heads": 4, "tokens": 64, "text_tokens": 16}
 PASS_FLAGS = ("fold_smoothing", "fuse_siblings", "fuse_epilogue")
 
 
@@ -115,10 +122,12 @@ def fast_quantize_group(weights, biases, stats, target, config) -> list[PackedLi
             up, down = (u[:, :r] * s[:r]).contiguous(), v[:, :r].t().contiguous()
             ws = ws - up @ down
         q, sc = quantize_weight(ws, target.weight_bits, target.group_size)
-        spec = LinearSpec(ws.shape[1], ws.shape[0], target.group_size, target.weight_bits, target.act_bits,
-                          target.act_unsigned, shift, r)
-        packs.append(PackedLinear(spec, PackedLinear.pack_weight(q, target.weight_bits), sc, lam, down, up,
-                                  None if b is None else b.detach().float().clone()))
+        spec = LinearSpec(in_features=ws.shape[1], out_features=ws.shape[0], group_size=target.group_size,
+                          weight_bits=target.weight_bits, act_bits=target.act_bits,
+                          act_unsigned=target.act_unsigned, act_shift=shift, rank=r)
+        packs.append(PackedLinear(spec, qweight=PackedLinear.pack_weight(q, target.weight_bits), wscales=sc,
+                                  smooth=lam, lora_down=down, lora_up=up,
+                                  bias=None if b is None else b.detach().float().clone()))
     return packs
 
 
@@ -211,78 +220,92 @@ class Spy:
         return c
 
 
-def run(args) -> dict[str, Any]:
+def run(ctx: Context, tqdm: Any) -> None:
+    c = ctx.params
+    if c["decompose"] not in ("fast", "full"):
+        raise ValueError(f"decompose must be 'fast' or 'full', got {c['decompose']!r}")
+    ctx.extra["config"] = {**c, "repeats": ctx.repeats}
+    grad = torch.is_grad_enabled()
     torch.set_grad_enabled(False)
-    if args.decompose == "fast":
+    original = pipeline.quantize_group
+    if c["decompose"] == "fast":
         pipeline.quantize_group = fast_quantize_group
-    blocks = build_blocks(args.dim, args.heads)
-    inputs = block_inputs(args.dim, args.heads, args.tokens, args.text_tokens, args.batch)
-    # AdaLN modulation linears (M = batch) stay in float: the passes do not touch them, and
-    # the CPU W4A16 path dequantizes the whole weight per call (~3.5 s for 18432x3072 on
-    # this machine vs 60 ms fp32), which would swamp the block's time.
-    base = dict(use_inductor=False, skip=("*norm*.linear",), mode_overrides={}, search_grid=4, refine_iters=1)
-    act_numel = 8 * args.batch * args.dim
-    out: dict[str, Any] = {}
-    for name, block in blocks.items():
-        t0 = time.perf_counter()
-        svdq_compile.calibrate(block, [inputs], progress=False)
-        with torch.no_grad():
-            ref = block(*inputs)
-        res: dict[str, Any] = {"calibrate_s": time.perf_counter() - t0}
-        compiled, spies = {}, {}
-        for tag, flags in (("off", dict.fromkeys(PASS_FLAGS, False)), ("on", {})):
+    try:
+        blocks = build_blocks(c["dim"], c["heads"])
+        inputs = block_inputs(c["dim"], c["heads"], c["tokens"], c["text_tokens"], c["batch"])
+        # W4A4 (the table says so; "auto" would pick per CPU); AdaLN modulation linears in float
+        # (module docstring).
+        base = dict(mode="w4a4", use_inductor=False, skip=("*norm*.linear",), mode_overrides={}, search_grid=4,
+                    refine_iters=1)
+        act_numel = 8 * c["batch"] * c["dim"]
+        bar = tqdm(total=len(blocks), desc="bench passes", disable=not ctx.progress)
+        for name, block in blocks.items():
+            ctx.record({"case": name, "block": name, **_block(ctx, block, inputs, base, act_numel)})
+            r = ctx.rows[-1]
+            bar.set_postfix_str(f"{name}: passes {r['graph_off']['activation_passes']} -> "
+                                f"{r['graph_on']['activation_passes']}")
+            bar.update(1)
             torch._dynamo.reset()
-            spy = Spy(dict(base, **flags))
-            cm = torch.compile(block, backend=spy)
-            t0 = time.perf_counter()
-            y = cm(*inputs)
-            res[f"compile_{tag}_s"] = time.perf_counter() - t0
-            assert len(spy.compiled) == 1, "expected one graph per block"
-            report = svdq_compile.capture.backend.last_reports()[-1]
-            res[f"passes_{tag}"] = dict(report.passes)
-            res[f"sqnr_{tag}_db"] = min(svdq_compile.sqnr_db(r, o) for r, o in zip(ref, y))
-            compiled[tag], spies[tag] = cm, spy
-        gm_in, ex = spies["off"].graphs[0]
-        res["graph_fp32"] = count_passes(gm_in, ex, act_numel)
-        for tag in ("off", "on"):
-            c = spies[tag].compiled[0]
-            res[f"graph_{tag}"] = count_passes(c._fn, c.example_inputs, act_numel)
-        # latency: interleaved off/on calls (shared machine: load changes hit both)
-        times: dict[str, list[float]] = {"off": [], "on": []}
-        for tag in ("off", "on"):
-            compiled[tag](*inputs)  # warm-up (weight caches, kernel build)
-        for _ in range(args.repeats):
-            for tag in ("off", "on"):
-                t0 = time.perf_counter()
-                compiled[tag](*inputs)
-                times[tag].append((time.perf_counter() - t0) * 1e3)
-        for tag in ("off", "on"):
-            res[f"latency_{tag}_ms"] = {"median": statistics.median(times[tag]), "min": min(times[tag]),
-                                        "max": max(times[tag]), "all": times[tag]}
-        res["speedup"] = res["latency_off_ms"]["median"] / res["latency_on_ms"]["median"]
-        # paired: each repeat times off then on back to back (robust to slow load drifts)
-        res["speedup_paired_median"] = statistics.median(a / b for a, b in zip(times["off"], times["on"]))
-        out[name] = res
-        print(f"{name}: passes {res['graph_off']['activation_passes']} -> {res['graph_on']['activation_passes']}"
-              f" (fp32 {res['graph_fp32']['activation_passes']}); latency "
-              f"{res['latency_off_ms']['median']:.0f} -> {res['latency_on_ms']['median']:.0f} ms", flush=True)
+        bar.close()
+    finally:
+        pipeline.quantize_group = original
+        torch.set_grad_enabled(grad)
+
+
+def _block(ctx: Context, block: Any, inputs: tuple, base: dict, act_numel: int) -> dict:
+    _, calibrate_s = timed(lambda: svdq_compile.calibrate(block, [inputs], progress=False))
+    with torch.no_grad():
+        ref = block(*inputs)
+    res: dict[str, Any] = {"calibrate_s": calibrate_s}
+    compiled, spies = {}, {}
+    for tag, flags in (("off", dict.fromkeys(PASS_FLAGS, False)), ("on", {})):
         torch._dynamo.reset()
-    return out
+        spy = Spy(dict(base, **flags))
+        cm = torch.compile(block, backend=spy)
+        y, res[f"compile_{tag}_s"] = timed(lambda: cm(*inputs))
+        assert len(spy.compiled) == 1, "expected one graph per block"
+        report = svdq_compile.capture.backend.last_reports()[-1]
+        res[f"passes_{tag}"] = dict(report.passes)
+        res[f"sqnr_{tag}_db"] = min(svdq_compile.sqnr_db(r, o) for r, o in zip(ref, y))
+        compiled[tag], spies[tag] = cm, spy
+    gm_in, ex = spies["off"].graphs[0]
+    res["graph_fp32"] = count_passes(gm_in, ex, act_numel)
+    for tag in ("off", "on"):
+        # The rewritten graph takes the inputs Dynamo gave the backend (the compiled object
+        # drops its own copy once it has compiled).
+        res[f"graph_{tag}"] = count_passes(spies[tag].compiled[0]._fn, spies[tag].graphs[0][1], act_numel)
+    # latency: interleaved off/on calls (shared machine: load changes hit both)
+    t = time_interleaved({tag: (lambda cm=compiled[tag]: cm(*inputs)) for tag in ("off", "on")}, "cpu",
+                         repeats=ctx.repeats, warmup=1, keep_samples=True)
+    for tag in ("off", "on"):
+        if "error" in t[tag]:
+            raise RuntimeError(f"passes {tag}: {t[tag]['error']}")
+        res[f"latency_{tag}_ms"] = {"median": t[tag]["median_ms"], "min": t[tag]["min_ms"],
+                                    "max": t[tag]["max_ms"], "all": t[tag]["samples_ms"]}
+    res["speedup"] = res["latency_off_ms"]["median"] / res["latency_on_ms"]["median"]
+    # paired: the off and on samples of one round (robust to slow load drifts)
+    res["speedup_paired_median"] = statistics.median(a / b for a, b in zip(t["off"]["samples_ms"],
+                                                                           t["on"]["samples_ms"]))
+    return res
 
 
-def markdown(payload: dict[str, Any]) -> str:
-    c = payload["config"]
-    lines = [
-        "# Graph passes: FLUX blocks, passes off vs on (CPU)",
-        "",
+def _blocks(p: dict) -> dict:
+    """{block: result}; files of benchmarks/bench_passes.py kept them under "blocks"."""
+    return p.get("blocks") or {r["case"]: r for r in p.get("rows", [])}
+
+
+def to_markdown(p: dict) -> str:
+    from .report import footer, header
+
+    c = p["config"]
+    lines = header(p, "Graph passes: FLUX blocks, passes off vs on (CPU)") + [
         f"hidden {c['dim']}, {c['heads']} heads, MLP {4 * c['dim']}, batch {c['batch']}, "
         f"{c['tokens']} image + {c['text_tokens']} text tokens, fp32, W4A4 rank 32 (AdaLN linears in fp32), "
-        f"packing: {c['decompose']}, `use_inductor=False`. Machine: {payload['machine']['cpu']}, "
-        f"{payload['machine']['cores']} cores, load {payload['machine'].get('loadavg')}.",
+        f"packing: {c['decompose']}, `use_inductor=False`.",
         "",
         "Activation passes = reads/writes of activation-sized tensors by separate ops (svdq op = fused "
         "kernel: 1 read of X + 1 write of Y (+1 read of a residual), +2 for an unfolded X/lambda; "
-        "see benchmarks/bench_passes.py); activation MB = the bytes those reads/writes move (a fused "
+        "see benchmarks/suites/passes.py); activation MB = the bytes those reads/writes move (a fused "
         "QKV op writes one [M, 3N] output: 1 pass, the bytes of 3).",
         "",
         "Packing `fast`: lambda from calibration (alpha 0.5), randomized rank-32 SVD, round-to-nearest INT4 "
@@ -293,7 +316,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "| latency off (ms) | latency on (ms) | speedup | pass counts (on) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in payload["blocks"].items():
+    blocks = _blocks(p)
+    for name, r in blocks.items():
         fp, off, on = r["graph_fp32"], r["graph_off"], r["graph_on"]
         pc = ", ".join(f"{k}={v}" for k, v in r["passes_on"].items())
         lines.append(
@@ -304,44 +328,20 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {r['latency_on_ms']['median']:.0f} (min {r['latency_on_ms']['min']:.0f}) "
             f"| {r['speedup']:.2f}x (paired {r['speedup_paired_median']:.2f}x) | {pc} |")
     lines += ["", "Per-op breakdown of activation passes (off / on):", ""]
-    for name, r in payload["blocks"].items():
+    for name, r in blocks.items():
         keys = list(dict.fromkeys(list(r["graph_off"]["by_op"]) + list(r["graph_on"]["by_op"])))
         lines.append(f"- {name}: " + "; ".join(
             f"{k} {r['graph_off']['by_op'].get(k, 0)}/{r['graph_on']['by_op'].get(k, 0)}" for k in keys))
     lines += ["", "Output SQNR vs the fp32 block (dB, min over outputs): " + "; ".join(
-        f"{n} off {r['sqnr_off_db']:.1f} / on {r['sqnr_on_db']:.1f}" for n, r in payload["blocks"].items())]
-    return "\n".join(lines) + "\n"
+        f"{n} off {r['sqnr_off_db']:.1f} / on {r['sqnr_on_db']:.1f}" for n, r in blocks.items())]
+    return "\n".join(lines + footer(p)) + "\n"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dim", type=int, default=3072)
-    ap.add_argument("--heads", type=int, default=24)
-    ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--text-tokens", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--decompose", choices=("fast", "full"), default="fast")
-    ap.add_argument("--quick", action="store_true", help="hidden 512 / 4 heads, 64 tokens, 3 repeats")
-    ap.add_argument("--out", default=str(RESULTS / "passes.json"))
-    args = ap.parse_args()
-    if args.quick:
-        args.dim, args.heads, args.tokens, args.text_tokens, args.repeats = 512, 4, 64, 16, 3
-    t0 = time.perf_counter()
-    blocks = run(args)
-    payload = {"machine": machine_info(), "config": vars(args), "blocks": blocks,
-               "total_s": time.perf_counter() - t0}
-    out = Path(args.out)
-    if out.parent == RESULTS:
-        write_json(out.name, payload)
-    else:
-        import json
+def plot(p: dict, path: Path) -> bool:
+    from .report import bar_chart
 
-        out.write_text(json.dumps(payload, indent=1, default=str))
-    out.with_suffix(".md").write_text(markdown(payload))
-    print(markdown(payload))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    blocks = _blocks(p)
+    return bar_chart(path, list(blocks), {g: [r[f"graph_{g}"]["activation_passes"] for r in blocks.values()]
+                                          for g in ("fp32", "off", "on")},
+                     title="activation passes per block: fp32 graph, quantized with passes off / on",
+                     ylabel="activation passes", figsize=(7, 4), rotation=0, hlines=())

@@ -10,23 +10,28 @@ The demo model's layers are 128 wide, so rank 32 is a quarter of a layer (in FLU
 ~1% of 3072): the rank sweep includes rank 2-4, proportional to FLUX, so the numbers do
 not flatter the method (DESIGN section 6).
 
-    python -m benchmarks.bench_ablation [--quick]
+    svdq bench --suite ablation [--quick] [--param skip_demo=1]
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
-import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from svdq_compile import SVDQuantConfig
-from svdq_compile.quant.stats import LayerStats
 from svdq_compile.quant.decompose import LayerTarget, quantized_output, sqnr_db
 from svdq_compile.quant.search import quantize_group
+from svdq_compile.quant.stats import LayerStats
 
-from .common import machine_info, write_json, RESULTS
+from ..suites.harness import Context
+from ..suites.timing import timed
+
+__all__ = ["run", "to_markdown", "plot", "PARAMS", "DEVICE", "VARIANTS", "RANKS"]
+
+DEVICE = "cpu"
+PARAMS = {"skip_demo": False}
 
 VARIANTS = {
     "naive W4A4": dict(smooth=False, rank=0, refine_iters=0),
@@ -52,29 +57,29 @@ def synthetic_layer(k: int, n: int, tokens: int, seed: int):
     return x, w
 
 
-def run_synthetic(quick: bool) -> list[dict]:
+def run_synthetic(quick: bool, record) -> None:
     shapes = [(512, 512), (512, 2048)] if quick else [(1024, 1024), (1024, 4096), (4096, 1024)]
-    rows = []
     for i, (k, n) in enumerate(shapes):
         x, w = synthetic_layer(k, n, 1024, seed=i)
         st = LayerStats(k, 1024)
         st.update(x)
         ref = x.double() @ w.double().t()
-        def run(opts, rank=32):
+
+        def sqnr_of(opts, rank=32):
             cfg = SVDQuantConfig(**{"rank": rank, **opts, "search_grid": 10 if quick else 20})
             t = LayerTarget(rank=cfg.rank, refine_iters=cfg.refine_iters)
             p = quantize_group([w], [None], st, t, cfg)[0]
             return sqnr_db(ref, quantized_output(p, x))
+
         for name, opts in VARIANTS.items():
-            rows.append({"model": f"synthetic {n}x{k}", "variant": name, "rank": opts.get("rank", 32),
-                         "sqnr_db": run(opts)})
+            record({"model": f"synthetic {n}x{k}", "variant": name, "rank": opts.get("rank", 32),
+                    "sqnr_db": sqnr_of(opts)})
         for r in RANKS:
-            rows.append({"model": f"synthetic {n}x{k}", "variant": f"SVDQuant rank {r}", "rank": r,
-                         "sqnr_db": run({"refine_iters": 0}, rank=r)})
-    return rows
+            record({"model": f"synthetic {n}x{k}", "variant": f"SVDQuant rank {r}", "rank": r,
+                    "sqnr_db": sqnr_of({"refine_iters": 0}, rank=r)})
 
 
-def run_demo(quick: bool) -> list[dict]:
+def run_demo(quick: bool, record) -> None:
     from svdq_compile.demo.model import load_pretrained
     from svdq_compile.demo.sampler import sample
     from svdq_compile.demo.classifier import accuracy
@@ -96,19 +101,17 @@ def run_demo(quick: bool) -> list[dict]:
         return items
 
     items = calib_items(base)
-    rows = []
+
     def evaluate(name, opts, rank):
         model = load_pretrained()
         # W4A4 explicitly: the ablation is of the paper's method (the default mode is "auto").
         cfg = SVDQuantConfig(**{"mode": "w4a4", "rank": rank, **opts, "search_grid": 8 if quick else 20})
-        t0 = time.perf_counter()
-        quantize(model, list(items[0]), items, cfg, progress=False)
-        secs = time.perf_counter() - t0
+        _, secs = timed(lambda: quantize(model, list(items[0]), items, cfg, progress=False))
         imgs = sample(model, labels, steps=steps, guidance=1.5, seed=0, progress=False)
         mse = (imgs.clamp(-1, 1) - ref.clamp(-1, 1)).pow(2).mean().item()
         psnr = 10 * math.log10(4.0 / max(mse, 1e-12))  # peak-to-peak range 2 -> peak^2 = 4
-        rows.append({"model": "demo (digits FLUX)", "variant": name, "rank": rank, "psnr_db": psnr,
-                     "accuracy": accuracy(imgs, labels), "quantize_s": secs})
+        record({"model": "demo (digits FLUX)", "variant": name, "rank": rank, "psnr_db": psnr,
+                "accuracy": accuracy(imgs, labels), "quantize_s": secs})
     for name, opts in VARIANTS.items():
         for rank in (32, 4):
             if opts.get("rank") == 0 and rank == 4:
@@ -116,27 +119,41 @@ def run_demo(quick: bool) -> list[dict]:
             evaluate(name, opts, opts.get("rank", rank))
     for r in RANKS:
         evaluate(f"SVDQuant rank {r}", {"refine_iters": 0}, r)
-    rows.append({"model": "demo (digits FLUX)", "variant": "fp32", "rank": None, "psnr_db": math.inf,
-                 "accuracy": accuracy(ref, labels)})
-    return rows
+    record({"model": "demo (digits FLUX)", "variant": "fp32", "rank": None, "psnr_db": math.inf,
+            "accuracy": accuracy(ref, labels)})
 
 
-def to_markdown(rows: list[dict]) -> str:
-    lines = ["| model | variant | rank | output SQNR dB | image PSNR dB | accuracy |", "|---|---|---|---|---|---|"]
-    for r in rows:
+def run(ctx: Context, tqdm: Any) -> None:
+    bar = tqdm(desc="ablation", disable=not ctx.progress)
+
+    def record(row: dict) -> None:
+        ctx.record({"case": f"{row['model']} / {row['variant']} / rank {row['rank']}", **row})
+        bar.update(1)
+
+    run_synthetic(ctx.quick, record)
+    if not ctx.params["skip_demo"]:
+        run_demo(ctx.quick, record)
+    bar.close()
+
+
+def to_markdown(p: dict) -> str:
+    from ..suites.report import footer, header
+
+    lines = header(p, f"Ablation of SVDQuant's parts{' (--quick)' if p.get('quick') else ''}")
+    lines += ["| model | variant | rank | output SQNR dB | image PSNR dB | accuracy |", "|---|---|---|---|---|---|"]
+    for r in p["rows"]:
         f = lambda k, fmt: fmt.format(r[k]) if r.get(k) is not None else "-"  # noqa: E731
         lines.append(f"| {r['model']} | {r['variant']} | {r['rank'] if r['rank'] is not None else '-'} | "
                      f"{f('sqnr_db', '{:.2f}')} | {f('psnr_db', '{:.2f}')} | {f('accuracy', '{:.3f}')} |")
-    return "\n".join(lines)
+    return "\n".join(lines + footer(p)) + "\n"
 
 
-def plot(rows: list[dict], path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+def plot(p: dict, path: Path) -> bool:
+    from ..suites.report import pyplot, save_figure
+
+    plt, rows = pyplot(), p["rows"]
+    if plt is None or not any(r["variant"].startswith("SVDQuant rank") for r in rows):
+        return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for model in sorted({r["model"] for r in rows}):
         sweep = [r for r in rows if r["model"] == model and r["variant"].startswith("SVDQuant rank")]
@@ -148,25 +165,4 @@ def plot(rows: list[dict], path) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip-demo", action="store_true")
-    args = ap.parse_args(argv)
-    rows = run_synthetic(args.quick)
-    if not args.skip_demo:
-        rows += run_demo(args.quick)
-    md = to_markdown(rows)
-    print(md)
-    write_json("ablation.json", {"machine": machine_info(), "quick": args.quick, "rows": rows})
-    (RESULTS / "ablation.md").write_text(md + "\n")
-    plot(rows, RESULTS / "ablation.png")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return save_figure(fig, path)

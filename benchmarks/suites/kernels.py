@@ -1,38 +1,37 @@
-"""Kernel benchmark: fused W4A4 SVDQuant linear vs BF16, INT8 ``_int_mm`` and unfused variants.
+"""Suite ``kernels``: fused W4A4 SVDQuant linear vs BF16, INT8 ``_int_mm`` and unfused variants (GPU).
 
-    python benchmarks/bench_kernels.py --out benchmarks/results
+    svdq bench --suite kernels --device cuda [--budget-s 150] [--param m=4608,1024]
 
-GPU only (exits with a message on CPU). FLUX.1 linear shapes: M (tokens) in
+GPU only (reported as not run without CUDA; ``--smoke`` on CPU checks the suite's logic
+with tiny shapes under the Triton interpreter). FLUX.1 linear shapes: M (tokens) in
 {4608, 1024, 256} x (K, N) in {(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)},
 bf16 input/output, group 64, rank 32, bias; smoothing folded into the producer (as in
 deployment), so the prologue does not divide by lambda.
 
-Variants (all time the whole call, median of ``triton.testing.do_bench``):
+Variants (all time the whole call, median of ``triton.testing.do_bench`` through
+:func:`.timing.time_kernel`):
   bf16          F.linear(x, W, b) in bf16 (cuBLAS)
   int8_gemm     torch._int_mm alone on pre-quantized operands (per-row/col scales)
   int8_e2e      eager per-token int8 quantization + _int_mm + rescale + bias
   fused         our prologue + W4A4 GEMM with the rank-32 branch and bias fused
   fused_ieee    same, low-rank branch in exact fp32 (CUDA cores) instead of tf32x3
   rank0         our W4A4 prologue + GEMM without the low-rank branch (and no bias)
-  unfused       rank0 + the low-rank branch, bias as separate torch ops (re-reads X, Y)
+  unfused       rank0 + the low-rank branch, bias as separate torch ops (re-reads X, Y;
+                benchmarks/suites/unfused.py)
   prologue      the fused prologue kernel alone; gemm: the fused GEMM kernel alone
 TFLOP/s is 2*M*N*K / t for every variant (the low-rank flops are not counted).
 bf16, fused and rank0 are also timed replayed from a CUDA graph ("ms_cudagraph"): at
 small M the eager time is dominated by Python and kernel-launch overhead.
 
 Robustness: every (shape, variant) is timed inside try/except and failures are recorded;
-results are written after each shape, and a time budget (``--budget-s``) stops starting
-new shapes so a single GPU session always ends with a JSON file.
+results are written after each shape, and once the suite's time budget is spent no new
+shape is started (``n/a (skipped: time budget)``), so a single GPU session always ends
+with a JSON file.
 """
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import json
 import math
 import os
-import re
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -41,7 +40,14 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .baselines import Unavailable
+from .harness import Context, env
+from .timing import time_kernel
+
+__all__ = ["run", "to_markdown", "plot", "PARAMS", "correctness", "make_variants", "peaks_for"]
+
 M_LIST = (4608, 1024, 256)
+PARAMS = {"m": M_LIST, "variants": ("all",), "rep_ms": 50, "graphs": True}
 KN_LIST = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072))
 RANK = 32
 GROUP = 64
@@ -67,10 +73,6 @@ def peaks_for(name: str) -> tuple[Optional[float], Optional[float]]:
         if frag in name:
             return i8, bf
     return None, None
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -137,7 +139,7 @@ def make_variants(x: torch.Tensor, L: Layer) -> dict[str, Callable[[], Any]]:
     from svdq_compile.codegen.call_spec import make_spec
     from svdq_compile.codegen.linear import quantized_linear_triton
     from svdq_compile.codegen.prologue import run_prologue
-    from benchmarks.suites.unfused import unfused_quantized_linear
+    from .unfused import unfused_quantized_linear
 
     m, k = x.shape
     n = L.qweight.shape[0]
@@ -197,7 +199,7 @@ def _int8_e2e(x: torch.Tensor, L: Layer) -> torch.Tensor:
 def correctness(dev: torch.device, shape: tuple[int, int, int] = (1024, 3072, 3072)) -> dict[str, Any]:
     """One shape against the float64 reference (the spec that is timed: bias, no activation)."""
     from svdq_compile.codegen.linear import quantized_linear_triton
-    from benchmarks.suites.unfused import unfused_quantized_linear
+    from .unfused import unfused_quantized_linear
     from svdq_compile.runtime.reference import quantized_linear_reference
 
     m, k, n = shape
@@ -211,110 +213,64 @@ def correctness(dev: torch.device, shape: tuple[int, int, int] = (1024, 3072, 30
     out["sqnr_fused_vs_reference_db"] = sqnr_db(quantized_linear_triton(*args), ref)
     out["sqnr_unfused_vs_reference_db"] = sqnr_db(unfused_quantized_linear(*args), ref)
     # fp32 in/out with exact fp32 low-rank: everything but fp32 summation order is exact.
-    old = os.environ.get("SVDQ_AUTOTUNE")
-    os.environ["SVDQ_AUTOTUNE"] = "0"  # a one-off spec: skip tuning (compile time)
-    try:
+    with env("SVDQ_AUTOTUNE", "0"):  # a one-off spec: skip tuning (compile time)
         ref32 = quantized_linear_reference(x.float(), *args[1:9], group_size=GROUP)
         y32 = quantized_linear_triton(x.float(), *args[1:], lora_precision="ieee")
         out["rel_err_fp32_io_vs_reference"] = float((y32.double() - ref32.double()).norm() / ref32.double().norm())
-    finally:
-        if old is None:
-            os.environ.pop("SVDQ_AUTOTUNE", None)
-        else:
-            os.environ["SVDQ_AUTOTUNE"] = old
     # Quantization error of W4A4 SVDQuant itself on this random layer (vs the bf16 layer).
     out["sqnr_w4a4_vs_bf16_layer_db"] = sqnr_db(ref, F.linear(x, L.w_bf16, L.bias))
     out["ok"] = bool(out["sqnr_fused_vs_reference_db"] > 40 and out["rel_err_fp32_io_vs_reference"] < 1e-5)
     return out
 
 
-def _wall_clock_once(fn: Callable[[], Any], warmup: int = 0, rep: int = 0,
-                     return_mode: str = "median") -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results", help="directory for the JSON result")
-    ap.add_argument("--budget-s", type=float, default=210.0,
-                    help="stop starting new shapes after this many seconds (default 210)")
-    ap.add_argument("--m", type=int, nargs="*", default=list(M_LIST), help="token counts")
-    ap.add_argument("--variants", nargs="*", default=None, help="subset of variants to time")
-    ap.add_argument("--rep-ms", type=int, default=50, help="do_bench rep (ms) per variant")
-    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
-    ap.add_argument("--smoke-cpu", action="store_true",
-                    help="check this script's logic without a GPU: tiny shapes, Triton interpreter")
-    args = ap.parse_args()
-
-    smoke = args.smoke_cpu
-    if smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+def prepare(device: str, smoke: bool) -> None:
+    """Called by the runner before anything else is imported: the CPU smoke run needs Triton's
+    interpreter, which must be on before the first kernel is defined, and before
+    ``torch._inductor`` is imported (its Triton helpers, defined compiled, break the interpreter)."""
+    if device != "cuda" and smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
         os.environ.setdefault("SVDQ_CACHE_DIR", "")
-        args.no_graphs = True
-    elif not torch.cuda.is_available():
-        print("bench_kernels.py: needs a CUDA GPU (torch.cuda.is_available() is False); "
-              "nothing to benchmark on CPU.", file=sys.stderr)
-        return 2
-    os.environ.setdefault("TRITON_INTERPRET", "0")
-    t_start = time.time()
-    import triton
-    from triton.testing import do_bench_cudagraph
 
-    if smoke:
-        do_bench = _wall_clock_once  # no CUDA events on CPU: one timed call
-    else:
-        from triton.testing import do_bench
+
+def run(ctx: Context, tqdm: Any) -> None:
+    smoke = ctx.device != "cuda"
+    if smoke and not ctx.smoke:
+        raise Unavailable("needs a CUDA GPU (--smoke on CPU: the Triton interpreter on tiny shapes)")
+    if smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        raise Unavailable("the CPU smoke run needs TRITON_INTERPRET=1 from the start (svdq bench sets it)")
+    import triton  # noqa: F401 - a clear error here when Triton is missing
 
     import svdq_compile.codegen as codegen
     from svdq_compile.codegen.cache import tune_cache
 
     codegen.install()
-    dev = torch.device("cpu" if smoke else "cuda")
+    dev = torch.device(ctx.device)
     name = "cpu-smoke (Triton interpreter)" if smoke else torch.cuda.get_device_name(dev)
-    m_list = [32] if smoke else args.m
+    m_list = [32] if smoke else list(ctx.params["m"])
     kn_list = ((128, 96),) if smoke else KN_LIST
+    graphs = ctx.params["graphs"] and not smoke
     peak_i8, peak_bf16 = peaks_for(name)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / f"kernels_{slug(name)}.json"
-    report: dict[str, Any] = {
-        "gpu": name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "peak_int8_tops": peak_i8,
-        "peak_bf16_tflops": peak_bf16,
+    ctx.extra.update({
+        "gpu": name, "cuda": torch.version.cuda, "peak_int8_tops": peak_i8, "peak_bf16_tflops": peak_bf16,
         "setup": {"rank": RANK, "group_size": GROUP, "dtype": "bfloat16", "bias": True,
                   "smooth": "folded (none in kernel)", "lora_precision_default": "tf32x3",
                   "timing": "triton.testing.do_bench median, autotune + compile excluded"},
-        "results": [],
         "errors": [],
-    }
-
-    def save() -> None:
-        report["elapsed_s"] = round(time.time() - t_start, 1)
-        report["autotune"] = tune_cache().entries()
-        out_path.write_text(json.dumps(report, indent=1, default=str))
-
-    print(f"[bench] {name} torch {torch.__version__} triton {triton.__version__}", flush=True)
+    })
     try:
-        report["correctness"] = correctness(dev, (24, 128, 96) if smoke else (1024, 3072, 3072))
-        print(f"[bench] correctness: {report['correctness']}", flush=True)
+        ctx.extra["correctness"] = correctness(dev, (24, 128, 96) if smoke else (1024, 3072, 3072))
     except Exception as e:  # noqa: BLE001
-        report["correctness"] = {"ok": False, "error": repr(e), "trace": traceback.format_exc()[-2000:]}
-        print(f"[bench] correctness check FAILED: {e!r}", flush=True)
-    save()
+        ctx.extra["correctness"] = {"ok": False, "error": repr(e), "trace": traceback.format_exc()[-2000:]}
+    ctx.extra["autotune"] = tune_cache().entries()
+    ctx.save()
 
     layers: dict[tuple[int, int], Layer] = {}
-    stopped = False
+    bar = tqdm(total=len(m_list) * len(kn_list), desc=f"bench kernels ({ctx.device})", disable=not ctx.progress)
     for m in m_list:
         for k, n in kn_list:
-            if time.time() - t_start > args.budget_s:
-                report["errors"].append({"shape": [m, k, n], "error": "skipped: time budget"})
-                stopped = True
+            bar.update(1)
+            if ctx.out_of_time():
+                ctx.extra["errors"].append({"shape": [m, k, n], "error": "n/a (skipped: time budget)"})
                 continue
             t_shape = time.time()
             try:
@@ -325,39 +281,35 @@ def main() -> int:
                 x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
                 variants = make_variants(x, L)
             except Exception as e:  # noqa: BLE001
-                report["errors"].append({"shape": [m, k, n], "error": repr(e)})
-                print(f"[bench] setup {m}x{k}x{n} failed: {e!r}", flush=True)
+                ctx.extra["errors"].append({"shape": [m, k, n], "error": repr(e)})
                 continue
-            names = args.variants or list(variants)
-            row: dict[str, Any] = {"M": m, "K": k, "N": n, "variants": {}}
+            names = list(variants) if "all" in ctx.params["variants"] else list(ctx.params["variants"])
+            row: dict[str, Any] = {"case": f"M={m} K={k} N={n}", "M": m, "K": k, "N": n, "variants": {}}
             outputs: dict[str, torch.Tensor] = {}
             for vname in names:
-                fn = variants[vname]
+                bar.set_postfix_str(f"M={m} K={k} N={n} {vname}")
                 try:
+                    fn = variants[vname]
                     # Warm-up: compiles and autotunes (excluded from timing).
                     res = fn()
                     if vname in ("fused", "unfused", "rank0", "bf16", "fused_ieee"):
                         outputs[vname] = res
                     if not smoke:
                         torch.cuda.synchronize()
-                    ms = float(do_bench(fn, warmup=10, rep=args.rep_ms, return_mode="median"))
+                    ms = time_kernel(fn, ctx.device, rep_ms=ctx.params["rep_ms"])
                     tflops = 2.0 * m * n * k / (ms * 1e-3) / 1e12
-                    row["variants"][vname] = {
-                        "ms": ms,
-                        "tflops": tflops,
-                        "frac_int8_peak": (tflops / peak_i8) if peak_i8 else None,
-                    }
-                    if vname in GRAPH_VARIANTS and not args.no_graphs:
+                    row["variants"][vname] = {"ms": ms, "tflops": tflops,
+                                              "frac_int8_peak": (tflops / peak_i8) if peak_i8 else None}
+                    if vname in GRAPH_VARIANTS and graphs:
                         # Same call replayed from a CUDA graph: GPU time without the
                         # Python/launch overhead that dominates small M.
                         try:
-                            row["variants"][vname]["ms_cudagraph"] = float(
-                                do_bench_cudagraph(fn, rep=20, return_mode="median"))
+                            row["variants"][vname]["ms_cudagraph"] = time_kernel(fn, ctx.device, rep_ms=20,
+                                                                                 cudagraph=True)
                         except Exception as e:  # noqa: BLE001
                             row["variants"][vname]["cudagraph_error"] = repr(e)[:300]
                 except Exception as e:  # noqa: BLE001
                     row["variants"][vname] = {"error": repr(e)[:500]}
-                    print(f"[bench] {m}x{k}x{n} {vname} failed: {e!r}", flush=True)
             t_bf16 = row["variants"].get("bf16", {}).get("ms")
             for v in row["variants"].values():
                 if "ms" in v and t_bf16:
@@ -371,48 +323,58 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001
                 row["check_error"] = repr(e)
             row["seconds"] = round(time.time() - t_shape, 1)
-            report["results"].append(row)
-            save()
-            v = row["variants"]
-            print(f"[bench] M={m} K={k} N={n}: " + " ".join(
-                f"{kname}={vv['ms']:.3f}ms" for kname, vv in v.items() if "ms" in vv)
-                + f" ({row['seconds']}s)", flush=True)
+            ctx.extra["autotune"] = tune_cache().entries()
+            ctx.record(row)
             del outputs, variants
-    if stopped:
-        print(f"[bench] time budget of {args.budget_s}s reached; some shapes skipped", flush=True)
-    save()
-    print_table(report)
-    print(f"[bench] wrote {out_path} in {report['elapsed_s']}s", flush=True)
-    return 0
+    bar.close()
+    if any("time budget" in e["error"] for e in ctx.extra["errors"]):
+        ctx.note("time budget reached: some shapes skipped (see errors)")
 
 
-def print_table(report: dict[str, Any]) -> None:
-    cols = ("bf16", "int8_e2e", "fused", "rank0", "unfused", "prologue", "gemm")
-    print()
-    print(f"{report['gpu']}  (ms; fused: TFLOP/s, % of INT8 peak, speedup vs bf16)")
-    hdr = f"{'M':>5} {'K':>6} {'N':>6} " + " ".join(f"{c:>9}" for c in cols) + "   fused TF/s  %i8pk  x bf16"
-    print(hdr)
-    print("-" * len(hdr))
-    for r in report["results"]:
+_COLS = ("bf16", "int8_e2e", "fused", "rank0", "unfused", "prologue", "gemm")
+
+
+def to_markdown(p: dict) -> str:
+    from .report import footer, header, rows_of
+
+    rows = rows_of(p, "results")  # "results": the file of benchmarks/bench_kernels.py
+    lines = header(p, f"GPU kernels: {p.get('gpu')}")
+    lines += [f"Median ms (do_bench); fused: TFLOP/s, % of the INT8 peak ({p.get('peak_int8_tops')} TOPS), speedup "
+              "vs bf16; CUDA-graph replays in parentheses.", "",
+              "| M | K | N | " + " | ".join(_COLS) + " | fused TFLOP/s | % int8 peak | fused x bf16 |",
+              "|---|---|---|" + "---|" * (len(_COLS) + 3)]
+    for r in rows:
         v = r["variants"]
         cells = []
-        for c in cols:
-            ms = v.get(c, {}).get("ms")
-            cells.append(f"{ms:9.3f}" if ms is not None else f"{'err' if c in v else '-':>9}")
+        for c in _COLS:
+            e = v.get(c, {})
+            if "ms" in e:
+                graph = f" ({e['ms_cudagraph']:.3f})" if e.get("ms_cudagraph") is not None else ""
+                cells.append(f"{e['ms']:.3f}{graph}")
+            else:
+                cells.append("err" if c in v else "-")
         f = v.get("fused", {})
-        extra = ""
-        if "ms" in f:
-            frac = f.get("frac_int8_peak")
-            extra = (f"   {f['tflops']:10.1f}  {100 * frac:5.1f}" if frac else f"   {f['tflops']:10.1f}      -")
-            extra += f"  {f.get('speedup_vs_bf16', float('nan')):6.2f}"
-        print(f"{r['M']:>5} {r['K']:>6} {r['N']:>6} " + " ".join(cells) + extra)
-    c = report.get("correctness", {})
-    print(f"correctness ({c.get('shape')}): fused vs reference "
-          f"{c.get('sqnr_fused_vs_reference_db', float('nan')):.1f} dB (bf16 io), "
-          f"rel. err {c.get('rel_err_fp32_io_vs_reference', float('nan')):.2e} (fp32 io), ok={c.get('ok')}")
-    if report["errors"]:
-        print(f"{len(report['errors'])} shape errors/skips: see JSON")
+        frac = f.get("frac_int8_peak")
+        extra = (f"{f['tflops']:.1f} | {100 * frac:.1f} | {f.get('speedup_vs_bf16', float('nan')):.2f}"
+                 if "ms" in f and frac else (f"{f['tflops']:.1f} | - | {f.get('speedup_vs_bf16', float('nan')):.2f}"
+                                             if "ms" in f else "- | - | -"))
+        lines.append(f"| {r['M']} | {r['K']} | {r['N']} | " + " | ".join(cells) + f" | {extra} |")
+    c = p.get("correctness", {})
+    lines += ["", f"Correctness ({c.get('shape')}): fused vs reference "
+                  f"{c.get('sqnr_fused_vs_reference_db', float('nan')):.1f} dB (bf16 io), rel. err "
+                  f"{c.get('rel_err_fp32_io_vs_reference', float('nan')):.2e} (fp32 io), ok={c.get('ok')}"]
+    if p.get("errors"):
+        lines += ["", f"{len(p['errors'])} shape errors/skips: " + "; ".join(
+            f"{e['shape']}: {e['error'][:80]}" for e in p["errors"])]
+    return "\n".join(lines + footer(p)) + "\n"
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def plot(p: dict, path: Path) -> bool:
+    from .report import bar_chart, rows_of
+
+    rows = rows_of(p, "results")
+    series = {c: [r["variants"].get(c, {}).get("speedup_vs_bf16") for r in rows]
+              for c in ("int8_e2e", "fused", "rank0", "unfused")}
+    return bar_chart(path, [r.get("case") or f"M={r['M']} K={r['K']} N={r['N']}" for r in rows],
+                     {k: v for k, v in series.items() if any(x is not None for x in v)},
+                     title=f"{p.get('gpu')}: speedup vs bf16 F.linear", ylabel="x bf16")
