@@ -9,7 +9,6 @@ the torch implementation, which runs on any device.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional
 
 import torch
@@ -24,9 +23,8 @@ from svdq_compile.codegen.gemm import run_gemm
 from svdq_compile.codegen.launch import interpreting
 from svdq_compile.codegen.prologue import run_prologue
 from svdq_compile.codegen.w4a16 import run_w4a16, try_run_w4a16, w4a16_supported
-from svdq_compile.codegen.spec import LORA_PRECISIONS, KernelSpec
 from svdq_compile.codegen.per_token_linear import per_token_linear
-from svdq_compile.codegen.call_spec import default_lora_precision, inner_contiguous, is_tracing, make_spec
+from svdq_compile.codegen.call_spec import inner_contiguous, is_tracing, make_spec
 
 __all__ = ["quantized_linear_triton"]
 

@@ -40,6 +40,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from svdq_compile.quant.decompose import sqnr_db  # noqa: E402
+
 from svdq_compile.testing import tiny_pipelines as tp  # noqa: E402
 
 from ..suites.harness import Context  # noqa: E402
@@ -69,10 +71,6 @@ def _latents(pipe, name: str, prompts) -> np.ndarray:
     out = pipe(list(prompts), num_inference_steps=2, height=T.HW, width=T.HW, output_type="latent",
                generator=[torch.Generator().manual_seed(s) for s in range(len(prompts))], **tp.PIPE_KWARGS[name])
     return out.images.float().numpy()
-
-
-def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:
-    return T._sqnr(ref, x)
 
 
 def _stats(xs) -> dict:
@@ -190,9 +188,9 @@ def run_pipeline(name: str, seeds: int, strengths, requant: int, root: Path) -> 
     q.set_progress_bar_config(disable=True)
     maker = LoraMaker(fp_dir, root)
     base_fp, base_q = _latents(fp, name, PROMPTS), _latents(q, name, PROMPTS)
-    base = _sqnr(base_fp, base_q)
-    base2 = _sqnr(base_fp[:2], base_q[:2])  # the test's 2 prompts
-    base_img = [_sqnr(r, x) for r, x in zip(base_fp, base_q)]
+    base = sqnr_db(base_fp, base_q)
+    base2 = sqnr_db(base_fp[:2], base_q[:2])  # the test's 2 prompts
+    base_img = [sqnr_db(r, x) for r, x in zip(base_fp, base_q)]
     res: dict = {"quantize_s": quant_s, "sqnr_base_db": base, "sqnr_base_test_prompts_db": base2,
                  "sqnr_base_per_image_db": base_img, "strengths": {}}
     layer_check = None
@@ -203,12 +201,12 @@ def run_pipeline(name: str, seeds: int, strengths, requant: int, root: Path) -> 
             for pipe in (fp, q):
                 pipe.load_lora_weights(path, adapter_name="x")
             l_fp, l_q = _latents(fp, name, PROMPTS), _latents(q, name, PROMPTS)
-            p = _sqnr(l_fp, l_q)
-            p_img = [_sqnr(r, x) for r, x in zip(l_fp, l_q)]
+            p = sqnr_db(l_fp, l_q)
+            p_img = [sqnr_db(r, x) for r, x in zip(l_fp, l_q)]
             runs.append({"seed": 1000 + s, "sqnr_lora_db": p, "gap_db": p - base,
-                         "gap_test_prompts_db": _sqnr(l_fp[:2], l_q[:2]) - base2,
+                         "gap_test_prompts_db": sqnr_db(l_fp[:2], l_q[:2]) - base2,
                          "gap_per_image_db": [a - b for a, b in zip(p_img, base_img)],
-                         "lora_effect_db": _sqnr(base_fp, l_fp)})
+                         "lora_effect_db": sqnr_db(base_fp, l_fp)})
             if layer_check is None and strength == TEST_STRENGTH:
                 layer_check = per_layer(fp, q, name)
             for pipe in (fp, q):
@@ -222,14 +220,14 @@ def run_pipeline(name: str, seeds: int, strengths, requant: int, root: Path) -> 
             "lora_effect_db": _stats([r["lora_effect_db"] for r in runs])}
     res["per_layer"] = layer_check
     if requant:
-        rq_base = _sqnr(base_fp, _requantized(name, fp_dir, None))
+        rq_base = sqnr_db(base_fp, _requantized(name, fp_dir, None))
         gaps = []
         for s in range(requant):
             path = maker.make(1000 + s, TEST_STRENGTH)
             fp.load_lora_weights(path, adapter_name="x")
             l_fp = _latents(fp, name, PROMPTS)
             fp.unload_lora_weights()
-            gaps.append(_sqnr(l_fp, _requantized(name, fp_dir, path)) - rq_base)
+            gaps.append(sqnr_db(l_fp, _requantized(name, fp_dir, path)) - rq_base)
             print(f"{name} re-quantized with LoRA {s}: gap {gaps[-1]:+.2f} dB", flush=True)
         ours = [r["gap_db"] for r in res["strengths"][str(TEST_STRENGTH)]["runs"][:requant]]
         res["requantized_control"] = {"strength": TEST_STRENGTH, "sqnr_base_db": rq_base,

@@ -37,7 +37,9 @@ from typing import Any
 
 import torch
 
-from .harness import Context, flat_output, sqnr_db
+from svdq_compile.quant.decompose import sqnr_db
+
+from .harness import Context, flat_output
 from .timing import time_interleaved
 
 __all__ = ["run", "to_markdown", "plot", "FILES"]

@@ -21,10 +21,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from svdq_compile.quant.decompose import sqnr_db
+
 from .baselines import METHOD_BY_KEY, PRIORITY, Method, Unavailable, reason, wrap
 from .timing import sync, time_interleaved
 
-__all__ = ["Context", "run_case", "na", "sqnr_db", "flat_output", "reset_compiler", "machine_info", "env"]
+__all__ = ["Context", "run_case", "na", "flat_output", "reset_compiler", "machine_info", "env"]
 
 log = logging.getLogger(__name__)
 
@@ -195,16 +197,6 @@ def flat_output(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot compare outputs of type {type(out).__name__}")
 
 
-def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """20 log10(||ref|| / ||ref - test||) in dB (inf when identical)."""
-    if ref.shape != test.shape:
-        return float("nan")
-    err = (ref - test).norm().item()
-    if err == 0:
-        return math.inf
-    return 20 * math.log10(max(ref.norm().item(), 1e-30) / err)
-
-
 def run_case(
     ctx: Context,
     case: dict,
@@ -261,7 +253,7 @@ def run_case(
             if key == baseline:
                 ref = flat
             if ref is not None:
-                row["sqnr_db"] = sqnr_db(ref, flat)
+                row["sqnr_db"] = sqnr_db(ref, flat) if ref.shape == flat.shape else float("nan")
             if not torch.isfinite(flat).all():
                 raise RuntimeError("non-finite output")
             fns[key] = fn

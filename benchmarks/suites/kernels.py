@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
+from svdq_compile.quant.decompose import sqnr_db
 import torch.nn.functional as F
 
 from .baselines import Unavailable
@@ -73,12 +75,6 @@ def peaks_for(name: str) -> tuple[Optional[float], Optional[float]]:
         if frag in name:
             return i8, bf
     return None, None
-
-
-def sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.double(), ref.double()
-    err = (y - ref).norm()
-    return float("inf") if err == 0 else float(20 * torch.log10(ref.norm() / err))
 
 
 # ----------------------------------------------------------------------------- layers
@@ -210,15 +206,15 @@ def correctness(dev: torch.device, shape: tuple[int, int, int] = (1024, 3072, 30
             GROUP, 4, 4, False, 0.0, "none")
     ref = quantized_linear_reference(*args[:9], group_size=GROUP)
     out: dict[str, Any] = {"shape": [m, k, n]}
-    out["sqnr_fused_vs_reference_db"] = sqnr_db(quantized_linear_triton(*args), ref)
-    out["sqnr_unfused_vs_reference_db"] = sqnr_db(unfused_quantized_linear(*args), ref)
+    out["sqnr_fused_vs_reference_db"] = sqnr_db(ref, quantized_linear_triton(*args))
+    out["sqnr_unfused_vs_reference_db"] = sqnr_db(ref, unfused_quantized_linear(*args))
     # fp32 in/out with exact fp32 low-rank: everything but fp32 summation order is exact.
     with env("SVDQ_AUTOTUNE", "0"):  # a one-off spec: skip tuning (compile time)
         ref32 = quantized_linear_reference(x.float(), *args[1:9], group_size=GROUP)
         y32 = quantized_linear_triton(x.float(), *args[1:], lora_precision="ieee")
         out["rel_err_fp32_io_vs_reference"] = float((y32.double() - ref32.double()).norm() / ref32.double().norm())
     # Quantization error of W4A4 SVDQuant itself on this random layer (vs the bf16 layer).
-    out["sqnr_w4a4_vs_bf16_layer_db"] = sqnr_db(ref, F.linear(x, L.w_bf16, L.bias))
+    out["sqnr_w4a4_vs_bf16_layer_db"] = sqnr_db(F.linear(x, L.w_bf16, L.bias), ref)
     out["ok"] = bool(out["sqnr_fused_vs_reference_db"] > 40 and out["rel_err_fp32_io_vs_reference"] < 1e-5)
     return out
 
@@ -317,9 +313,9 @@ def run(ctx: Context, tqdm: Any) -> None:
             # Cheap per-shape consistency checks at the tuned configs.
             try:
                 if "fused" in outputs and "unfused" in outputs:
-                    row["sqnr_fused_vs_unfused_db"] = sqnr_db(outputs["fused"], outputs["unfused"])
+                    row["sqnr_fused_vs_unfused_db"] = sqnr_db(outputs["unfused"], outputs["fused"])
                 if "fused" in outputs and "bf16" in outputs:
-                    row["sqnr_fused_vs_bf16_db"] = sqnr_db(outputs["fused"], outputs["bf16"])
+                    row["sqnr_fused_vs_bf16_db"] = sqnr_db(outputs["bf16"], outputs["fused"])
             except Exception as e:  # noqa: BLE001
                 row["check_error"] = repr(e)
             row["seconds"] = round(time.time() - t_shape, 1)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from svdq_compile.quant.config import SVDQuantConfig
-from svdq_compile.quant.stats import _NAME_ATTR, _STATS_ATTR, LayerStats, _Undo, attach_stats, layer_name, stats_of
+from svdq_compile.quant.stats import _NAME_ATTR, _STATS_ATTR, LayerStats, attach_stats, stats_of
 
 __all__ = ["LayerStats", "calibrate", "calibrating", "stats_of", "clear_calibration"]
 

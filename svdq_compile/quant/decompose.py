@@ -66,9 +66,10 @@ class LayerTarget:
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio ``20 log10(||ref|| / ||ref - test||)`` in dB."""
-    ref = ref.double()
-    err = (ref - test.double()).norm().item()
+    """Signal-to-quantization-noise ratio ``20 log10(||ref|| / ||ref - test||)`` in dB (inf
+    when equal). The one definition (tests and benchmarks use it too); numpy arrays work."""
+    ref = torch.as_tensor(ref).double()
+    err = (ref - torch.as_tensor(test).double()).norm().item()
     sig = ref.norm().item()
     if err == 0.0:
         return math.inf

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from svdq_compile.runtime.ops import linear_from_packed
-from svdq_compile.runtime.packed import LinearSpec, PackedLinear
+from svdq_compile.runtime.packed import PackedLinear
 
 __all__ = ["SVDQLinear"]
 

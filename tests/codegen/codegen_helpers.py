@@ -78,12 +78,3 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     """||y - ref|| / ||ref|| in float64."""
     y, ref = y.double(), ref.double()
     return float((y - ref).norm() / ref.norm().clamp_min(1e-300))
-
-
-def sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """20 log10(||ref|| / ||ref - y||); inf when equal."""
-    y, ref = y.double(), ref.double()
-    err = (y - ref).norm()
-    if err == 0:
-        return float("inf")
-    return float(20 * torch.log10(ref.norm() / err))

@@ -4,7 +4,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from tests.codegen.codegen_helpers import CAN_RUN, DEVICE, make_input, make_layer, rel_err, sqnr_db  # noqa: E402
+from tests.codegen.codegen_helpers import CAN_RUN, DEVICE, make_input, make_layer, rel_err  # noqa: E402
+from svdq_compile.quant.decompose import sqnr_db  # noqa: E402
 
 import svdq_compile.codegen as codegen  # noqa: E402
 from svdq_compile.codegen.linear import quantized_linear_triton  # noqa: E402
@@ -42,7 +43,7 @@ def test_svdq_linear_op_matches_cpu_path(dtype):
     # Same quantized integers on both paths; only fp32 summation order (and, for bf16, a
     # rare output rounding tie) differ: 60 dB is ~0.1% error, far above that noise and
     # far below a real bug. (On CUDA the default low-rank precision is tf32x3, also near fp32.)
-    assert sqnr_db(y.cpu(), y_cpu) >= 60
+    assert sqnr_db(y_cpu, y.cpu()) >= 60
 
 
 def test_triton_op_eager():

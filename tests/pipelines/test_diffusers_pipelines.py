@@ -26,7 +26,7 @@ pytest.importorskip("transformers")
 
 from svdq_compile.testing import tiny_pipelines as tp  # noqa: E402
 
-from svdq_compile import SVDQLinear  # noqa: E402
+from svdq_compile import SVDQLinear, sqnr_db  # noqa: E402
 from svdq_compile.export.artifacts import ArtifactError  # noqa: E402
 from svdq_compile.cli import main as cli  # noqa: E402
 from svdq_compile.integrations.diffusers.pipelines import (  # noqa: E402
@@ -301,11 +301,6 @@ def _lora_images(pipe, name: str) -> np.ndarray:
     return out.images.float().numpy()
 
 
-def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:
-    ref, x = ref.astype(np.float64), x.astype(np.float64)
-    return float(20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - x)))
-
-
 _LORA_FILES: dict = {}  # (pipeline dir, targets) -> files: seeded, read-only, so the tests share them
 
 
@@ -414,9 +409,9 @@ def test_lora(case, tmp_path, record_property):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SVDQLoraLinear, "forward", PeftLinear.forward)
         a_ref = _lora_images(q, case.name)
-    p_exact = _sqnr(a_ref, a_q)
-    p_base, p_a = _sqnr(base_fp, base_q), _sqnr(a_fp, a_q)
-    p_effect = _sqnr(base_fp, a_fp)  # how much the LoRA changes the 16-bit images
+    p_exact = sqnr_db(a_ref, a_q)
+    p_base, p_a = sqnr_db(base_fp, base_q), sqnr_db(a_fp, a_q)
+    p_effect = sqnr_db(base_fp, a_fp)  # how much the LoRA changes the 16-bit images
 
     for pipe in (fp, q):
         _load_lora(pipe, files["b"], "b")
@@ -432,7 +427,7 @@ def test_lora(case, tmp_path, record_property):
                     m.set_scale("a", 0.7)
                     m.set_scale("b", 0.3)
     ab_fp, ab_q = _lora_images(fp, case.name), _lora_images(q, case.name)
-    p_ab = _sqnr(ab_fp, ab_q)
+    p_ab = sqnr_db(ab_fp, ab_q)
     _assert_int4_untouched(den, int4)
     record_property("lora_sqnr", {"base": p_base, "a": p_a, "a+b": p_ab, "lora_effect": p_effect, "vs_peft": p_exact,
                                   "load_s": load_s, "quant_s": case.quant_seconds})
@@ -551,7 +546,7 @@ def test_lora_compiled_past_recompile_limit(case):
             change(eager)
             change(q)
             ref = _lora_images(eager, case.name)
-            sqnrs[tag] = _sqnr(ref, _lora_images(q, case.name))
+            sqnrs[tag] = sqnr_db(ref, _lora_images(q, case.name))
     print(f"\nflux compiled vs eager past the recompile limit, SQNR dB: {sqnrs}")
     assert math.isfinite(sqnrs["load a"]), "rank 4 should still run compiled (the 2nd graph), not eagerly"
     # Same quantized numerics on both sides (compiled: fused siblings, other summation order):
@@ -645,7 +640,7 @@ def test_lora_bad_input(case, tmp_path):
     den = q.transformer
     assert isinstance(den.proj_out, PeftLinear) and isinstance(den.context_embedder, PeftLinear)
     assert type(den.single_transformer_blocks[0].proj_out).__name__ == "SVDQLoraLinear"  # quantized one
-    assert _sqnr(base, _lora_images(q, case.name)) < 40  # applied, not dropped
+    assert sqnr_db(base, _lora_images(q, case.name)) < 40  # applied, not dropped
 
 
 def _flux_inputs(b: int, t: int, txt: int = 8) -> dict:

@@ -131,7 +131,7 @@ def _build_layer_class() -> type:
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     from svdq_compile.runtime.ops import linear_from_packed
-    from svdq_compile.runtime.packed import LinearSpec, PackedLinear
+    from svdq_compile.runtime.packed import PackedLinear
 
     class SVDQLoraLinear(LoraLinear):
         """PEFT LoRA layer around an ``SVDQLinear``: adapters as extra rank of its 16-bit branch."""
