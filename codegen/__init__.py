@@ -5,8 +5,9 @@
 - :mod:`.gemm`: grouped INT8-MMA GEMM with per-group rescale and fused epilogue;
 - :mod:`.autotune` / :mod:`.cache`: launch configs and the tuned-config cache;
 - :mod:`.linear`: the wrapper installed into ``svdq::linear``;
-- :mod:`.op`: the same as a ``torch.library.triton_op`` (``svdq::triton_linear``);
-- :mod:`.unfused`: the unfused baseline for benchmarks.
+- :mod:`.op`: the same as a ``torch.library.triton_op`` (``svdq::triton_linear``).
+
+The unfused baseline the benchmarks compare with is ``benchmarks/suites/unfused.py``.
 
 Importing this package does not import Triton: the kernels are defined (``triton.jit``)
 when :mod:`.linear` is first imported, so ``TRITON_INTERPRET=1`` may be set until then.

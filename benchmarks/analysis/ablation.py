@@ -8,7 +8,7 @@ SVDQuant / SVDQuant + refinement, and a rank sweep, on
 
 The demo model's layers are 128 wide, so rank 32 is a quarter of a layer (in FLUX it is
 ~1% of 3072): the rank sweep includes rank 2-4, proportional to FLUX, so the numbers do
-not flatter the method (DESIGN section 6).
+not flatter the method (docs/design.md section 6).
 
     svdq bench --suite ablation [--quick] [--param skip_demo=1]
 """

@@ -3,7 +3,7 @@ per-token ``w4a8-int8`` and ``w4a8-fp8``, same seeds, same calibration, same con
 otherwise (explicit ``mode=`` everywhere: the default is ``"auto"``).
 
 - the demo (digits FLUX transformer): sample PSNR / SSIM vs the fp32 samples at rank 32
-  and at the proportional rank 4 (DESIGN section 6), with the demo's own calibration
+  and at the proportional rank 4 (docs/design.md section 6), with the demo's own calibration
   recording, sampler and metrics (svdq_compile/demo); fewer samples and steps than
   ``svdq demo`` with ``--quick``;
 - the outlier block (svdq_compile/testing/models.py ``AttnMLPBlock``: LayerNorm -> QKV + GELU MLP, 1% of

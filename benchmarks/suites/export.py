@@ -296,7 +296,7 @@ def run(ctx: Context, tqdm: Any) -> None:
     bar = tqdm(total=3 * n_files, desc="bench export (ORT CPU)", disable=not ctx.progress)
     with tempfile.TemporaryDirectory(prefix="svdq_bench_export_") as d:
         tmp = Path(d)
-        # Demo: batch 200 = 100 samples with classifier-free guidance (DESIGN section 6).
+        # Demo: batch 200 = 100 samples with classifier-free guidance (docs/design.md section 6).
         batch = 16 if ctx.smoke else (64 if ctx.quick else 200)
         has_demo = CHECKPOINT_PATH.is_file()
         if has_demo:
@@ -318,7 +318,7 @@ def run(ctx: Context, tqdm: Any) -> None:
         del block, q
         gc.collect()
         if has_demo and not ctx.quick:
-            # DESIGN section 6: rank 32 is a quarter of the demo's 128-wide layers (~1% in FLUX);
+            # docs/design.md section 6: rank 32 is a quarter of the demo's 128-wide layers (~1% in FLUX);
             # rank 4 is the proportional one.
             _demo_case(ctx, tmp, bar, batch, rank=4)
     bar.close()

@@ -26,7 +26,7 @@ from .harness import Context
 
 __all__ = ["run", "layer_bytes", "TARGET_RATIO"]
 
-TARGET_RATIO = 3.5  # DESIGN: FLUX.1 12B, 3.5x less memory than bf16 (paper)
+TARGET_RATIO = 3.5  # docs/design.md section 1: FLUX.1 12B, 3.5x less memory than bf16 (paper)
 GB = 1e9
 
 PARTS = ("linear weights (ours: packed INT4)", "group scales", "smoothing factors", "low-rank branch", "bias",

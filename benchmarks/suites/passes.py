@@ -14,7 +14,7 @@ passes, not Inductor):
    written by a separate op. Each node is executed once by an FX interpreter with real
    tensors; a node whose outputs share storage with its inputs (views, no-op casts,
    identity dropout, split/getitem) moves no data and is not counted. An ``svdq::linear``
-   is counted as the fused kernel of DESIGN section 2 (one read of X: smoothing,
+   is counted as the fused kernel of docs/design.md section 2 (one read of X: smoothing,
    quantization and the low-rank down projection in one prologue; one write of Y with
    bias/activation/gate/residual in the epilogue; +1 read of an activation-sized
    residual/gate), plus the *smoothing multiply* (read X, write X/lambda) when its

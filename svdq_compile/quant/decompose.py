@@ -35,7 +35,7 @@ _OVERSAMPLE = 16  # extra directions for randomized / warm-started SVD (Halko et
 # little between rounds, so two block power iterations match a fresh exact SVD.
 _REFINE_POWER_ITERS = 2
 # The smoothing search only ranks candidates: randomized SVD with one power iteration
-# ranks them like the exact SVD at a fraction of the cost (benchmarks/bench_calib_time).
+# ranks them like the exact SVD at a fraction of the cost (``svdq bench --suite calib_time``).
 _SEARCH_POWER_ITERS = 1
 # Below this min(N, K) the exact eigh path is already cheap: keep it (same factors).
 _FAST_SVD_MIN_DIM = 512

@@ -66,7 +66,7 @@ _ARTIFACT_DIR = "svdq"
 _DENOISERS = ("transformer", "unet")
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
-# Kept in 16-bit by default (DESIGN section 1.6, as Nunchaku does): embedders
+# Kept in 16-bit by default (docs/design.md section 1 step 6, as Nunchaku does): embedders
 # (patch/context/time/pooled-text/added-condition embeddings), PixArt's AdaLN-single and
 # caption projection, the final norm-modulation and output projection, and the text
 # encoders' final projection. fnmatch patterns on the full layer name, so a block's own
