@@ -66,7 +66,7 @@ class PrologueConfig:
 
 @dataclass(frozen=True)
 class PtGemmConfig:
-    """Per-token GEMM (:mod:`.gemm_pt`): the fused kernel's tile (one accumulator over K in
+    """Per-token GEMM (:mod:`.gemm_per_token`): the fused kernel's tile (one accumulator over K in
     BLOCK_K steps), or with ``library`` the library composition (``torch._scaled_mm`` /
     ``torch._int_mm``, then the epilogue kernel on this tile; block_k unused)."""
 

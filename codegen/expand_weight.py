@@ -36,7 +36,7 @@ from svdq_compile.runtime.torch_path import cached_expanded_weight
 from svdq_compile.runtime.op_args import LinearArgs
 from svdq_compile.runtime.per_token import FP8_DTYPE
 from svdq_compile.codegen.launch import interpreting, launch
-from svdq_compile.codegen.prologue_pt import to_e4m3
+from svdq_compile.codegen.prologue_per_token import to_e4m3
 
 __all__ = ["expand_kernel", "run_expand", "expanded_operand", "keep_expanded"]
 

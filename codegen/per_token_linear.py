@@ -2,11 +2,11 @@
 
 Three launches (numerics: runtime/per_token.py; oracle: runtime/reference.py):
 
-1. :mod:`.prologue_pt`: X -> 8-bit activations, per-token scales, ``X' L2^T``;
+1. :mod:`.prologue_per_token`: X -> 8-bit activations, per-token scales, ``X' L2^T``;
 2. :mod:`.expand_weight`: INT4 weight -> [N, K] 8-bit operand (per call, or a per-layer
    copy with ``SVDQ_KEEP_EXPANDED=1``);
-3. :mod:`.gemm_pt`: one accumulator over K, rescale + low-rank + epilogue after the loop;
-   or the library composition (:mod:`.library_pt`), whichever tuning found faster.
+3. :mod:`.gemm_per_token`: one accumulator over K, rescale + low-rank + epilogue after the loop;
+   or the library composition (:mod:`.library_per_token`), whichever tuning found faster.
 
 Failures: in eager mode any compile/launch error of these kernels (including "every
 config failed" from the autotuner) falls back to the torch implementation, logged once
@@ -26,8 +26,8 @@ from svdq_compile.codegen.expand_weight import expanded_operand
 from svdq_compile.codegen.fallback import run_or_fallback
 from svdq_compile.codegen.gemm import EpilogueInputs
 from svdq_compile.codegen.call_spec import inner_contiguous, is_tracing, make_spec
-from svdq_compile.codegen.gemm_pt import run_gemm_pt
-from svdq_compile.codegen.prologue_pt import run_prologue_pt
+from svdq_compile.codegen.gemm_per_token import run_gemm_pt
+from svdq_compile.codegen.prologue_per_token import run_prologue_pt
 from svdq_compile.codegen.spec import KernelSpec
 
 __all__ = ["per_token_linear", "check_per_token_args", "unsupported_reason"]

@@ -56,7 +56,7 @@ class KernelSpec(ModeFields):
         in_dtype: dtype of X; out_dtype: dtype of Y (the op keeps X's dtype).
         lora_precision: ``tl.dot`` input precision of the two low-rank products.
         scheme: ``"group"`` (group scales on both operands: :mod:`.gemm`) or a per-token
-            scheme ``"int8"`` / ``"fp8"`` (runtime/per_token.py: :mod:`.gemm_pt`).
+            scheme ``"int8"`` / ``"fp8"`` (runtime/per_token.py: :mod:`.gemm_per_token`).
     """
 
     weight_bits: int = 4

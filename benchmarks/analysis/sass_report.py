@@ -26,8 +26,8 @@ slow, never how fast it is (docs/kernels.md). Timings come from ``benchmarks/gpu
 Kernels: the library's grouped GEMM (``codegen/gemm.py``: W4A4, W4A8, W8A8 at the Hopper
 launch configs), with Triton's default lowering and with ``DISABLE_MMA_V3=1`` (Triton reads
 it per compilation); the per-token kernels of ``w4a8-fp8`` / ``w4a8-int8``
-(``codegen/gemm_pt.py`` at every large-M autotune candidate and the few-token default,
-``codegen/prologue_pt.py`` and ``codegen/expand_weight.py`` at their defaults). For the
+(``codegen/gemm_per_token.py`` at every large-M autotune candidate and the few-token default,
+``codegen/prologue_per_token.py`` and ``codegen/expand_weight.py`` at their defaults). For the
 per-token GEMM the acceptance of issue 16 reads off ``main_loop_waits_pendings`` (no 0: an
 MMA stays in flight), ``ptxas_serialization_codes`` (empty) and ``stack_bytes`` /
 ``spill_store_bytes`` (0). Results: ``benchmarks/analysis/results/sass_*_triton-<version>.json``;
@@ -327,9 +327,9 @@ def _q8(scheme: str) -> str:
 
 
 def gemm_pt_report(scheme: str, cfg: Any, *, arch: int, shape: Optional[dict] = None) -> dict:
-    """The per-token GEMM (codegen/gemm_pt.py: 8-bit x 8-bit, one accumulator over K, rescale,
+    """The per-token GEMM (codegen/gemm_per_token.py: 8-bit x 8-bit, one accumulator over K, rescale,
     low-rank up projection and epilogue after the loop) at one ``PtGemmConfig``."""
-    from svdq_compile.codegen.gemm_pt import _constexprs, gemm_pt_kernel
+    from svdq_compile.codegen.gemm_per_token import _constexprs, gemm_pt_kernel
 
     spec = _pt_spec(scheme)
     sh = dict(shape or _SHAPE)
@@ -347,9 +347,9 @@ def gemm_pt_report(scheme: str, cfg: Any, *, arch: int, shape: Optional[dict] = 
 
 
 def prologue_pt_report(scheme: str, cfg: Any, *, arch: int) -> dict:
-    """The per-token prologue (codegen/prologue_pt.py): smoothing, row absmax, X' L2^T, then
+    """The per-token prologue (codegen/prologue_per_token.py): smoothing, row absmax, X' L2^T, then
     the 8-bit activations, at one ``PrologueConfig``."""
-    from svdq_compile.codegen.prologue_pt import _constexprs, prologue_pt_kernel
+    from svdq_compile.codegen.prologue_per_token import _constexprs, prologue_pt_kernel
 
     spec = _pt_spec(scheme)
     m, k = _SHAPE["M"], _SHAPE["K"]
@@ -391,12 +391,12 @@ def _pt_configs(m: int = _SHAPE["M"], arch: int = 90) -> tuple[list, list]:
 
 
 def pt_available() -> Optional[str]:
-    """None when the per-token kernels (codegen/gemm_pt.py, prologue_pt.py, expand_weight.py)
+    """None when the per-token kernels (codegen/gemm_per_token.py, prologue_per_token.py, expand_weight.py)
     can be imported, else why not."""
     try:
         import svdq_compile.codegen.expand_weight  # noqa: F401
-        import svdq_compile.codegen.gemm_pt  # noqa: F401
-        import svdq_compile.codegen.prologue_pt  # noqa: F401
+        import svdq_compile.codegen.gemm_per_token  # noqa: F401
+        import svdq_compile.codegen.prologue_per_token  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
     return None

@@ -27,10 +27,10 @@ from svdq_compile.codegen import autotune, fallback, per_token_linear as ptl  # 
 from svdq_compile.codegen.autotune import AutotuneError, PrologueConfig, PtGemmConfig  # noqa: E402
 from svdq_compile.codegen.expand_weight import KEEP_ENV, run_expand  # noqa: E402
 from svdq_compile.codegen.gemm import EpilogueInputs  # noqa: E402
-from svdq_compile.codegen.gemm_pt import run_gemm_pt  # noqa: E402
-from svdq_compile.codegen.library_pt import library_available  # noqa: E402
+from svdq_compile.codegen.gemm_per_token import run_gemm_pt  # noqa: E402
+from svdq_compile.codegen.library_per_token import library_available  # noqa: E402
 from svdq_compile.codegen.linear import quantized_linear_triton  # noqa: E402
-from svdq_compile.codegen.prologue_pt import run_prologue_pt, to_e4m3  # noqa: E402
+from svdq_compile.codegen.prologue_per_token import run_prologue_pt, to_e4m3  # noqa: E402
 from svdq_compile.codegen.spec import KernelSpec  # noqa: E402
 from svdq_compile.runtime.torch_path import PT_CACHE_ATTR, quantized_linear_cpu  # noqa: E402
 from svdq_compile.runtime.op_args import LinearArgs  # noqa: E402
@@ -273,7 +273,7 @@ def test_candidates_offer_library_and_fused(monkeypatch):
 
 def test_int8_library_pads_small_m():
     """_int_mm needs M > 16 on CUDA: small M runs on 17 appended zero rows, sliced back (exact)."""
-    from svdq_compile.codegen.library_pt import library_product
+    from svdq_compile.codegen.library_per_token import library_product
 
     g = torch.Generator().manual_seed(1)
     for m in (1, 16, 17):
@@ -340,7 +340,7 @@ def test_kernel_failure_falls_back_logged_once(failure, monkeypatch, caplog):
     else:
         def no_config(kind, *a, **k):
             raise AutotuneError(f"svdq autotune: every {kind} config failed")
-        monkeypatch.setattr("svdq_compile.codegen.gemm_pt.choose_config", no_config)
+        monkeypatch.setattr("svdq_compile.codegen.gemm_per_token.choose_config", no_config)
     a = _args(_input(17, K), _layer("int8", 72, K), "int8", epilogue="gelu")
     with caplog.at_level(logging.DEBUG, logger="svdq_compile.codegen.fallback"):
         y1 = quantized_linear_triton(a)

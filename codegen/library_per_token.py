@@ -1,7 +1,7 @@
 """The library composition of the per-token GEMM: the floor the fused kernel must beat.
 
 ``acc = qa @ w8^T`` by a vendor GEMM (one accumulator over all of K, nothing else), then
-:mod:`.gemm_pt`'s kernel in its ``FROM_ACC`` form does the whole epilogue in one pass:
+:mod:`.gemm_per_token`'s kernel in its ``FROM_ACC`` form does the whole epilogue in one pass:
 ``act(float(acc) * sa[m] * c[n] + h @ lora_up^T + bias) * gate + residual``.
 
 - fp8 on CUDA (sm_89+): ``torch._scaled_mm`` with unit tensor-wise scales and an fp32

@@ -12,7 +12,7 @@ shared with the group GEMM).
 
 INT8 accumulates in int32 (exact): Triton's Hopper pipeliner serialises every wgmma of a
 non-fp32 accumulator ("We don't make the dot async if the accumulator is not fp32",
-docs/design.md section 2.1), so on a GPU the library composition (``torch._int_mm``, :mod:`.library_pt`)
+docs/design.md section 2.1), so on a GPU the library composition (``torch._int_mm``, :mod:`.library_per_token`)
 is a tuning candidate beside this kernel and comes first for int8.
 
 ``FROM_ACC``: the same kernel without the K loop reads a finished accumulator (the library
@@ -31,7 +31,7 @@ from svdq_compile.codegen.autotune import PtGemmConfig, choose_config, pt_gemm_c
 from svdq_compile.codegen.epilogue import finish_tile
 from svdq_compile.codegen.gemm import EpilogueInputs, epilogue_constexprs, epilogue_operands
 from svdq_compile.codegen.launch import launch
-from svdq_compile.codegen.library_pt import library_available, library_product
+from svdq_compile.codegen.library_per_token import library_available, library_product
 from svdq_compile.codegen.spec import KernelSpec
 from svdq_compile.codegen.tiling import grouped_tile
 
@@ -150,7 +150,7 @@ def run_gemm_pt(
 ) -> torch.Tensor:
     """qa: [M, K] 8-bit, sa: [M] fp32, w8: [N, K] 8-bit, wchannel: [N] -> y [M, N] in spec.out_dtype.
 
-    ``config.library`` selects the library composition (:mod:`.library_pt`); without a
+    ``config.library`` selects the library composition (:mod:`.library_per_token`); without a
     config, :func:`.autotune.choose_config` picks fused kernel or composition per shape
     bucket. ``inputs``: the epilogue's tensors (gate/residual broadcast to ``(*lead, N)``);
     last dims contiguous.
