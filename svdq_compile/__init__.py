@@ -20,6 +20,7 @@ from svdq_compile.export.artifacts import ArtifactError, load, save
 from svdq_compile.capture.explain import explain
 from svdq_compile.export import export_onnx, export_tensorrt
 from svdq_compile.integrations.diffusers.pipelines import PIPELINE_SKIP, load_pipeline, pipeline_config, quantize_pipeline, save_pipeline
+from svdq_compile.integrations.nunchaku import NunchakuFormatError, load_nunchaku
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,8 @@ __all__ = [
     "load_pipeline",
     "pipeline_config",
     "PIPELINE_SKIP",
+    "load_nunchaku",
+    "NunchakuFormatError",
     "svdquant_backend",
 ]
 

@@ -1,0 +1,145 @@
+"""load_nunchaku round trip: our W4A4 tiny FLUX -> deepcompressor's converter -> load_nunchaku.
+
+What the converter keeps losslessly comes back exactly (INT4 codes, group scales, the bias
+of unshifted layers, fp16 smoothing factors); the rest (the 16-bit low-rank factors after
+``lora_down / smooth``, the fc2 bias that absorbs ``lora_up lora_down shift``, the AdaLN
+bias that went through ``fp16(b + 1)``) is compared as SQNR against the converter's exact
+input in Nunchaku's numerics (``nunchaku_fixtures.ideal_nunchaku``): that cost must stay
+>= 20 dB above the quantization error itself (SQNR of our layer vs the float layer).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import pytest
+
+import svdq_compile
+from svdq_compile import SVDQLinear
+from svdq_compile.quant.decompose import sqnr_db
+from svdq_compile.runtime.ops import linear_from_packed
+from tests.integrations import nunchaku_fixtures as NF
+
+MARGIN_DB = 20.0  # per layer: conversion cost this far above the quantization error (issue #28)
+# Whole pipeline: any 16-bit perturbation of a layer's output flips some activation codes of
+# the layers after it, so the distance grows toward the quantization error. Measured 13.9 dB
+# (55.3 vs 41.4 dB); rounding our own low-rank factors to fp16, no conversion at all, costs
+# the same (printed by the test). The loader itself adds nothing: with the converter's exact
+# low-rank factors and biases the pipelines are bit-identical.
+PIPE_MARGIN_DB = 10.0
+
+
+def _layers(model) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SVDQLinear)}
+
+
+@pytest.fixture(scope="module")
+def loaded(nunchaku_rt):
+    return svdq_compile.load_nunchaku(None, nunchaku_rt.legacy, dtype=torch.float32)
+
+
+def test_tensors_round_trip(nunchaku_rt, loaded):
+    """Codes, group scales, smooth and unshifted biases are bit-exact; the rest within 16-bit rounding."""
+    layers = _layers(loaded)
+    ours = nunchaku_rt.ours.packed
+    assert set(layers) == set(ours)
+    for name, p in ours.items():
+        got = layers[name].packed
+        assert torch.equal(got.qweight, p.qweight), name
+        assert torch.equal(got.wscales.float(), p.wscales.float()), name
+        local = name.split(".", 2)[2]
+        if p.spec.act_bits == 16:  # AdaLN W4A16: the bias went through fp16(b + 1) - 1
+            assert got.spec.mode == "w4a16" and got.rank == 0
+            assert (got.bias.double() - p.bias.double()).abs().max() <= 2.0 ** -10, name
+            continue
+        assert got.spec.mode == "w4a4-nunchaku"
+        assert torch.equal(got.smooth.float(), p.smooth.float()), name
+        if local not in NF.UNSIGNED and local != "proj_out":
+            assert torch.equal(got.bias.float(), p.bias.to(torch.float16).float()), name
+        assert got.spec.act_unsigned == (local in NF.UNSIGNED or local == "proj_out"), name
+        lr_ours = p.lora_up.double() @ p.lora_down.double()
+        lr_got = got.lora_up.double() @ got.lora_down.double()
+        assert sqnr_db(lr_ours, lr_got) > 55, name  # fp16 rounding of lora_down / smooth and lora_up
+
+
+def test_layer_sqnr(nunchaku_rt, loaded):
+    """Per layer: conversion cost (loaded vs the converter's exact input, same numerics) >= 20 dB
+    above the quantization error (our layer vs float)."""
+    rt = nunchaku_rt
+    layers = _layers(loaded)
+    rows = []
+    for name, p in rt.ours.packed.items():
+        x = rt.ours.samples[name]
+        w, b = rt.ours.float_w[name]
+        ref = F.linear(x, w, b)
+        q = sqnr_db(ref, linear_from_packed(x, p))
+        ideal = NF.ideal_nunchaku(name, p, rt.ours.shifts.get(name, 0.0), k1=128)
+        y_ideal = linear_from_packed(x, ideal)
+        y_got = layers[name](x)
+        conv = sqnr_db(y_ideal, y_got)
+        rows.append((name, q, sqnr_db(ref, y_ideal), conv, sqnr_db(linear_from_packed(x, p), y_got)))
+        assert conv >= q + MARGIN_DB, (name, q, conv)
+    print("\nlayer: quantization SQNR (ours vs float) / Nunchaku numerics vs float / conversion (loaded vs "
+          "exact input) / ours vs loaded, dB")
+    for r in rows:
+        print(f"  {r[0]:44s} {r[1]:5.1f} {r[2]:5.1f} {r[3]:5.1f} {r[4]:5.1f}")
+
+
+def test_merged_equals_legacy(nunchaku_rt, loaded):
+    """The merged single file (nunchaku.merge_safetensors' form) installs the same tensors."""
+    other = svdq_compile.load_nunchaku(None, nunchaku_rt.merged, dtype=torch.float32)
+    a, b = loaded.state_dict(), other.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def _swap(model, modules: dict) -> dict:
+    old = {}
+    for name, m in modules.items():
+        old[name] = model.get_submodule(name)
+        model.set_submodule(name, m)
+    return old
+
+
+def test_pipeline_sqnr(nunchaku_rt, loaded):
+    """The whole tiny FLUX pipeline: the imported transformer generates within the bound of the
+    exactly converted one; the merged single file gives the same bits as the folder."""
+    rt = nunchaku_rt
+    pipe = rt.ours.pipe
+    ours_t = pipe.transformer
+    with torch.no_grad():
+        y_ours = NF.run(pipe)
+        ideal = {n: SVDQLinear(NF.ideal_nunchaku(n, p, rt.ours.shifts.get(n, 0.0), k1=128), n)
+                 for n, p in rt.ours.packed.items()}
+        back = _swap(ours_t, ideal)
+        try:
+            y_ideal = NF.run(pipe)
+        finally:
+            _swap(ours_t, back)
+        lora16 = {n: SVDQLinear(NF.ideal_nunchaku(n, p.with_(lora_down=p.lora_down.half().float(),
+                                                               lora_up=p.lora_up.half().float()),
+                                                  rt.ours.shifts.get(n, 0.0), k1=128), n)
+                  for n, p in rt.ours.packed.items() if p.spec.act_bits == 4}
+        back = _swap(ours_t, lora16)
+        try:
+            y_lora16 = NF.run(pipe)
+        finally:
+            _swap(ours_t, back)
+        try:
+            pipe.transformer = loaded
+            y_legacy = NF.run(pipe)
+            pipe.transformer = svdq_compile.load_nunchaku(None, rt.merged, dtype=torch.float32)
+            y_merged = NF.run(pipe)
+        finally:
+            pipe.transformer = ours_t
+    q = sqnr_db(rt.ours.ref, y_ours)
+    qn = sqnr_db(rt.ours.ref, y_ideal)
+    conv = sqnr_db(y_ideal, y_legacy)
+    print(f"\npipeline latents SQNR: ours vs fp32 {q:.1f} dB, Nunchaku numerics vs fp32 {qn:.1f} dB, "
+          f"loaded vs exact conversion {conv:.1f} dB, ours vs loaded {sqnr_db(y_ours, y_legacy):.1f} dB, "
+          f"loaded vs fp32 {sqnr_db(rt.ours.ref, y_legacy):.1f} dB; exact conversion vs the same with fp16 "
+          f"low-rank factors (no file) {sqnr_db(y_ideal, y_lora16):.1f} dB")
+    print(f"legacy folder vs merged file: {sqnr_db(y_legacy, y_merged):.1f} dB")
+    assert sqnr_db(y_legacy, y_merged) > 100  # same tensors (checked below); fp32 GEMM order aside
+    assert conv >= max(q, qn) + PIPE_MARGIN_DB
