@@ -10,6 +10,8 @@ import pytest
 import torch
 
 pytest.importorskip("deepcompressor.backend.nunchaku.utils")
+# deepcompressor's pad() indexes with a list of slices (a torch deprecation warning, same result)
+pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
 
 from deepcompressor.backend.nunchaku.utils import NunchakuWeightPacker  # noqa: E402
 from deepcompressor.backend.tinychat.utils import convert_to_tinychat_w4x16y16_linear_weight  # noqa: E402

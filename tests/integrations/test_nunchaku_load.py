@@ -143,3 +143,79 @@ def test_pipeline_sqnr(nunchaku_rt, loaded):
     print(f"legacy folder vs merged file: {sqnr_db(y_legacy, y_merged):.1f} dB")
     assert sqnr_db(y_legacy, y_merged) > 100  # same tensors (checked below); fp32 GEMM order aside
     assert conv >= max(q, qn) + PIPE_MARGIN_DB
+
+
+RETARGET_PROMPTS = ["a red house", "a photo of a cat", "a small bird on a flower"]
+
+
+def test_retarget_modes_quality(nunchaku_rt):
+    """mode= re-targets the INT4 codes and scales without calibration; both per-token modes
+    measure at least the W4A4 run's quality vs the fp32 model (layers and pipeline)."""
+    rt = nunchaku_rt
+    pipe, ours_t = rt.ours.pipe, rt.ours.pipe.transformer
+    fp = NF.load_pipe(rt.ours.fp_dir)
+    with torch.no_grad():
+        refs = torch.cat([NF.run(fp, p, seed=s) for s, p in enumerate(RETARGET_PROMPTS)])
+    layer_db, pipe_db = {}, {}
+    for mode in (None, "w4a8-fp8", "w4a8-int8", "w4a4"):
+        model = svdq_compile.load_nunchaku(None, rt.legacy, mode=mode, dtype=torch.float32)
+        vals = []
+        for name, p in rt.ours.packed.items():
+            if p.spec.act_bits == 16:
+                continue
+            mod = model.get_submodule(name)
+            want = {None: "nunchaku", "w4a8-fp8": "fp8", "w4a8-int8": "int8", "w4a4": "group"}[mode]
+            assert mod.spec.scheme == want
+            x = rt.ours.samples[name]
+            w, b = rt.ours.float_w[name]
+            vals.append(sqnr_db(F.linear(x, w, b), mod(x)))
+        layer_db[mode] = sum(vals) / len(vals)
+        try:
+            pipe.transformer = model
+            with torch.no_grad():
+                ys = torch.cat([NF.run(pipe, p, seed=s) for s, p in enumerate(RETARGET_PROMPTS)])
+        finally:
+            pipe.transformer = ours_t
+        pipe_db[mode] = sqnr_db(refs, ys)
+    print("\nre-targeted modes vs fp32: mean layer SQNR / pipeline latents SQNR (3 prompts), dB")
+    for mode in layer_db:
+        print(f"  {mode or 'w4a4-nunchaku (default)':24s} {layer_db[mode]:5.2f} {pipe_db[mode]:5.2f}")
+    for mode in ("w4a8-fp8", "w4a8-int8"):
+        assert layer_db[mode] >= layer_db[None]
+        assert pipe_db[mode] >= pipe_db[None] - 0.5  # 3 prompts at 2 steps: +1.5 / +0.2 dB measured
+
+
+def test_compile_explain_save_lora(nunchaku_rt, loaded, tmp_path):
+    """The imported model works like one we quantized: backend="svdquant", explain(), the
+    pipeline artifact round trip, LoRA folding (the low-rank branch reads the smoothed input)."""
+    rt = nunchaku_rt
+    report = svdq_compile.explain(loaded)
+    assert "w4a4-nunchaku" in report and "Nunchaku checkpoint" in report
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 8, 64, generator=g),
+                  pooled_projections=torch.randn(1, 64, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
+    with torch.no_grad():
+        eager = loaded(**inputs).sample
+        compiled = torch.compile(loaded, backend="svdquant", options={"use_inductor": False})
+        out = compiled(**inputs).sample
+    # fold_smoothing moves 1/smooth into the AdaLN norms (fp32 instead of Nunchaku's 16-bit division)
+    assert sqnr_db(eager, out) > 40
+    pipe, ours_t = rt.ours.pipe, rt.ours.pipe.transformer
+    try:
+        pipe.transformer = loaded
+        with torch.no_grad():
+            y = NF.run(pipe)
+        svdq_compile.save_pipeline(pipe, tmp_path / "saved")
+    finally:
+        pipe.transformer = ours_t
+    back = svdq_compile.load_pipeline(tmp_path / "saved", compile=False)
+    back.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        assert sqnr_db(y, NF.run(back)) > 100
+    layer = back.transformer.single_transformer_blocks[0].proj_out
+    x = torch.rand(7, layer.in_features, generator=g)
+    d, u = torch.randn(8, layer.in_features, generator=g) * 0.05, torch.randn(layer.out_features, 8, generator=g) * 0.05
+    y0 = layer(x)
+    layer.fold_lora(d, u, 0.7, "t")
+    assert sqnr_db(y0 + 0.7 * x @ (u @ d).t(), layer(x)) > 100

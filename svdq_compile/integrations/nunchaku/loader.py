@@ -266,7 +266,8 @@ def _w4a4_modules(ck: Checkpoint, block: str, layer: Layer, model: nn.Module, mo
         c, ws = codes[sl], wscales[sl]
         b = None if bias is None else bias[sl].contiguous()
         dn, u = _trim_rank(down, None if up is None else up[sl])
-        meta = {"source": "nunchaku", "nunchaku": pre, "nunchaku_precision": ck.precision}
+        meta = {"source": "nunchaku", "nunchaku": pre, "nunchaku_precision": ck.precision,
+                "mode_reason": "Nunchaku checkpoint"}
         if target_mode == scheme_mode:
             if ck.precision == "nvfp4":
                 spec = LinearSpec(k, n, group_size=g, weight_bits=4, act_bits=4, rank=0 if dn is None else dn.shape[0],
@@ -305,7 +306,8 @@ def _retarget(codes, ws, bias, smooth, down, up, groups, k, n, g, mode, ck, pre,
         corr = deq @ sv
         b = corr if b is None else b + corr
     b = None if b is None else b.float()
-    meta = dict(meta, retargeted_from="w4a4-nunchaku")
+    meta = dict(meta, retargeted_from="w4a4-nunchaku",
+                mode_reason=f"Nunchaku checkpoint, INT4 codes re-targeted (mode={mode!r})")
     rank = 0 if down is None else down.shape[0]
     sm = None if smooth is None else smooth.float()
     if mode == "w4a8-fp8":
@@ -357,7 +359,8 @@ def _awq_module(ck: Checkpoint, block: str, layer: Layer, model: nn.Module, used
             raise NunchakuFormatError(f"{ck.path}: {pre}.bias must be [{n}], got {list(b.shape)}")
         bias = (L.deinterleave_adanorm(b, splits).double() - L.adanorm_bias_delta(n, splits)).float()
     spec = LinearSpec(k, n, group_size=g, weight_bits=4, act_bits=16, rank=0, scheme="group")
-    meta = {"source": "nunchaku", "nunchaku": pre, "nunchaku_precision": "awq-w4a16"}
+    meta = {"source": "nunchaku", "nunchaku": pre, "nunchaku_precision": "awq-w4a16",
+            "mode_reason": "Nunchaku checkpoint (AWQ W4A16)"}
     return {name: PackedLinear(spec, pack_int4(q), ws.contiguous(), None, None, None, bias, meta=meta)}
 
 
@@ -479,7 +482,9 @@ def _build_from(ck: Checkpoint, dtype: Optional[torch.dtype]):
     if dtype is None:
         dtype = next((t.dtype for k, t in ck.tensors.items() if not k.startswith(tuple(arch.blocks))
                       and t.dtype.is_floating_point), torch.bfloat16)
-    return model.to(dtype).eval()
+    if any(t.dtype != dtype for t in model.parameters() if t.dtype.is_floating_point):
+        model = model.to(dtype)
+    return model.eval()
 
 
 def load_nunchaku(model_or_pipeline: Any, path: Union[str, "os.PathLike"], mode: Optional[str] = None,
