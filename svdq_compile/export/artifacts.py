@@ -9,7 +9,8 @@ Layout of an artifact directory::
 
 Loading never executes code from the files (safetensors + JSON, no pickle). Saving
 writes a temporary directory and renames it into place, so an interrupted save never
-leaves a half-written artifact where a good one was.
+leaves a half-written artifact where a good one was; the directory and its files get the
+permissions of a plain ``mkdir`` / file under the umask (:func:`staging_dir`, :func:`plain_modes`).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -28,7 +30,8 @@ import torch.nn as nn
 from svdq_compile.quant.modules import SVDQLinear
 from svdq_compile.runtime.packed import LinearSpec, PackedLinear
 
-__all__ = ["save", "load", "ArtifactError", "FORMAT_VERSION", "collect_packed"]
+__all__ = ["save", "load", "ArtifactError", "FORMAT_VERSION", "collect_packed", "staging_dir", "plain_modes",
+           "replace_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +86,59 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
             f.write(data)
 
 
+def staging_dir(path: Path) -> Path:
+    """A new empty directory beside ``path`` to write a save into before :func:`replace_dir`.
+
+    Created with ``os.mkdir(name, 0o777)``, so it gets what a plain ``mkdir`` gives under the
+    caller's umask (and the parent's default ACLs), not ``tempfile.mkdtemp``'s 0o700: the
+    directory renamed into place is readable by whoever could read one made by hand (e.g. a
+    model server running as another user). The umask is never read or changed (changing it
+    is process-wide and races with other threads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.tmp{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp, 0o777)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")  # pragma: no cover
+
+
+def plain_modes(tmp: Path) -> None:
+    """Give every directory and file under ``tmp`` (a :func:`staging_dir`) the mode of a plain
+    ``mkdir`` / new file under the umask.
+
+    Writers we call may create files privately: transformers' ``save_pretrained`` writes
+    ``model.safetensors`` through a 0o600 temporary file. The plain modes are taken by example,
+    ``tmp`` itself for directories and a probe file created with 0o666 for files, so the
+    umask is never read or changed. Files with an execute bit get the directory mode."""
+    dir_mode = stat.S_IMODE(os.stat(tmp).st_mode)
+    probe = tmp / ".svdq_mode_probe"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        file_mode = stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.unlink(probe)
+    for root, dirs, files in os.walk(tmp):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            want = dir_mode if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else file_mode
+            if stat.S_IMODE(st.st_mode) != want:
+                os.chmod(p, want)
+
+
 def replace_dir(tmp: Path, path: Path) -> None:
-    """Move the fully written directory ``tmp`` to ``path``, replacing what was there.
+    """Move the fully written directory ``tmp`` (a :func:`staging_dir`) to ``path``, replacing
+    what was there, after :func:`plain_modes`.
 
     Each step is a rename, so ``path`` always holds either the old or the new complete
     directory, never a half-written one.
     """
+    plain_modes(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -127,8 +177,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], config: Optional[Any] 
         "torch_version": torch.__version__,
         "layers": layers,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+    tmp = staging_dir(path)
     try:
         write_safetensors(tensors, tmp / WEIGHTS, {"format": "svdq_compile", "format_version": str(FORMAT_VERSION)})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))

@@ -32,14 +32,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from svdq_compile.export.artifacts import ArtifactError, read_artifact, replace_dir
+from svdq_compile.export.artifacts import ArtifactError, read_artifact, replace_dir, staging_dir
 from svdq_compile.export.artifacts import save as save_artifact
 from svdq_compile.capture.calibration import _NAME_ATTR, calibrating, clear_calibration
 from svdq_compile.quant.config import SVDQuantConfig
@@ -272,8 +271,7 @@ def save_pipeline(pipe: Any, path: Union[str, os.PathLike]) -> Path:
     if not quantized:
         raise ValueError("save_pipeline: no component of the pipeline is quantized; run quantize_pipeline first")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+    tmp = staging_dir(path)  # a plain mkdir's permissions under the umask, not mkdtemp's 0o700
     try:
         pipe.save_config(tmp)  # model_index.json, component classes as diffusers wrote them
         for name in pipe.components:
