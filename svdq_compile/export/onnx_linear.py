@@ -14,6 +14,17 @@ One quantized linear becomes (all math in float32, as the reference and the CPU 
 
 (An input of unknown rank is flattened to ``[-1, K]`` first and reshaped back after.)
 
+Per-token schemes (``w4a8-int8``, ``w4a8-fp8``) keep their INT4 codes too and compute the
+kernels' arithmetic, rebuilding the 8-bit operand from the codes in-graph
+(:func:`_per_token_weight`, :func:`_per_token_matmul`)::
+
+    q, s = per-token codes of xs (int8: clip(floor(xs/s + 0.5)), s = absmax/127; fp8: RNE to e4m3,
+           s = absmax/448), as float
+    int8: acc = q @ DequantizeLinear(codes, s_g) + ReduceSum(q per group) @ DequantizeLinear(o)
+          (codes = u - 8, o = (8 - z) * s_g INT8: q @ e exactly, e = (u - z) * s_g)
+    fp8:  acc = q @ DequantizeLinear(QuantizeLinear(DequantizeLinear(codes, s_g / c), 1, FLOAT8E4M3FN))
+    y  = acc * s * c + low-rank + bias ...
+
 The residual weight is stored as an INT4 (INT8 for 8-bit modes) initializer, transposed
 to ``[K, N]`` so the ``DequantizeLinear`` output feeds ``MatMul`` directly (the weight-only
 pattern TensorRT fuses). ONNX packs INT4 two per byte, low nibble first: the same byte
@@ -37,11 +48,11 @@ import torch
 from svdq_compile.runtime.epilogue import EPILOGUES
 from svdq_compile.runtime.modes import handler, register_handler
 from svdq_compile.runtime.packing import pack_int4, unpack_int4
-from svdq_compile.runtime.per_token import FP8_MAX, expanded_weight
+from svdq_compile.runtime.per_token import FP8_MAX
 from svdq_compile.runtime.quantize import qrange
 
 from svdq_compile.export import onnx_deploy
-from svdq_compile.export.onnx_builder import PREFIX as _PREFIX, Builder
+from svdq_compile.export.onnx_builder import Builder
 from svdq_compile.export.onnx_placeholder import ATTRIBUTES, INPUT_NAMES, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
 
 __all__ = ["expand_quantized_linears", "MIN_OPSET", "FLAVORS"]
@@ -86,27 +97,72 @@ def _weight_tensor(qweight: np.ndarray, weight_bits: int, name: str) -> ir.Tenso
     return ir.PackedTensor(packed, ir.DataType.INT4, shape=ir.Shape([k, n]), name=name)
 
 
-def _per_token_weight(ins: dict, scheme: str, group: int, layer: str, name: str) -> tuple[ir.TensorProtocol, np.ndarray]:
-    """Per-token schemes: the expanded 8-bit operand as an INT8 / FLOAT8E4M3FN [K, N] tensor
-    (bit-identical to the kernels' operand) and the [N] fp32 channel scale."""
-    t = {key: (None if ins[key] is None else torch.from_numpy(np.ascontiguousarray(_const_array(ins[key], key, layer))))
-         for key in ("qweight", "wscales", "wzeros", "wchannel")}
-    e = expanded_weight(scheme, t["qweight"].view(torch.int8), t["wscales"], t["wzeros"], t["wchannel"], group)
-    et = e.t().contiguous()  # [K, N]
+def _per_token_weight(b: Builder, ins: dict, scheme: str, group: int, layer: str) -> dict:
+    """Per-token schemes: the 4-bit codes as an INT4 ``[K, N]`` initializer (the stored nibbles,
+    as for W4A4) plus fp32 scales from which the graph rebuilds the kernels' 8-bit operand exactly.
+
+    ``int8``: the nibble is ``u - 8``, so ``DequantizeLinear(codes, s)`` gives ``(u - 8) * s``
+    (integers, exact in fp32) and ``e = (u - z) * s`` is that plus the per-group offset
+    ``o = (8 - z) * s`` (no zero point: TensorRT requires it to be 0). ``fp8``: the scale is
+    ``s_g / c_n`` (exact: ``c_n`` is a power of two), so ``DequantizeLinear`` gives
+    ``q * s_g / c_n`` exactly and one ``QuantizeLinear`` to FLOAT8E4M3FN rounds it as
+    :func:`~svdq_compile.runtime.per_token.expand_fp8` does. Returns the initializers:
+    ``codes``, ``scale`` ([K/G, N]), ``chan`` ([N]) and ``offset`` ([K/G, N] INT8, int8 only)."""
+    arr = {key: (None if ins[key] is None else _const_array(ins[key], key, layer))
+           for key in ("qweight", "wscales", "wzeros", "wchannel")}
+    out = {"codes": b.initializer(f"{layer}.qweight_int4_kn", _weight_tensor(arr["qweight"], 4, f"{layer}.w"))}
+    s = np.asarray(arr["wscales"]).astype(np.float32)  # [N, K/G]: int8 in [1, 16] or fp16, both exact in fp32
+    c = np.asarray(arr["wchannel"], dtype=np.float32)  # [N]
     if scheme == "int8":
-        tensor = ir.Tensor(et.numpy(), dtype=ir.DataType.INT8, name=name)
+        if arr["wzeros"] is None:
+            raise ValueError(f"svdq export: w4a8-int8 layer {layer!r} has no zero points (wzeros)")
+        scale = s
+        offset = np.ascontiguousarray(((8.0 - np.asarray(arr["wzeros"]).astype(np.float32)) * s).T)  # integers
+        # QServe's quantizer keeps o in [-112, 127] (z = 0 needs min > -s/2, hence s <= 9): INT8; other
+        # weights (e.g. imported ones) may reach 128, then fp32.
+        fits = bool(np.all((offset >= -128) & (offset <= 127)))
+        name = f"{layer}.wzero_offset_{'int8' if fits else 'f32'}_kn"
+        out["offset"] = b.initializer(name, ir.Tensor(offset.astype(np.int8) if fits else offset, name=name))
     else:
-        import ml_dtypes  # onnx_ir's own dependency: numpy float8 dtypes
+        scale = s / c[:, None]
+        if not np.array_equal(scale * c[:, None], s):  # c is a power of two: only an fp32 underflow could break it
+            raise ValueError(f"svdq export: w4a8-fp8 layer {layer!r}: group scales / channel scale are not exact "
+                             "in float32 (wchannel must be a power of two)")
+    out["scale"] = b.initializer(f"{layer}.wscales_f32_kn",
+                                 ir.Tensor(np.ascontiguousarray(scale.T), name=f"{layer}.wscales_f32_kn"))
+    out["chan"] = b.initializer(f"{layer}.wchannel_f32", ir.Tensor(c, name=f"{layer}.wchannel_f32"))
+    return out
 
-        tensor = ir.Tensor(et.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn),
-                           dtype=ir.DataType.FLOAT8E4M3FN, name=name)
-    return tensor, t["wchannel"].float().numpy()
+
+def _per_token_matmul(b: Builder, q: ir.Value, s: ir.Value, wt: dict, scheme: str, group: int, k: int,
+                      keep: list[int]) -> ir.Value:
+    """``(q @ w8) * s * c``: the kernels' arithmetic (runtime/torch_path.py), with the 8-bit operand
+    ``w8`` rebuilt from the INT4 codes (:func:`_per_token_weight`).
+
+    ``int8``: ``q @ e = q @ ((u - 8) * s) + groupsum(q) @ o``; every product and partial sum is an
+    integer, exact in fp32 below 2^24 (|q| <= 127, |(u - 8) * s| <= 128: any K <= 1024), so the
+    int32 sum of the kernels is reproduced exactly; the ``DequantizeLinear -> MatMul`` pair is
+    the INT4 weight-only pattern. ``fp8``: ``w8 = fp8(q * s_g / c_n)``, then an fp32 ``MatMul``."""
+    w = b.op("DequantizeLinear", [wt["codes"], wt["scale"]], {"axis": 0, "block_size": group}, "weight")
+    if scheme == "int8":
+        acc = b.op("MatMul", [q, w], name="acc_codes")
+        g = b.op("Reshape", [q, b.i64(keep + [k // group, group])], name="act_groups")
+        gsum = b.op("ReduceSum", [g, b.i64([-1])], {"keepdims": 0}, "act_group_sum")
+        o = wt["offset"]
+        if o.dtype == ir.DataType.INT8:
+            o = b.op("DequantizeLinear", [o, b.f32(1.0)], name="wzero_offset")  # per tensor, scale 1: exact
+        acc = b.op("Add", [acc, b.op("MatMul", [gsum, o], name="acc_zero")], name="acc_int")
+    else:
+        zero = b.const_tensor(ir.Tensor(np.zeros((), dtype=np.uint8).view(_fp8_np()), dtype=ir.DataType.FLOAT8E4M3FN))
+        w8 = b.op("QuantizeLinear", [w, b.f32(1.0), zero], {"saturate": 1}, "weight_fp8")
+        acc = b.op("MatMul", [q, b.op("DequantizeLinear", [w8, b.f32(1.0)], name="weight_fp8_value")], name="acc")
+    return b.op("Mul", [b.op("Mul", [acc, s], name="acc_token"), wt["chan"]], name="y_int")
 
 
-def _per_token_activation(b: Builder, xs: ir.Value, scheme: str) -> ir.Value:
-    """Dequantized per-token activations: int8 ``clip(floor(x'/s + 0.5))`` with s = absmax/127,
+def _per_token_activation(b: Builder, xs: ir.Value, scheme: str) -> tuple[ir.Value, ir.Value]:
+    """Per-token codes (as float) and scale: int8 ``clip(floor(x'/s + 0.5))`` with s = absmax/127,
     or fp8 ``RNE_sat(x'/s)`` with s = absmax/448 (QuantizeLinear to FLOAT8E4M3FN rounds to
-    nearest even and saturates, as torch's cast does)."""
+    nearest even and saturates, as torch's cast does). Returns (q [..., K], s [..., 1])."""
     qmax = 127.0 if scheme == "int8" else FP8_MAX
     absmax = b.op("ReduceMax", [b.op("Abs", [xs]), b.i64([-1])], {"keepdims": 1}, "absmax")
     s = b.op("Div", [absmax, b.f32(qmax)], name="act_scale_raw")
@@ -118,7 +174,7 @@ def _per_token_activation(b: Builder, xs: ir.Value, scheme: str) -> ir.Value:
         zero = b.const_tensor(ir.Tensor(np.zeros((), dtype=np.uint8).view(_fp8_np()), dtype=ir.DataType.FLOAT8E4M3FN))
         q8 = b.op("QuantizeLinear", [v, b.f32(1.0), zero], {"saturate": 1}, "act_fp8")
         q = b.op("DequantizeLinear", [q8, b.f32(1.0)], name="act_fp8_value")
-    return b.op("Mul", [q, s], name="act_dequant")
+    return q, s
 
 
 def _fp8_np():
@@ -167,10 +223,8 @@ def _expand_one(b: Builder, node: ir.Node, index: int, weights: dict, replaced: 
             scale_arr = np.ascontiguousarray(ws.astype(np.float32).T)  # exact fp16 -> fp32, [K/G, N]
             scale = b.initializer(f"{layer}.wscales_f32_kn", ir.Tensor(scale_arr, name=f"{layer}.wscales_f32_kn"))
         else:
-            # The expanded 8-bit operand (what the GEMM multiplies) with the channel scale on axis 1.
-            wt, chan = _per_token_weight(ins, scheme, group, layer, f"{layer}.w")
-            w = b.initializer(f"{layer}.qweight_{scheme}_kn", wt)
-            scale = b.initializer(f"{layer}.wchannel_f32", ir.Tensor(chan, name=f"{layer}.wchannel_f32"))
+            # INT4 codes + fp32 scales; the 8-bit operand is rebuilt in-graph (_per_token_matmul).
+            w, scale = None, _per_token_weight(b, ins, scheme, group, layer)
             replaced.update(v for v in (ins["wzeros"], ins["wchannel"]) if v is not None)
         down = up = None
         bias_in_up = False
@@ -229,7 +283,7 @@ def _expand_one(b: Builder, node: ir.Node, index: int, weights: dict, replaced: 
     elif flavor == "deploy" and scheme == "group":
         a = xs  # ONNX Runtime's MatMulNBits quantizes the input itself (module docstring of onnx_deploy)
     elif scheme != "group":
-        a = _per_token_activation(b, xs, scheme)
+        a = _per_token_activation(b, xs, scheme)  # (codes, per-token scale)
     elif abits == 16:
         a = xs
     else:
@@ -245,11 +299,10 @@ def _expand_one(b: Builder, node: ir.Node, index: int, weights: dict, replaced: 
         a = b.op("Reshape", [b.op("Mul", [q, s]), b.i64(keep + [k])], name="act_dequant")
     if deploy_int8:
         y = onnx_deploy.int8_matmul(b, xs, act, w, scale, int8_kernel)
+    elif scheme != "group":
+        y = _per_token_matmul(b, a[0], a[1], scale, scheme, group, k, keep)
     else:
-        if scheme == "group":
-            w_dq = b.op("DequantizeLinear", [w, scale], {"axis": 0, "block_size": group}, "weight")
-        else:
-            w_dq = b.op("DequantizeLinear", [w, scale], {"axis": 1}, "weight")
+        w_dq = b.op("DequantizeLinear", [w, scale], {"axis": 0, "block_size": group}, "weight")
         y = b.op("MatMul", [a, w_dq], name="y_int")
     if down is not None:
         h = b.op("MatMul", [xs, b.to_f32(down)], name="lowrank_down")

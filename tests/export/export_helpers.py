@@ -162,3 +162,41 @@ class Int8Block(nn.Module):
         h = self.q(h) * torch.sigmoid(self.k(h))
         h = h + self.fc2(F.gelu(self.fc1(h)))
         return self.w4a16(self.w4a4(h))
+
+
+class QMLPBlock(nn.Module):
+    """LayerNorm -> q + GELU MLP, 512 wide (MLP 2048): the block of issue 25's file sizes
+    (4.73 MB of bf16 parameters). ``fc2`` reads GELU (unsigned INT4 in the group modes)."""
+
+    def __init__(self, dim: int = 512, hidden: int = 2048, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.dim() == 2 else 0.02))
+            self.norm.weight.add_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.q(h) + self.fc2(F.gelu(self.fc1(h)))
+
+
+def quantized_qmlp_block(mode: str) -> QMLPBlock:
+    """QMLPBlock quantized in ``mode`` at the default rank 32, fixed alpha, no refinement (the export
+    is under test, not the search: a few seconds per mode on 2 cores)."""
+    import dataclasses
+
+    model = QMLPBlock().eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(2, 16, 512, generator=g),) for _ in range(2)]
+    config = dataclasses.replace(TEST_CONFIG, mode=mode, alpha=0.5, refine_iters=0)
+    svdq_compile.quantize(model, calib[0], calib, config=config, progress=False)
+    return model
+
+
+def qmlp_input(batch: int = 2, tokens: int = 16, seed: int = 7) -> torch.Tensor:
+    return torch.randn(batch, tokens, 512, generator=torch.Generator().manual_seed(seed))
