@@ -36,7 +36,9 @@ Two schemes, one mode each, for layers loaded from Nunchaku checkpoints
 
 - weights: e2m1 codes (sign bit 3; two per byte as above), fp8 e4m3 scales ``wscales``
   [N, K/16], and ``wchannel`` [N] fp32 = per-tensor ``wtscale`` x per-channel
-  ``wcscales`` (exact products of 16-bit values);
+  ``wcscales`` (exact products of 16-bit values). A layer concatenating two Nunchaku
+  layers with different channel scales (FLUX single blocks' ``proj_out``) holds
+  ``e4m3 x channel scale`` in fp32 ``wscales`` instead, ``wchannel`` = 1;
 - activations, per token and group of 16: ``v`` as above (no shift, signed);
   ``scale = min(fp32(max|v|) * fp32(1/6), 448)``, stored as e4m3 (RNE, saturating);
   codes ``e2m1_rne(fp32(v) * (1/scale))`` (satfinite);
@@ -221,8 +223,9 @@ def _check_nvfp4(t: Mapping[str, Any], mode: QuantMode, n: int, k: int, group: i
         raise ValueError(f"{where}NVFP4 layers have group size 16, got {group}")
     if qw.dtype != torch.int8 or tuple(qw.shape) != (n, k // 2):
         raise ValueError(f"{where}qweight must be int8 [{n}, {k // 2}] (e2m1 codes), got {qw.dtype} {list(qw.shape)}")
-    if ws.dtype != FP8_DTYPE or tuple(ws.shape) != (n, k // 16):
-        raise ValueError(f"{where}wscales must be float8_e4m3fn [{n}, {k // 16}], got {ws.dtype} {list(ws.shape)}")
+    if ws.dtype not in (FP8_DTYPE, torch.float32) or tuple(ws.shape) != (n, k // 16):
+        raise ValueError(f"{where}wscales must be float8_e4m3fn (or fp32: e4m3 x a channel scale) [{n}, {k // 16}], "
+                         f"got {ws.dtype} {list(ws.shape)}")
     if wc is None or tuple(wc.shape) != (n,):
         raise ValueError(f"{where}scheme 'nvfp4' needs wchannel [{n}], got {None if wc is None else list(wc.shape)}")
     if t.get("wzeros") is not None:

@@ -160,8 +160,9 @@ def shifted_bias(p: PackedLinear, our_shift: float, cols: slice = slice(None)) -
     return b - w @ (SHIFT_GELU / p.smooth.double()[cols])
 
 
-def deepcompressor_dicts(ours: Ours) -> tuple[dict, dict, dict, dict]:
-    """(state_dict, scale_dict, smooth_dict, branch_dict) as deepcompressor's quantized FLUX has them."""
+def deepcompressor_dicts(ours: Ours, shift: bool = True) -> tuple[dict, dict, dict, dict]:
+    """(state_dict, scale_dict, smooth_dict, branch_dict) as deepcompressor's quantized FLUX has them.
+    ``shift``: fc2 inputs shifted (INT4); without, their bias is the plain one (NVFP4)."""
     model = ours.pipe.transformer
     f16 = torch.float16
     state, scales, smooth, branch = {}, {}, {"proj.fuse_when_possible": False}, {}
@@ -191,6 +192,10 @@ def deepcompressor_dicts(ours: Ours) -> tuple[dict, dict, dict, dict]:
         block = f"{prefix}.{i}"
         if p.spec.act_bits == 16:  # AdaLN W4A16
             put(name, p, bias=p.bias.double())
+        elif local in UNSIGNED and not shift:
+            put(f"{name}.linear", p, bias=p.bias.double() + ours.shifts[name] * _dq(p).sum(dim=1))
+            smooth[f"{name}.linear"] = p.smooth
+            put_branch(f"{name}.linear", [p])
         elif local in UNSIGNED:
             put(f"{name}.linear", p, bias=shifted_bias(p, ours.shifts[name]), shifted=True)
             smooth[f"{name}.linear"] = p.smooth
@@ -201,7 +206,8 @@ def deepcompressor_dicts(ours: Ours) -> tuple[dict, dict, dict, dict]:
             a, b = slice(0, k1), slice(k1, None)
             state[f"{block}.proj_out.linears.0.weight"] = _dq(p)[:, a].to(f16)
             scales[f"{block}.proj_out.linears.0.weight.scale.0"] = _scale(p, slice(0, g1))
-            put(f"{block}.proj_out.linears.1.linear", p, b, bias=shifted_bias(p, 0.0, b), shifted=True)
+            put(f"{block}.proj_out.linears.1.linear", p, b, bias=shifted_bias(p, 0.0, b) if shift else p.bias.double(),
+                shifted=shift)
             scales[f"{block}.proj_out.linears.1.linear.weight.scale.0"] = _scale(p, slice(g1, None))
             smooth[f"{block}.proj_out.linears.0"] = p.smooth[a]
             smooth[f"{block}.proj_out.linears.1.linear"] = p.smooth[b]
@@ -232,12 +238,39 @@ def deepcompressor_dicts(ours: Ours) -> tuple[dict, dict, dict, dict]:
     return state, scales, smooth, branch
 
 
-def convert(ours: Ours, float_point: bool = False) -> tuple[dict, dict]:
-    """deepcompressor's converter on our model -> (transformer_blocks dict, unquantized dict)."""
+def to_nvfp4(state: dict, scales: dict) -> None:
+    """Re-quantize every W4A4 residual of deepcompressor's dicts to NVFP4, in place: e2m1 codes,
+    e4m3 group-16 scales (``scale.1``) and an fp16 per-channel scale (``scale.0``), the weight
+    stored as their product in fp16 (what deepcompressor's fp4 model holds)."""
+    from svdq_compile.runtime.nunchaku_scheme import e2m1_round
+
+    for key in [k for k in scales if k.endswith(".weight.scale.0")]:
+        name = key[: -len(".weight.scale.0")]
+        if name.endswith(("norm1.linear", "norm1_context.linear", "norm.linear")):
+            continue  # AdaLN stays AWQ W4A16
+        w = state[f"{name}.weight"].double()
+        n, k = w.shape
+        c = (w.abs().amax(dim=1) / (6 * 448)).clamp_min(1e-6).to(torch.float16).double()  # [N]
+        g = w.view(n, k // 16, 16).abs().amax(dim=-1) / 6 / c[:, None]
+        sub = g.clamp(2.0 ** -6, 448).to(torch.float8_e4m3fn).double()  # [N, K/16], e4m3-exact
+        codes = e2m1_round((w.view(n, k // 16, 16) / (c[:, None, None] * sub[..., None])).float()).double()
+        state[f"{name}.weight"] = (codes * sub[..., None] * c[:, None, None]).view(n, k).to(torch.float16)
+        scales[key] = c.view(n, 1, 1, 1).to(torch.float16)
+        scales[f"{name}.weight.scale.1"] = sub.view(n, 1, k // 16, 1).to(torch.float16)
+
+
+def convert(ours: Ours, float_point: bool = False, state_out: dict | None = None) -> tuple[dict, dict]:
+    """deepcompressor's converter on our model -> (transformer_blocks dict, unquantized dict).
+    ``float_point``: the NVFP4 form (our residuals re-quantized by :func:`to_nvfp4`).
+    ``state_out`` receives the converter's input state dict (deepcompressor's names)."""
     from deepcompressor.backend.nunchaku.convert import (convert_to_nunchaku_flux_state_dicts,
                                                          convert_to_nunchaku_w4x4y16_linear_state_dict)
 
-    state, scales, smooth, branch = deepcompressor_dicts(ours)
+    state, scales, smooth, branch = deepcompressor_dicts(ours, shift=not float_point)
+    if float_point:
+        to_nvfp4(state, scales)
+    if state_out is not None:
+        state_out.update(state)
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints every layer
         blocks, other = convert_to_nunchaku_flux_state_dicts(state, scales, smooth, branch, float_point=float_point)
         model = ours.pipe.transformer
@@ -246,7 +279,8 @@ def convert(ours: Ours, float_point: bool = False) -> tuple[dict, dict]:
             p = ours.packed[name]
             sd = convert_to_nunchaku_w4x4y16_linear_state_dict(
                 weight=state[f"{name}.weight"], scale=scales[f"{name}.weight.scale.0"], bias=state[f"{name}.bias"],
-                smooth=p.smooth, lora=(p.lora_down.float(), p.lora_up.to(torch.float16)), float_point=float_point)
+                smooth=p.smooth, lora=(p.lora_down.float(), p.lora_up.to(torch.float16)), float_point=float_point,
+                subscale=scales.get(f"{name}.weight.scale.1"))
             for k, v in sd.items():
                 blocks[f"transformer_blocks.{i}.out_proj_context.{k}"] = v
     return blocks, other

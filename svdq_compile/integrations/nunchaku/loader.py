@@ -212,9 +212,12 @@ def _combine(parts: list[_Part], ck: Checkpoint, pre: str):
     chans = [p.wchannel for p in parts]
     wchannel = None
     if chans[0] is not None:
-        if not all(torch.equal(c, chans[0]) for c in chans):
-            raise NunchakuFormatError(f"{ck.path}: {pre}: the concatenated NVFP4 layers have different channel scales")
         wchannel = chans[0]
+        if not all(torch.equal(c, chans[0]) for c in chans):
+            # Different channel scales per part (FLUX single blocks' out_proj + mlp_fc2): fold each
+            # into its fp8 group scales, held in fp32 (exact: e4m3 x a 16-bit product).
+            wscales = torch.cat([p.wscales.float() * p.wchannel[:, None] for p in parts], dim=1)
+            wchannel = torch.ones_like(chans[0])
     groups = torch.cat([torch.full((p.codes.shape[1] // ck.group_size,), int(p.unsigned), dtype=torch.int8)
                         for p in parts])
     return codes, wscales, bias, smooth, down, up, wchannel, groups
