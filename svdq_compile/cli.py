@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 __all__ = ["main"]
 
-COMMANDS = ("demo", "bench", "export", "quantize", "generate")
+COMMANDS = ("demo", "bench", "export", "quantize", "generate", "import_")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

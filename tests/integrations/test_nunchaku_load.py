@@ -219,3 +219,20 @@ def test_compile_explain_save_lora(nunchaku_rt, loaded, tmp_path):
     y0 = layer(x)
     layer.fold_lora(d, u, 0.7, "t")
     assert sqnr_db(y0 + 0.7 * x @ (u @ d).t(), layer(x)) > 100
+
+
+def test_cli_import_and_generate(nunchaku_rt, tmp_path):
+    """`svdq import PATH --base PIPELINE_DIR --out DIR` writes our pipeline format; `svdq generate` runs it."""
+    from PIL import Image
+
+    from svdq_compile.cli import main as cli
+
+    out = tmp_path / "imported"
+    assert cli(["import", str(nunchaku_rt.merged), "--base", str(nunchaku_rt.ours.fp_dir), "--out", str(out)]) == 0
+    img = tmp_path / "cat.png"
+    assert cli(["generate", str(out), "--prompt", "a photo of a cat", "--steps", "2", "--height", "32", "--width", "32",
+                "--no-compile", "--set", "max_sequence_length=16", "--out", str(img)]) == 0
+    assert Image.open(img).size == (32, 32)
+    back = svdq_compile.load_pipeline(out, compile=False)
+    layer = back.transformer.transformer_blocks[0].ff.net[2]
+    assert isinstance(layer, SVDQLinear) and layer.spec.mode == "w4a4-nunchaku" and layer.spec.act_unsigned

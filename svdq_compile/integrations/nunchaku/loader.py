@@ -490,7 +490,7 @@ def _build_from(ck: Checkpoint, dtype: Optional[torch.dtype]):
     return model.eval()
 
 
-def load_nunchaku(model_or_pipeline: Any, path: Union[str, "os.PathLike"], mode: Optional[str] = None,
+def load_nunchaku(model_or_pipeline: Any, path: Union[str, "os.PathLike", Checkpoint], mode: Optional[str] = None,
                   dtype: Optional[torch.dtype] = None, strict: bool = True) -> Any:
     """Load a Nunchaku svdq-int4 / svdq-fp4 checkpoint (legacy folder or merged file).
 
@@ -498,13 +498,14 @@ def load_nunchaku(model_or_pipeline: Any, path: Union[str, "os.PathLike"], mode:
     weights are not needed: a model built on the meta device is fine), a pipeline (its
     transformer is replaced; built from the checkpoint's config when the pipeline has
     none), or None (the model is built from the checkpoint's config; ``dtype`` defaults
-    to the checkpoint's). ``mode``: None for Nunchaku's own numerics, or one of
+    to the checkpoint's). ``path`` may also be a :class:`.checkpoint.Checkpoint` already read.
+    ``mode``: None for Nunchaku's own numerics, or one of
     :data:`RETARGET_MODES`. Returns what was passed (the model when None was).
     On any error the model is left unchanged.
     """
     from svdq_compile.integrations.diffusers.lora import enable_peft_lora
 
-    ck = read_checkpoint(path)
+    ck = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     pipe = None
     if model_or_pipeline is None:
         model = _build_from(ck, dtype)
