@@ -127,9 +127,12 @@ def quantize_act_nunchaku(x2: torch.Tensor, smooth: Optional[torch.Tensor], half
     scale = amax * recip  # fp32 product
     rscale = torch.where(scale > 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
     q = torch.round(v * rscale[..., None])  # round half to even (cvt.rni)
-    lo = torch.where(unsigned, 0.0, -8.0)[None, :, None]
-    hi = torch.where(unsigned, 15.0, 7.0)[None, :, None]
-    q = torch.minimum(torch.maximum(q, lo), hi)
+    if bool(unsigned.all()) or not bool(unsigned.any()):
+        q = q.clamp_(0.0, 15.0) if bool(unsigned[0]) else q.clamp_(-8.0, 7.0)
+    else:
+        lo = torch.where(unsigned, 0.0, -8.0)[None, :, None]
+        hi = torch.where(unsigned, 15.0, 7.0)[None, :, None]
+        q = torch.minimum(torch.maximum(q, lo), hi)
     return q.view(m, k).to(torch.int8), scale.to(half)
 
 
