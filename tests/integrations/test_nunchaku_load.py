@@ -236,3 +236,41 @@ def test_cli_import_and_generate(nunchaku_rt, tmp_path):
     back = svdq_compile.load_pipeline(out, compile=False)
     layer = back.transformer.transformer_blocks[0].ff.net[2]
     assert isinstance(layer, SVDQLinear) and layer.spec.mode == "w4a4-nunchaku" and layer.spec.act_unsigned
+
+
+class _Denoiser(torch.nn.Module):
+    """FLUX transformer with positional inputs and one output (what the ONNX exporter traces)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance):
+        return self.m(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                      pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids,
+                      guidance=guidance, return_dict=False)[0]
+
+
+def test_export_onnx_retargeted(nunchaku_rt, tmp_path):
+    """The imported transformer, re-targeted to w4a8-int8 (the CPU-fast mode), exports to ONNX and
+    ONNX Runtime matches it (exact flavour). Nunchaku's own scheme has no ONNX expansion: clear error."""
+    pytest.importorskip("onnxruntime")
+    from svdq_compile.export.onnx_export import ort_session
+    from svdq_compile.runtime.modes import ModeUnsupportedError
+
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 16, 16, generator=g), torch.randn(1, 8, 64, generator=g), torch.randn(1, 64, generator=g),
+              torch.tensor([0.5]), torch.zeros(16, 3), torch.zeros(8, 3), torch.tensor([3.5]))
+    model = _Denoiser(svdq_compile.load_nunchaku(None, nunchaku_rt.merged, mode="w4a8-int8", dtype=torch.float32))
+    with torch.no_grad():
+        y = model(*inputs)
+    svdq_compile.export_onnx(model, inputs, tmp_path / "imported.onnx")
+    sess = ort_session(tmp_path / "imported.onnx")
+    yo = sess.run(None, {i.name: v.numpy() for i, v in zip(sess.get_inputs(), inputs)})[0]
+    db = sqnr_db(y, torch.from_numpy(yo))
+    print(f"\nimported transformer (w4a8-int8) ONNX Runtime vs torch: {db:.1f} dB")
+    assert db >= 60
+    native = svdq_compile.load_nunchaku(None, nunchaku_rt.merged, dtype=torch.float32)
+    layer = native.transformer_blocks[0].attn.to_q
+    with pytest.raises(ModeUnsupportedError, match="w4a4-nunchaku"):
+        svdq_compile.export_onnx(layer, (torch.randn(4, 128),), tmp_path / "native.onnx")
