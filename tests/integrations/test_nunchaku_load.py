@@ -274,3 +274,16 @@ def test_export_onnx_retargeted(nunchaku_rt, tmp_path):
     layer = native.transformer_blocks[0].attn.to_q
     with pytest.raises(ModeUnsupportedError, match="w4a4-nunchaku"):
         svdq_compile.export_onnx(layer, (torch.randn(4, 128),), tmp_path / "native.onnx")
+
+
+def test_unquantized_layer_in_blocks(nunchaku_rt, tmp_path):
+    """A layer the checkpoint keeps in 16 bits (the converter copies ``weight`` / ``bias``) stays an nn.Linear."""
+    blocks = {k: v for k, v in nunchaku_rt.blocks.items() if not k.startswith("transformer_blocks.0.norm1.linear.")}
+    w = torch.randn(768, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    blocks["transformer_blocks.0.norm1.linear.weight"] = w
+    blocks["transformer_blocks.0.norm1.linear.bias"] = torch.zeros(768, dtype=torch.bfloat16)
+    path = NF.write_merged(tmp_path / "partial.safetensors", blocks, nunchaku_rt.other, nunchaku_rt.config)
+    model = svdq_compile.load_nunchaku(None, path, dtype=torch.float32)
+    layer = model.transformer_blocks[0].norm1.linear
+    assert type(layer) is torch.nn.Linear and torch.equal(layer.weight, w.float())
+    assert isinstance(model.transformer_blocks[0].norm1_context.linear, SVDQLinear)

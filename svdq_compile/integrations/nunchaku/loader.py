@@ -367,6 +367,33 @@ def _awq_module(ck: Checkpoint, block: str, layer: Layer, model: nn.Module, used
     return {name: PackedLinear(spec, pack_int4(q), ws.contiguous(), None, None, None, bias, meta=meta)}
 
 
+def _float_layer(ck: Checkpoint, block: str, layer: Layer, model: nn.Module, plan: Plan, used: set) -> bool:
+    """A layer the checkpoint keeps in 16 bits (``weight`` / ``bias`` instead of ``qweight``, as
+    deepcompressor's converter copies unquantized layers): its float values go to the diffusers
+    linear(s), split along N / concatenated along K as the quantized form would be."""
+    pres = [f"{block}.{s.name}" for s in layer.sources]
+    if any(f"{p}.qweight" in ck.tensors for p in pres) or not all(f"{p}.weight" in ck.tensors for p in pres):
+        return False
+    weight = torch.cat([_get(ck, f"{p}.weight", used) for p in pres], dim=1)
+    biases = [_opt(ck, f"{p}.bias", used) for p in pres]
+    biases = [b for b in biases if b is not None]
+    bias = None if not biases else (biases[0] if len(biases) == 1 else sum(b.double() for b in biases).to(biases[0].dtype))
+    n0 = 0
+    for t in layer.targets:
+        m = _submodule(model, f"{block}.{t}")
+        if not isinstance(m, nn.Linear):
+            raise NunchakuFormatError(f"the model's {block}.{t} is a {type(m).__name__}, not a Linear")
+        n = m.out_features
+        plan.tensors[f"{block}.{t}.weight"] = weight[n0:n0 + n]
+        if bias is not None and m.bias is not None:
+            plan.tensors[f"{block}.{t}.bias"] = bias[n0:n0 + n]
+        n0 += n
+    if n0 != weight.shape[0]:
+        raise NunchakuFormatError(f"{ck.path}: {pres[0]}.weight has {weight.shape[0]} rows, the model's "
+                                  f"{', '.join(layer.targets)} have {n0}")
+    return True
+
+
 def _submodule(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
@@ -411,6 +438,8 @@ def plan_nunchaku(model: nn.Module, ck: Checkpoint, mode: Optional[str] = None, 
         for i in range(count):
             block = f"{prefix}.{i}"
             for layer in layers:
+                if _float_layer(ck, block, layer, model, plan, used):
+                    continue
                 if layer.kind == "awq":
                     plan.modules.update(_awq_module(ck, block, layer, model, used))
                 else:
