@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 from svdq_compile.quant.auto_mode import AUTO
-from svdq_compile.runtime.modes import get_mode, mode_names
+from svdq_compile.runtime.modes import get_mode, has_handler, mode_names
 
 __all__ = ["SVDQuantConfig", "DEFAULT_SKIP", "DEFAULT_MODE_OVERRIDES"]
 
@@ -92,6 +92,13 @@ class SVDQuantConfig:
         for _, m in self.mode_overrides:
             if m not in valid:
                 raise ValueError(f"mode_overrides: unknown mode {m!r}; expected one of {valid}")
+        quantizable = [n for n in mode_names() if has_handler(get_mode(n).scheme, "quantize_weight")] + [AUTO]
+        for m in [self.mode] + [m for _, m in self.mode_overrides]:
+            # Load-only modes (a checkpoint's own numerics, e.g. w4a4-nunchaku) have no weight
+            # quantizer: say so now rather than after calibration.
+            if m != AUTO and not has_handler(get_mode(m).scheme, "quantize_weight"):
+                raise ValueError(f"mode {m!r} can be loaded (svdq_compile.load_nunchaku) but not quantized "
+                                 f"into; quantize with one of {quantizable} instead")
         if self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
         if self.group_size <= 0 or self.group_size % 2:
