@@ -12,7 +12,7 @@ import torch
 
 from svdq_compile.runtime.epilogue import EPILOGUES
 from svdq_compile.runtime.modes import ModeFields
-from svdq_compile.runtime.packing import pack_int4, unpack_int4
+from svdq_compile.runtime.packing import unpack_int4
 
 __all__ = ["LinearSpec", "PackedLinear", "EPILOGUES"]
 
@@ -115,7 +115,3 @@ class PackedLinear:
     def to(self, device: torch.device | str) -> "PackedLinear":
         moved = {k: v.to(device) for k, v in self.tensors().items()}
         return replace(self, **moved)
-
-    @staticmethod
-    def pack_weight(q: torch.Tensor, bits: int) -> torch.Tensor:
-        return pack_int4(q) if bits == 4 else q.to(torch.int8)

@@ -46,7 +46,6 @@ import svdq_compile.passes.pipeline as pipeline
 from svdq_compile.passes.op_nodes import ARG, GraphTensors, is_svdq
 from svdq_compile.quant.decompose import smoothing_factors
 from svdq_compile.runtime.packed import LinearSpec, PackedLinear
-from svdq_compile.runtime.quantize import quantize_weight
 
 from .harness import Context
 from .timing import time_interleaved, timed
@@ -102,7 +101,7 @@ def fast_quantize_group(weights, biases, stats, target, config) -> list[PackedLi
     from svdq_compile.quant.search import _shift_for
 
     lam = None
-    if target.act_bits != 16 and config.smooth and stats is not None and stats.seen:
+    if not target.qmode.weight_only and config.smooth and stats is not None and stats.seen:
         w_absmax = torch.stack([w.float().abs().amax(0) for w in weights]).amax(0)
         lam = smoothing_factors(stats.absmax, w_absmax, 0.5, 0.5)
     shift = _shift_for(stats, lam, target) if stats is not None and stats.seen else 0.0
@@ -121,11 +120,11 @@ def fast_quantize_group(weights, biases, stats, target, config) -> list[PackedLi
                 torch.set_num_threads(threads)
             up, down = (u[:, :r] * s[:r]).contiguous(), v[:, :r].t().contiguous()
             ws = ws - up @ down
-        q, sc = quantize_weight(ws, target.weight_bits, target.group_size)
+        w = target.qmode.quantize_weight(ws, target.group_size)  # {"qweight", "wscales"} of the group scheme
         spec = LinearSpec(in_features=ws.shape[1], out_features=ws.shape[0], group_size=target.group_size,
                           weight_bits=target.weight_bits, act_bits=target.act_bits,
                           act_unsigned=target.act_unsigned, act_shift=shift, rank=r)
-        packs.append(PackedLinear(spec, qweight=PackedLinear.pack_weight(q, target.weight_bits), wscales=sc,
+        packs.append(PackedLinear(spec, **w,
                                   smooth=lam, lora_down=down, lora_up=up,
                                   bias=None if b is None else b.detach().float().clone()))
     return packs
