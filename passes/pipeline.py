@@ -6,7 +6,7 @@ import logging
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -37,6 +37,11 @@ class CompileReport:
     layers: list = field(default_factory=list)  # per-layer dicts
     passes: dict = field(default_factory=dict)  # pass name -> sites it rewrote
     seconds: float = 0.0
+    # Weak references (never keeping a model alive): the weight of each ``skipped`` entry,
+    # in the same order, and every tensor the graph was compiled with (set by the backend).
+    # They tie the report to its model for explain(model).
+    skipped_refs: list = field(default_factory=list, repr=False)
+    tensor_refs: list = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
         fired = ", ".join(f"{k}={v}" for k, v in self.passes.items())
@@ -93,6 +98,10 @@ def quantize_graph(
     qsites = find_linear_sites(qgm, example_inputs)  # same sites, nodes of the copy
     groups, skipped = plan_sites(qsites, config)
     report.skipped = skipped
+    planned = {id(s) for g in groups for s in g.sites}
+    # plan_sites lists the skipped sites in site order: pair each entry with its weight.
+    report.skipped_refs = [weakref.ref(s.weight) for s in qsites if id(s) not in planned]
+    assert len(report.skipped_refs) == len(skipped)
     if not groups:
         report.passes["quantize_linears"] = 0
         if not any(is_svdq(n) for n in qgm.graph.nodes):

@@ -111,3 +111,36 @@ def test_svdqlinear_weight_stand_in():
         torch._dynamo.reset()
     dq = m.q.dequantized_weight()
     assert dq.shape == (64, 128) and dq.dtype == torch.float32
+
+
+class _WithTail(nn.Module):
+    """Another model compiled in the same process, with its own float-kept layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(128, 128)
+        self.tail = nn.Linear(128, 8)  # 8 outputs < min_features: kept in float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(torch.relu(self.body(x)))
+
+
+def test_explain_reports_only_the_model_it_is_given():
+    a, b = AttnMLPBlock(seed=4), _WithTail()
+    xa = torch.randn(2, 16, 256, generator=torch.Generator().manual_seed(0))
+    xb = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(1))
+    options = {"search_grid": 2, "use_inductor": False}
+    ca = torch.compile(a, backend="svdquant", options=options)
+    cb = torch.compile(b, backend="svdquant", options=options)
+    with torch.no_grad():
+        ca(xa)
+        cb(xb)
+        ca(xa)  # a second call compiles nothing new: no report counted twice
+    info_a, info_b = sq.explain(ca, as_dict=True), sq.explain(b, as_dict=True)
+    assert [name for name, _ in info_a["skipped"]] == ["head"]
+    assert [name for name, _ in info_b["skipped"]] == ["tail"]
+    assert {r["name"] for r in info_a["layers"]} == {"q", "k", "v", "out", "fc1", "fc2"}
+    assert {r["name"] for r in info_b["layers"]} == {"body"}
+    assert info_a["passes"]["quantize_linears"] == 6 and info_b["passes"]["quantize_linears"] == 1
+    assert "tail" not in sq.explain(a) and "head" not in sq.explain(cb)
+    assert sq.explain(nn.Linear(4, 4), as_dict=True)["skipped"] == []  # never compiled: nothing

@@ -5,6 +5,11 @@ calibration statistics (explicit :func:`svdq_compile.calibrate`, or recorded on 
 first calls) -> per-group SVDQuant decomposition (cached per weight, so a recompile
 for new shapes does not quantize again) -> graph rewrite to ``svdq::linear`` ->
 Inductor (or eager with ``use_inductor=False``).
+
+Every call that returns an output of a set of weights whose calibration is complete runs
+that set's one compiled variant: the call that completes an automatic calibration
+returns the quantized output too, so the first output is the one every later call gives
+for the same inputs (with ``calib_calls=N`` the first ``N - 1`` calls return float outputs).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from svdq_compile.passes.pipeline import CompileReport, quantize_graph
 from svdq_compile.capture.versions import tensor_version as _version
 from svdq_compile.passes.fuse_siblings import apply_aliases
 
-__all__ = ["svdquant_backend", "last_reports"]
+__all__ = ["svdquant_backend", "last_reports", "reports_for"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,29 @@ _LIVE: "weakref.WeakSet[SVDQuantCompiled]" = weakref.WeakSet()
 
 
 def last_reports() -> list[CompileReport]:
+    """Reports of every graph compiled in this process, newest last (all models)."""
     return list(_REPORTS)
+
+
+def reports_for(model: torch.nn.Module) -> list[CompileReport]:
+    """Reports of the graphs that read ``model``'s own parameters or buffers, oldest first.
+
+    A report belongs to a model when one of the tensors its graph was compiled with (the
+    weights of its linears, the buffers of already-quantized layers) is one of the
+    model's tensors (by identity, through weak references). When the same weights were
+    compiled more than once (``torch._dynamo.reset()``, a float argument that changed),
+    only the newest report of that set of weights is kept.
+    """
+    model = getattr(model, "_orig_mod", model)
+    own = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    newest: dict[tuple, CompileReport] = {}
+    for r in list(_REPORTS):
+        live = [t for t in (ref() for ref in r.tensor_refs) if t is not None]
+        mine = tuple(sorted(id(t) for t in live if own.get(id(t)) is t))
+        if mine:
+            newest.pop(mine, None)  # re-inserted: dict order follows the newest report
+            newest[mine] = r
+    return list(newest.values())
 
 
 def retained_variants() -> int:
@@ -108,6 +135,24 @@ class _Variant:
         self.refs = refs  # weakrefs with the eviction callback (keep them alive)
 
 
+class _Pending:
+    """A set of weights still recording its calibration calls (``config.calib_calls``).
+
+    Holds its weight tensors weakly, like :class:`_Variant`: a key whose tensors died is
+    never matched by a new tensor that reuses an id.
+    """
+
+    __slots__ = ("gm", "calls", "refs")
+
+    def __init__(self, gm: fx.GraphModule, refs: list) -> None:
+        self.gm = gm  # the graph with recorders in front of the linears lacking statistics
+        self.calls = 0
+        self.refs = refs
+
+    def holds(self, inputs: Sequence[Any], idx: Sequence[int]) -> bool:
+        return all(r() is inputs[i] for r, i in zip(self.refs, idx))
+
+
 class SVDQuantCompiled:
     """Callable returned to Dynamo: calibrates on the first calls if needed, then runs quantized.
 
@@ -134,14 +179,7 @@ class SVDQuantCompiled:
         # ShapeEnv (the .item() of a float turned input under dynamic=True then fails).
         self._tracing = torch._guards.TracingContext.try_get()
         self._compile_context = torch._guards.CompileContext.try_get()
-        # Dynamo clears tensor_to_context (real input -> symbolic context) once the
-        # backend returns; keep our inputs' entries to restore them for compile_fx.
-        t2c = getattr(self._tracing, "tensor_to_context", None)
-        self._symbolic = [(i, t2c[x]) for i, x in enumerate(example_inputs)
-                          if t2c is not None and isinstance(x, torch.Tensor) and x in t2c]
         self._scalars: list[tuple[int, float]] = []  # see _specialize_scalars
-        self._calib_gm: Optional[fx.GraphModule] = None
-        self._calls = 0
         self._versions: list[tuple[torch.Tensor, int]] = []
         # Dynamo shares one graph between instances of the same module class and passes
         # each instance's parameters as inputs: quantized weights are baked into the graph,
@@ -157,49 +195,96 @@ class SVDQuantCompiled:
                 self._svdq_idx += [placeholders.index(a) for a in n.args[1:9]
                                    if isinstance(a, fx.Node) and a.op == "placeholder"]
         self._widx += self._svdq_idx
+        # How Inductor sees the inputs: Dynamo's fake tensors of this graph (see _compile_inputs).
+        self._fakes = [n.meta.get("example_value") for n in placeholders]
         self._key: Optional[tuple] = None
         self._variants: dict[tuple, _Variant] = {}
-        self._ready = False  # calibrated (the first variant was built)
+        # Sets of weights being calibrated (recording their first calls), by weight key.
+        self._pending: dict[tuple, _Pending] = {}
         _LIVE.add(self)
-        missing = [s for s in self.sites if (stats_of(s.weight) is None or stats_of(s.weight).seen == 0)]
-        if missing and config.calibration == "require":
-            names = ", ".join(s.name for s in missing[:5])
-            raise ValueError(
-                f"svdquant: missing calibration for {len(missing)} linear layer(s) ({names}...); "
-                "run svdq_compile.calibrate(model, data) first, or pass options={'calibration': 'auto'}"
-            )
-        if missing and self._needs_activation_stats():
-            log.info("svdquant: no calibration statistics for %d layers; recording the first %d call(s)",
-                     len(missing), config.calib_calls)
-
-            def new_stats(s, i: int) -> LayerStats:
-                st = LayerStats(s.in_features, config.calib_tokens, seed=config.seed + i, name=s.name)
-                attach_stats(s.weight, st)
-                return st
-
-            self._calib_gm = _calibration_graph(gm, missing, new_stats)
+        pending = self._calibration(self.sites, self.example_inputs, first=True)
+        if pending is None:
+            self._finalize(self.example_inputs, self.sites)
         else:
-            self._finalize()
+            self._pending[self._weight_key(self.example_inputs)] = pending
+        # The first call's tensors are not needed any more: holding them would keep the
+        # first variant's key alive for ever (LoRA factors replaced since then). Cleared in
+        # place: Dynamo's wrapper of this callable holds a copy of our __dict__ (functools.wraps).
+        self.example_inputs.clear()
 
-    def _needs_activation_stats(self) -> bool:
-        # Weight-only modes (A16) need no activation statistics.
-        return self.config.needs_activation_stats()
+    def _calibration(self, sites: Sequence, inputs: Sequence[Any], first: bool) -> Optional[_Pending]:
+        """The recording state for ``inputs``' weights, or None when they can be quantized now.
+
+        Only the linears the plan quantizes need statistics: those it keeps in float
+        (skip patterns, too small, the float linears beside the ``svdq::linear`` calls of an
+        already-quantized model) must not send the first call through the calibration
+        graph, which has none of the rewrites (smoothing folded into norms, fused
+        siblings and epilogues) nor Inductor: its output would differ from every later call's.
+        """
+        from svdq_compile.passes.plan import plan_sites
+
+        groups, _ = plan_sites(list(sites), self.config)
+        missing = [s for g in groups for s in g.sites if stats_of(s.weight) is None or stats_of(s.weight).seen == 0]
+        if not missing:
+            return None
+        names = ", ".join(s.name for s in missing[:5])
+        if self.config.calibration == "require":
+            if first:
+                raise ValueError(
+                    f"svdquant: missing calibration for {len(missing)} linear layer(s) ({names}...); "
+                    "run svdq_compile.calibrate(model, data) first, or pass options={'calibration': 'auto'}"
+                )
+            raise ValueError(f"svdquant: missing calibration for {len(missing)} linear layer(s) "
+                             f"({names}...) of another instance of this model")
+        if not self.config.needs_activation_stats():  # weight-only modes (A16) need none
+            return None
+        log.info("svdquant: no calibration statistics for %d layers%s; recording the first %d call(s)",
+                 len(missing), "" if first else " of a new set of weights for a shared graph",
+                 self.config.calib_calls)
+        config = self.config
+
+        def new_stats(s, i: int) -> LayerStats:
+            st = LayerStats(s.in_features, config.calib_tokens, seed=config.seed + i, name=s.name)
+            attach_stats(s.weight, st)
+            return st
+
+        refs = [weakref.ref(inputs[i]) for i in self._widx]
+        return _Pending(_calibration_graph(self.gm, missing, new_stats), refs)
+
+    def _compile_inputs(self, inputs: Sequence[Any]) -> list[Any]:
+        """The inputs as Inductor must see them: Dynamo's fake tensors of this graph.
+
+        Dynamo calls this graph again for any inputs its guards admit (other instances'
+        weights, other slices of one stacked tensor, at other storage offsets); the
+        compiled code must hold for all of them, as the code Dynamo would have had
+        Inductor compile does. Compiling with one call's real tensors instead re-fakes
+        them against the ShapeEnv that traced the graph: a view at another storage
+        offset than the traced one contradicts it (``int(sym)=0 != hint=512``), and the
+        code would be specialized to that call. Real values are kept where no fake exists
+        (a graph not from Dynamo, non-tensor inputs).
+        """
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        mode = getattr(self._tracing, "fake_mode", None)
+        if mode is None or len(self._fakes) != len(inputs):
+            return list(inputs)
+        return [f if isinstance(x, torch.Tensor) and isinstance(f, FakeTensor) and f.fake_mode is mode else x
+                for x, f in zip(inputs, self._fakes)]
 
     def _weight_key(self, inputs: Sequence[Any]) -> tuple:
         return tuple(id(inputs[i]) for i in self._widx)
 
-    def _finalize(self, inputs: Optional[Sequence[Any]] = None) -> None:
+    def _finalize(self, inputs: Sequence[Any], sites: Optional[Sequence] = None) -> None:
+        """Quantize and compile the variant of ``inputs``' weights (calibrated by now)."""
         from svdq_compile.passes.find_linears import find_linear_sites
 
         t0 = time.perf_counter()
-        inputs = list(self.example_inputs if inputs is None else inputs)
-        sites = find_linear_sites(self.gm, inputs)
-        if self.config.calibration == "require":
-            missing = [s.name for s in sites if stats_of(s.weight) is None or stats_of(s.weight).seen == 0]
-            if missing:
-                raise ValueError(f"svdquant: missing calibration for {len(missing)} linear layer(s) "
-                                 f"({', '.join(missing[:5])}...) of another instance of this model")
+        inputs = list(inputs)
+        sites = find_linear_sites(self.gm, inputs) if sites is None else sites
         qgm, report = quantize_graph(self.gm, inputs, sites, self.config)
+        # What this graph read, for reports_for(model) / explain(model).
+        report.tensor_refs = [weakref.ref(t) for t in {id(t): t for t in
+                              [s.weight for s in sites] + [x for x in inputs if isinstance(x, torch.Tensor)]}.values()]
         _REPORTS.append(report)
         versions = [(s.weight, _version(s.weight)) for s in sites]
         # ops_inserted also counts svdq ops of already-quantized models (quantize()/load()).
@@ -209,8 +294,8 @@ class SVDQuantCompiled:
             # Inference only: compiling under no_grad makes AOTAutograd build a forward
             # graph (svdq::linear has no backward; quantized training is out of scope).
             self._scalars = _specialize_scalars(qgm, inputs)
-            with self._dynamo_context(inputs), torch.no_grad():
-                self._fn = compile_fx(qgm, inputs)
+            with self._dynamo_context(), torch.no_grad():
+                self._fn = compile_fx(qgm, self._compile_inputs(inputs))
         else:
             self._fn = qgm
         apply_aliases(qgm)  # only now: compiling checks the inputs' storage offsets
@@ -226,12 +311,36 @@ class SVDQuantCompiled:
         self._variants[key] = _Variant(self._fn, self._versions, refs)
         report.seconds = time.perf_counter() - t0
         log.info("svdquant: %s (%d variant(s) of this graph held)", report.summary(), len(self._variants))
-        self._calib_gm = None
-        self._ready = True
-        # The first call's tensors are not needed any more: holding them would keep the
-        # first variant's key alive for ever (LoRA factors replaced since then). Cleared in
-        # place: Dynamo's wrapper of this callable holds a copy of our __dict__ (functools.wraps).
-        self.example_inputs.clear()
+
+    def _record(self, key: tuple, args: Sequence[Any]) -> tuple[bool, Any]:
+        """Calibrate (record this call if statistics are missing) and quantize the weights of
+        ``args``. Returns (True, None) once their variant is built (this call runs it), or
+        (False, this call's float output) while more calibration calls are due."""
+        from svdq_compile.passes.find_linears import find_linear_sites
+
+        pending = self._pending.get(key)
+        if pending is not None and not pending.holds(args, self._widx):
+            del self._pending[key]  # ids reused by new tensors: not the weights it was recording
+            pending = None
+        if pending is None:
+            sites = find_linear_sites(self.gm, args)
+            pending = self._calibration(sites, args, first=False)
+            if pending is None:
+                log.info("svdquant: new set of weights for a shared graph; quantizing them")
+                self._finalize(args, sites)
+                return True, None
+            self._pending[key] = pending
+        pending.calls += 1
+        with torch.no_grad():
+            out = pending.gm(*args)
+        if pending.calls < self.config.calib_calls:
+            return False, out
+        del self._pending[key]
+        # The variant is built from these statistics and this very call runs it: the
+        # output of the call that completes calibration is the quantized one, as for
+        # every later call (its float output is only what the statistics were taken on).
+        self._finalize(args)
+        return True, None
 
     def _drop_variant(self, key: tuple) -> None:
         variant = self._variants.pop(key, None)
@@ -240,7 +349,7 @@ class SVDQuantCompiled:
         if key == self._key and variant is not None and variant.fn is self._fn:
             self._fn, self._versions, self._key = None, [], None
 
-    def _dynamo_context(self, inputs: Sequence[Any]):
+    def _dynamo_context(self):
         """Re-enter the tracing / compile context Dynamo called the backend in (no-op
         when already inside it or when the backend was called outside Dynamo)."""
         import contextlib
@@ -248,9 +357,6 @@ class SVDQuantCompiled:
         stack = contextlib.ExitStack()
         if self._tracing is not None and torch._guards.TracingContext.try_get() is not self._tracing:
             stack.enter_context(torch._guards.tracing(self._tracing))
-            for i, sc in self._symbolic:
-                self._tracing.tensor_to_context[inputs[i]] = sc
-            stack.callback(self._tracing.tensor_to_context.clear)
             if self._compile_context is not None:
                 stack.enter_context(torch._guards.compile_context(self._compile_context))
             shape_env = getattr(self._tracing.fake_mode, "shape_env", None)
@@ -267,22 +373,16 @@ class SVDQuantCompiled:
         return stack
 
     def __call__(self, *args: Any) -> Any:
-        if not self._ready:
-            self._calls += 1
-            with torch.no_grad():
-                out = self._calib_gm(*args)
-            if self._calls >= self.config.calib_calls:
-                self._finalize()
-            return out
         key = self._weight_key(args)
-        if key != self._key or self._fn is None:  # another instance, or new (LoRA) tensors
+        if key != self._key or self._fn is None:  # the first call, another instance, new (LoRA) tensors
             variant = self._variants.get(key)
             if variant is not None:
                 self._key = key
                 self._fn, self._versions = variant.fn, variant.versions
             else:
-                log.info("svdquant: new set of weights for a shared graph; quantizing them")
-                self._finalize(args)
+                done, out = self._record(key, args)
+                if not done:  # still recording (calib_calls > 1): this call's float output
+                    return out
         if any(args[i].item() != v for i, v in self._scalars):
             log.info("svdquant: a float argument specialized at compile time changed; compiling again")
             self._finalize(args)

@@ -14,10 +14,14 @@ def explain(model: nn.Module, as_dict: bool = False) -> Any:
     """Per-layer table (name, shape, mode, alpha, rank, output SQNR, bytes) and pass counts.
 
     Returns the text table, or with ``as_dict=True`` a dict
-    ``{"layers": [...], "passes": {...}, "totals": {...}}``.
+    ``{"layers": [...], "passes": {...}, "skipped": [...], "totals": {...}}``.
+    Pass counts and the layers kept in float come from the graphs compiled with this
+    model's own tensors (:func:`~svdq_compile.capture.backend.reports_for`), whatever
+    else was compiled in the process; each float layer is listed once.
     """
-    from svdq_compile.capture.backend import last_reports
+    from svdq_compile.capture.backend import reports_for
 
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the model's own layer names
     rows = []
     for name, p in collect_packed(model).items():
         s = p.spec
@@ -28,13 +32,20 @@ def explain(model: nn.Module, as_dict: bool = False) -> Any:
             "sqnr_db": p.meta.get("sqnr_db"), "bytes": p.nbytes(), "mode_reason": p.meta.get("mode_reason"),
             "fp16_bytes": 2 * s.in_features * s.out_features + (2 * s.out_features if p.bias is not None else 0),
         })
-    reports = last_reports()
+    own = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     passes: dict[str, int] = {}
     skipped: list = []
-    for r in reports:
+    seen: set[int] = set()
+    for r in reports_for(model):
         for k, v in r.passes.items():
             passes[k] = passes.get(k, 0) + v
-        skipped += r.skipped
+        for entry, ref in zip(r.skipped, r.skipped_refs):
+            w = ref()
+            # A graph may also read another model's layers (one compiled function calling
+            # two models): only this model's, once each.
+            if w is not None and own.get(id(w)) is w and id(w) not in seen:
+                seen.add(id(w))
+                skipped.append(entry)
     q_bytes = sum(r["bytes"] for r in rows)
     fp_bytes = sum(r["fp16_bytes"] for r in rows)
     info = {"layers": rows, "passes": passes, "skipped": skipped,

@@ -478,7 +478,9 @@ def test_fullgraph_dynamic(case):
     eager = _lora_images(q, case.name)
     setattr(q, name, torch.compile(getattr(q, name), backend="svdquant", fullgraph=True, dynamic=True,
                                    options={**q.svdq_config.to_dict(), **RUNTIME}))
-    np.testing.assert_allclose(_lora_images(q, case.name), eager, rtol=1e-4, atol=1e-4)
+    # The graph passes (smoothing folded into norms, fused siblings and epilogues) change fp32
+    # rounding only: 4.7e-4 on latents of magnitude 750 after 2 steps (pixart), 6e-7 of the scale.
+    np.testing.assert_allclose(_lora_images(q, case.name), eager, rtol=1e-4, atol=2e-6 * np.abs(eager).max())
 
 
 def test_lora_compiled(case):
@@ -497,8 +499,8 @@ def test_lora_compiled(case):
         counts[tag] = _unique_graphs() - g0
         return out
 
-    run("base")  # the backend's first calls run its calibration graph (unfused, last-ulp differences)
-    base = run("base again")
+    base = run("base")
+    np.testing.assert_array_equal(run("base again"), base)  # the first generation is every generation's
     q.load_lora_weights(files["a"], adapter_name="a")
     a = run("load a")
     q.load_lora_weights(files["b"], adapter_name="b")
